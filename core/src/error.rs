@@ -1,0 +1,115 @@
+//! The one error type of `marmot-core`.
+
+use crate::model::{Position, Shard};
+
+/// A result with the core [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the core, named by meaning.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// SQLite refused an operation; `context` says which.
+    #[error("sqlite: {context}: {source}")]
+    Sqlite {
+        /// What was being done.
+        context: String,
+        /// SQLite's error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// Bytes that do not decode as a Marmot message.
+    #[error("corrupt message: {0}")]
+    Corrupt(String),
+    /// A message written in a wire-format version this build does not know.
+    #[error("unsupported wire format version {found} (this build reads version {supported})")]
+    UnsupportedFormat {
+        /// The version in the message.
+        found: u8,
+        /// The version this build reads and writes.
+        supported: u8,
+    },
+    /// A remote change names a table or column that this node does not have.
+    #[error("schema mismatch on table {table:?}: {detail}")]
+    SchemaMismatch {
+        /// The table named by the change.
+        table: String,
+        /// What is missing or different.
+        detail: String,
+    },
+    /// A subscription asked for entries the log no longer holds.
+    #[error("shard {shard}: position {position} is older than the first entry held ({first})")]
+    Truncated {
+        /// The shard.
+        shard: Shard,
+        /// The position asked for.
+        position: Position,
+        /// The first position the log still holds.
+        first: Position,
+    },
+    /// The transport failed; `retryable` says whether trying again may succeed.
+    #[error("transport: {message}")]
+    Transport {
+        /// What failed.
+        message: String,
+        /// Whether the same call may succeed later.
+        retryable: bool,
+    },
+    /// A snapshot store failed.
+    #[error("snapshot store: {message}")]
+    Store {
+        /// What failed (never includes credentials).
+        message: String,
+        /// Whether the same call may succeed later.
+        retryable: bool,
+    },
+    /// A named object does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// A file-system operation failed.
+    #[error("io: {context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database is not usable by Marmot (not WAL, wrong file, …).
+    #[error("database: {0}")]
+    Database(String),
+    /// A fault injected by a test or the simulator at a named point.
+    #[error("injected crash at {0}")]
+    InjectedCrash(&'static str),
+}
+
+impl Error {
+    /// Whether retrying the failed call may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Transport { retryable, .. } | Error::Store { retryable, .. } => *retryable,
+            Error::Sqlite { source, .. } => matches!(
+                source.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            ),
+            Error::Io { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// A transport error that may succeed when retried.
+    pub fn transport(message: impl Into<String>) -> Error {
+        Error::Transport { message: message.into(), retryable: true }
+    }
+}
+
+/// Attaches a description of the operation to SQLite errors.
+pub(crate) trait SqlContext<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> SqlContext<T> for rusqlite::Result<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| Error::Sqlite { context: context(), source })
+    }
+}

@@ -1,0 +1,1 @@
+//! SQLite side (in progress).
