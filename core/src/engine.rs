@@ -1,1 +1,279 @@
-//! The engine (in progress).
+//! The engine: one node, wiring a [`ChangeSource`], a [`LogTransport`] and the merge.
+//!
+//! It publishes what is pending, acknowledges what is durable, and applies what arrives.
+//! Every step is an explicit call ([`Engine::publish_once`], [`Engine::receive_once`],
+//! [`Engine::maintain`]) so the simulator can drive a node one step at a time; [`Engine::run`]
+//! loops over the same steps for the command line. The engine owns no clock and no
+//! randomness; waiting is bounded by the `wait` the caller passes.
+//!
+//! Faults tolerated: publish errors (nothing is acknowledged; the same parts are published
+//! again, deduplicated by id), crashes at any point (the database holds the published
+//! point and the stream positions, both moved only after the fact), redelivery (versions
+//! make the merge idempotent), undecodable or unknown-schema batches (parked).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{debug, info, warn};
+
+use crate::error::{Error, Result};
+use crate::model::{NodeId, Position, Shard};
+use crate::source::ChangeSource;
+use crate::sqlite::Db;
+use crate::transport::{LogTransport, Subscription};
+use crate::wire::{self, Assembled, EncodeOptions, Reassembler};
+
+/// Tunables of an engine.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// How batches are encoded.
+    pub encode: EncodeOptions,
+    /// Entries fetched per shard per receive step.
+    pub fetch_entries_max: usize,
+    /// Publish local changes (Marmot's `publish`).
+    pub publish: bool,
+    /// Apply remote changes (Marmot's `replicate`).
+    pub replicate: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { encode: EncodeOptions::default(), fetch_entries_max: 256, publish: true, replicate: true }
+    }
+}
+
+/// Crash points a test or the simulator can arm. Each fires once.
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    /// Fail after publishing a batch and before acknowledging it.
+    pub crash_before_ack: bool,
+    /// Fail in the middle of applying a batch, after this many row changes.
+    pub crash_after_rows: Option<u64>,
+}
+
+/// Counters of what the engine did since it started.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Batches published and acknowledged.
+    pub batches_published: u64,
+    /// Row changes published.
+    pub changes_published: u64,
+    /// Remote batches applied.
+    pub batches_applied: u64,
+    /// Remote row changes applied.
+    pub rows_applied: u64,
+    /// Remote row changes skipped as older than the stored version.
+    pub rows_skipped: u64,
+    /// Entries parked (undecodable, or naming a missing table or column).
+    pub batches_parked: u64,
+    /// Publish attempts that failed (and will be retried).
+    pub publish_errors: u64,
+}
+
+struct ShardReader {
+    sub: Box<dyn Subscription>,
+    reassembler: Reassembler,
+}
+
+/// One node.
+pub struct Engine<S: ChangeSource> {
+    source: S,
+    db: Db,
+    transport: Arc<dyn LogTransport>,
+    config: EngineConfig,
+    readers: BTreeMap<Shard, ShardReader>,
+    stats: EngineStats,
+    faults: Faults,
+    parked_generation: u64,
+}
+
+/// The shard an origin publishes to: its transactions stay in order.
+pub fn shard_of(origin: NodeId, shards: u32) -> Shard {
+    let h = xxhash_rust::xxh3::xxh3_64(&origin.0.to_le_bytes());
+    Shard((h % shards.max(1) as u64) as u32)
+}
+
+impl<S: ChangeSource> Engine<S> {
+    /// A node reading local changes from `source`, merging into `db`, over `transport`.
+    pub fn new(source: S, db: Db, transport: Arc<dyn LogTransport>, config: EngineConfig) -> Self {
+        let parked_generation = db.schema_generation();
+        Engine {
+            source,
+            db,
+            transport,
+            config,
+            readers: BTreeMap::new(),
+            stats: EngineStats::default(),
+            faults: Faults::default(),
+            parked_generation,
+        }
+    }
+
+    /// Arms crash points (simulation and tests).
+    pub fn set_faults(&mut self, faults: Faults) {
+        self.faults = faults;
+    }
+
+    /// What the engine did so far.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// The merge connection.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// The change source.
+    pub fn source(&self) -> &S {
+        &self.source
+    }
+
+    /// The transport.
+    pub fn transport(&self) -> &Arc<dyn LogTransport> {
+        &self.transport
+    }
+
+    /// Publishes everything pending as one batch and acknowledges it once every part is
+    /// durable. Returns the number of row changes published.
+    pub async fn publish_once(&mut self) -> Result<u64> {
+        if !self.config.publish {
+            return Ok(0);
+        }
+        let Some(pending) = self.source.pending().await? else { return Ok(0) };
+        let shard = shard_of(pending.batch.origin, self.transport.shard_count());
+        let parts = wire::encode_batch(&pending.batch, self.config.encode);
+        let transport = &self.transport;
+        let results = futures::future::join_all(
+            parts.iter().map(|p| transport.publish(shard, &p.id, p.payload.clone())),
+        )
+        .await;
+        if let Some(e) = results.into_iter().find_map(|r| r.err()) {
+            self.stats.publish_errors += 1;
+            return Err(e);
+        }
+        if std::mem::take(&mut self.faults.crash_before_ack) {
+            return Err(Error::InjectedCrash("publish: after publish, before acknowledge"));
+        }
+        self.source.acknowledge(pending.through).await?;
+        let n = pending.batch.len() as u64;
+        self.stats.batches_published += 1;
+        self.stats.changes_published += n;
+        debug!(shard = %shard, changes = n, parts = parts.len(), through = %pending.through, "published batch");
+        Ok(n)
+    }
+
+    async fn reader(&mut self, shard: Shard) -> Result<&mut ShardReader> {
+        if !self.readers.contains_key(&shard) {
+            let from = self.db.position(shard)?;
+            let sub = self.transport.subscribe(shard, from).await?;
+            debug!(shard = %shard, after = %from, "subscribed");
+            self.readers.insert(shard, ShardReader { sub, reassembler: Reassembler::default() });
+        }
+        Ok(self.readers.get_mut(&shard).expect("reader just inserted"))
+    }
+
+    /// Reads what `shard` has (waiting at most `wait` for the first entry) and applies it.
+    /// Returns the number of entries processed. After any error the shard is re-read from
+    /// the stored position, so nothing is skipped.
+    pub async fn receive_once(&mut self, shard: Shard, wait: Duration) -> Result<usize> {
+        if !self.config.replicate {
+            return Ok(0);
+        }
+        let max = self.config.fetch_entries_max;
+        let entries = match self.reader(shard).await?.sub.next_entries(max, wait).await {
+            Ok(e) => e,
+            Err(e) => {
+                self.readers.remove(&shard);
+                return Err(e);
+            }
+        };
+        let n = entries.len();
+        for entry in entries {
+            if let Err(e) = self.process(shard, entry.position, &entry.payload) {
+                self.readers.remove(&shard);
+                return Err(e);
+            }
+        }
+        Ok(n)
+    }
+
+    fn process(&mut self, shard: Shard, position: Position, payload: &[u8]) -> Result<()> {
+        let reader = self.readers.get_mut(&shard).expect("reader exists while processing");
+        let assembled = reader.reassembler.feed(position, payload);
+        let safe = reader.reassembler.safe_position(position);
+        match assembled {
+            Assembled::Incomplete => Ok(()),
+            Assembled::Bad { error, bytes } => self.park(shard, safe, &error, &bytes),
+            Assembled::Batch(batch) => {
+                let crash = self.faults.crash_after_rows.take();
+                match self.db.apply_batch(shard, safe, &batch, crash) {
+                    Ok(out) => {
+                        if batch.origin != self.db.node() {
+                            self.stats.batches_applied += 1;
+                            self.stats.rows_applied += out.applied;
+                            self.stats.rows_skipped += out.skipped;
+                            debug!(shard = %shard, position = %position, origin = %batch.origin,
+                                applied = out.applied, skipped = out.skipped, "applied batch");
+                        }
+                        Ok(())
+                    }
+                    Err(error @ Error::SchemaMismatch { .. }) => {
+                        let opts = EncodeOptions { compress: true, part_bytes_max: usize::MAX };
+                        let bytes = wire::encode_batch(&batch, opts).remove(0).payload;
+                        self.park(shard, safe, &error, &bytes)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
+    fn park(&mut self, shard: Shard, position: Position, error: &Error, bytes: &[u8]) -> Result<()> {
+        self.db.park(shard, position, error, bytes)?;
+        self.stats.batches_parked += 1;
+        warn!(shard = %shard, position = %position, error = %error, "parked a batch that cannot be applied");
+        Ok(())
+    }
+
+    /// Housekeeping: deletes published log rows, returns set-aside rows whose unique values
+    /// became free, and retries parked batches after a schema change.
+    pub fn maintain(&mut self) -> Result<()> {
+        self.db.clean_published()?;
+        self.db.reconcile()?;
+        self.db.refresh_if_schema_changed()?;
+        if self.db.schema_generation() != self.parked_generation {
+            self.parked_generation = self.db.schema_generation();
+            self.retry_parked()?;
+        }
+        Ok(())
+    }
+
+    /// Applies parked batches that now fit the local schema. Returns how many were applied.
+    pub fn retry_parked(&mut self) -> Result<u64> {
+        let mut applied = 0;
+        for (id, _, bytes) in self.db.parked()? {
+            let Ok(batch) = wire::decode_single(&bytes) else { continue };
+            match self.db.apply_batch(Shard(0), Position(0), &batch, None) {
+                Ok(_) => {
+                    self.db.unpark(id)?;
+                    applied += 1;
+                    info!(parked_id = id, origin = %batch.origin, "applied a parked batch");
+                }
+                Err(Error::SchemaMismatch { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(applied)
+    }
+
+    /// One round: publish, then receive from every shard without waiting.
+    pub async fn step(&mut self) -> Result<usize> {
+        let mut work = self.publish_once().await? as usize;
+        for s in 0..self.transport.shard_count() {
+            work += self.receive_once(Shard(s), Duration::ZERO).await?;
+        }
+        Ok(work)
+    }
+}

@@ -1,1 +1,402 @@
-//! Wire format (in progress).
+//! The wire format: how a [`Batch`] becomes transport entries and back.
+//!
+//! Documented for third parties in `docs/wire-format.md`. Every entry starts with a 4-byte
+//! header — magic `M` `R`, the format version, flags — followed by one CBOR array
+//! `[origin, batch_id, part_index, part_count, chunk]`. The chunks of all parts, in
+//! `part_index` order, concatenate to the batch body: a CBOR map, zstd-compressed when
+//! flag bit 0 is set. A reader rejects a version it does not know instead of misreading it.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use serde::de::{self, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::{Error, Result};
+use crate::model::{Batch, Hlc, NodeId, Op, Position, RowChange, TableChanges, Value};
+
+/// The wire-format version this build writes and reads.
+pub const FORMAT_VERSION: u8 = 1;
+const MAGIC: [u8; 2] = *b"MR";
+const FLAG_ZSTD: u8 = 1;
+const HEADER_LEN: usize = 4;
+const ZSTD_LEVEL: i32 = 3;
+/// Upper bound on the parts of one batch a reader buffers (bounds memory on bad input).
+pub const PARTS_MAX: u32 = 1 << 16;
+
+/// How batches are encoded.
+#[derive(Clone, Copy, Debug)]
+pub struct EncodeOptions {
+    /// Compress the body with zstd.
+    pub compress: bool,
+    /// Maximum bytes of body carried by one part; larger batches are split.
+    pub part_bytes_max: usize,
+}
+
+impl Default for EncodeOptions {
+    fn default() -> Self {
+        EncodeOptions { compress: true, part_bytes_max: 512 * 1024 }
+    }
+}
+
+/// One encoded transport entry of a batch.
+#[derive(Clone, Debug)]
+pub struct EncodedPart {
+    /// Deduplication id: origin, batch id and part, unique per batch content.
+    pub id: String,
+    /// The entry's bytes.
+    pub payload: Bytes,
+}
+
+impl Serialize for Value {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Value::Null => s.serialize_unit(),
+            Value::Integer(i) => s.serialize_i64(*i),
+            Value::Real(r) => s.serialize_f64(*r),
+            Value::Text(t) => s.serialize_str(t),
+            Value::Blob(b) => s.serialize_bytes(b),
+        }
+    }
+}
+
+struct ValueVisitor;
+
+impl<'de> Visitor<'de> for ValueVisitor {
+    type Value = Value;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("null, an integer, a float, a text string or a byte string")
+    }
+    fn visit_unit<E: de::Error>(self) -> std::result::Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E: de::Error>(self) -> std::result::Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> std::result::Result<Value, E> {
+        Ok(Value::Integer(v))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> std::result::Result<Value, E> {
+        i64::try_from(v).map(Value::Integer).map_err(|_| E::custom("integer out of i64 range"))
+    }
+    fn visit_i128<E: de::Error>(self, v: i128) -> std::result::Result<Value, E> {
+        i64::try_from(v).map(Value::Integer).map_err(|_| E::custom("integer out of i64 range"))
+    }
+    fn visit_u128<E: de::Error>(self, v: u128) -> std::result::Result<Value, E> {
+        i64::try_from(v).map(Value::Integer).map_err(|_| E::custom("integer out of i64 range"))
+    }
+    fn visit_f32<E: de::Error>(self, v: f32) -> std::result::Result<Value, E> {
+        Ok(Value::Real(v as f64))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> std::result::Result<Value, E> {
+        Ok(Value::Real(v))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Value, E> {
+        Ok(Value::Text(v.to_owned()))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> std::result::Result<Value, E> {
+        Ok(Value::Text(v))
+    }
+    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> std::result::Result<Value, E> {
+        Ok(Value::Blob(v.to_vec()))
+    }
+    fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> std::result::Result<Value, E> {
+        Ok(Value::Blob(v))
+    }
+}
+
+impl<'de> Deserialize<'de> for Value {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Value, D::Error> {
+        d.deserialize_any(ValueVisitor)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireBatch {
+    origin: u64,
+    tables: Vec<WireTable>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireTable {
+    table: String,
+    columns: Vec<String>,
+    pk: Vec<u32>,
+    rows: Vec<(u64, u8, Vec<Value>)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WirePart(u64, u64, u32, u32, #[serde(with = "serde_bytes_compat")] Vec<u8>);
+
+/// Byte strings for the chunk (serde's default for `Vec<u8>` is an array of integers).
+mod serde_bytes_compat {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        match crate::model::Value::deserialize(d)? {
+            crate::model::Value::Blob(b) => Ok(b),
+            _ => Err(serde::de::Error::custom("chunk must be a byte string")),
+        }
+    }
+}
+
+fn to_cbor<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(v, &mut out).expect("CBOR encoding into a Vec cannot fail");
+    out
+}
+
+/// Encodes the batch body (uncompressed CBOR).
+pub fn encode_body(batch: &Batch) -> Vec<u8> {
+    let wire = WireBatch {
+        origin: batch.origin.0,
+        tables: batch
+            .tables
+            .iter()
+            .map(|t| WireTable {
+                table: t.table.clone(),
+                columns: t.columns.clone(),
+                pk: t.pk.iter().map(|&i| i as u32).collect(),
+                rows: t
+                    .rows
+                    .iter()
+                    .map(|r| (r.hlc.0, matches!(r.op, Op::Delete) as u8, r.values.clone()))
+                    .collect(),
+            })
+            .collect(),
+    };
+    to_cbor(&wire)
+}
+
+/// Decodes a batch body produced by [`encode_body`].
+pub fn decode_body(body: &[u8]) -> Result<Batch> {
+    let wire: WireBatch =
+        ciborium::from_reader(body).map_err(|e| Error::Corrupt(format!("batch body: {e}")))?;
+    let mut tables = Vec::with_capacity(wire.tables.len());
+    for t in wire.tables {
+        let width = t.columns.len();
+        if t.pk.is_empty() || t.pk.iter().any(|&i| i as usize >= width) {
+            return Err(Error::Corrupt(format!("table {:?}: bad primary key columns", t.table)));
+        }
+        let mut rows = Vec::with_capacity(t.rows.len());
+        for (hlc, op, values) in t.rows {
+            if values.len() != width {
+                return Err(Error::Corrupt(format!(
+                    "table {:?}: row has {} values for {} columns",
+                    t.table,
+                    values.len(),
+                    width
+                )));
+            }
+            let op = match op {
+                0 => Op::Upsert,
+                1 => Op::Delete,
+                other => return Err(Error::Corrupt(format!("unknown operation {other}"))),
+            };
+            rows.push(RowChange { hlc: Hlc(hlc), op, values });
+        }
+        let pk = t.pk.into_iter().map(|i| i as usize).collect();
+        tables.push(TableChanges { table: t.table, columns: t.columns, pk, rows });
+    }
+    Ok(Batch { origin: NodeId(wire.origin), tables })
+}
+
+/// Encodes a batch into one or more transport entries.
+pub fn encode_batch(batch: &Batch, opts: EncodeOptions) -> Vec<EncodedPart> {
+    let mut body = encode_body(batch);
+    let mut flags = 0;
+    if opts.compress {
+        body = zstd::bulk::compress(&body, ZSTD_LEVEL).expect("zstd compression of a buffer");
+        flags |= FLAG_ZSTD;
+    }
+    let batch_id = xxhash_rust::xxh3::xxh3_64(&body);
+    let chunk_len = opts.part_bytes_max.max(1);
+    let chunks: Vec<&[u8]> =
+        if body.is_empty() { vec![&body[..]] } else { body.chunks(chunk_len).collect() };
+    let count = chunks.len() as u32;
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, chunk)| {
+            let part = WirePart(batch.origin.0, batch_id, i as u32, count, chunk.to_vec());
+            let mut payload = vec![MAGIC[0], MAGIC[1], FORMAT_VERSION, flags];
+            ciborium::into_writer(&part, &mut payload).expect("CBOR into a Vec");
+            EncodedPart {
+                id: format!("{}-{:016x}-{}-{}", batch.origin.0, batch_id, i, count),
+                payload: Bytes::from(payload),
+            }
+        })
+        .collect()
+}
+
+/// The decoded header of one entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartHeader {
+    /// The batch's origin node.
+    pub origin: NodeId,
+    /// Identifies the batch among its origin's batches.
+    pub batch_id: u64,
+    /// This part's index, `0..part_count`.
+    pub part_index: u32,
+    /// How many parts the batch has.
+    pub part_count: u32,
+    /// Whether the body is zstd-compressed.
+    pub compressed: bool,
+}
+
+/// Splits an entry into its header and chunk.
+pub fn decode_part(payload: &[u8]) -> Result<(PartHeader, Vec<u8>)> {
+    if payload.len() < HEADER_LEN || payload[0..2] != MAGIC {
+        return Err(Error::Corrupt("not a Marmot message (bad magic)".into()));
+    }
+    if payload[2] != FORMAT_VERSION {
+        return Err(Error::UnsupportedFormat { found: payload[2], supported: FORMAT_VERSION });
+    }
+    let flags = payload[3];
+    if flags & !FLAG_ZSTD != 0 {
+        return Err(Error::Corrupt(format!("unknown flags {flags:#04x}")));
+    }
+    let WirePart(origin, batch_id, part_index, part_count, chunk) =
+        ciborium::from_reader(&payload[HEADER_LEN..])
+            .map_err(|e| Error::Corrupt(format!("part header: {e}")))?;
+    if part_count == 0 || part_index >= part_count || part_count > PARTS_MAX {
+        return Err(Error::Corrupt(format!("part {part_index} of {part_count}")));
+    }
+    let header = PartHeader {
+        origin: NodeId(origin),
+        batch_id,
+        part_index,
+        part_count,
+        compressed: flags & FLAG_ZSTD != 0,
+    };
+    Ok((header, chunk))
+}
+
+/// Decodes the concatenated chunks of a batch.
+pub fn decode_chunks(compressed: bool, body: &[u8]) -> Result<Batch> {
+    if compressed {
+        let mut out = Vec::new();
+        zstd::stream::copy_decode(body, &mut out)
+            .map_err(|e| Error::Corrupt(format!("zstd: {e}")))?;
+        decode_body(&out)
+    } else {
+        decode_body(body)
+    }
+}
+
+/// Decodes a batch carried by a single entry.
+pub fn decode_single(payload: &[u8]) -> Result<Batch> {
+    let (h, chunk) = decode_part(payload)?;
+    if h.part_count != 1 {
+        return Err(Error::Corrupt(format!("part {} of {}", h.part_index, h.part_count)));
+    }
+    decode_chunks(h.compressed, &chunk)
+}
+
+/// What feeding one entry to a [`Reassembler`] produced.
+#[derive(Debug)]
+pub enum Assembled {
+    /// Nothing yet: the entry is a part of a batch still missing parts.
+    Incomplete,
+    /// A whole batch, with the position of its last part.
+    Batch(Batch),
+    /// The entry (or the batch it completes) could not be decoded; park it.
+    Bad {
+        /// Why it could not be decoded.
+        error: Error,
+        /// The raw bytes to park (all parts concatenated, with their headers).
+        bytes: Vec<u8>,
+    },
+}
+
+struct Partial {
+    batch_id: u64,
+    compressed: bool,
+    first_position: Position,
+    chunks: BTreeMap<u32, Vec<u8>>,
+    raw: Vec<u8>,
+    count: u32,
+}
+
+/// Reassembles the parts of batches read from one shard, in position order.
+///
+/// Parts of different origins may interleave. When an origin starts a new batch while an
+/// older one is incomplete, the older one is dropped: its origin crashed mid-publish and
+/// republishes those changes (never acknowledged) in a later batch.
+#[derive(Default)]
+pub struct Reassembler {
+    partial: BTreeMap<u64, Partial>,
+}
+
+impl Reassembler {
+    /// Feeds the entry at `position`.
+    pub fn feed(&mut self, position: Position, payload: &[u8]) -> Assembled {
+        let (h, chunk) = match decode_part(payload) {
+            Ok(x) => x,
+            Err(error) => return Assembled::Bad { error, bytes: payload.to_vec() },
+        };
+        if h.part_count == 1 {
+            return match decode_chunks(h.compressed, &chunk) {
+                Ok(b) if b.origin == h.origin => Assembled::Batch(b),
+                Ok(b) => Assembled::Bad {
+                    error: Error::Corrupt(format!("origin {} in body, {} in header", b.origin, h.origin)),
+                    bytes: payload.to_vec(),
+                },
+                Err(error) => Assembled::Bad { error, bytes: payload.to_vec() },
+            };
+        }
+        let p = self.partial.entry(h.origin.0).or_insert_with(|| Partial {
+            batch_id: h.batch_id,
+            compressed: h.compressed,
+            first_position: position,
+            chunks: BTreeMap::new(),
+            raw: Vec::new(),
+            count: h.part_count,
+        });
+        if p.batch_id != h.batch_id || p.count != h.part_count || p.compressed != h.compressed {
+            *p = Partial {
+                batch_id: h.batch_id,
+                compressed: h.compressed,
+                first_position: position,
+                chunks: BTreeMap::new(),
+                raw: Vec::new(),
+                count: h.part_count,
+            };
+        }
+        if p.chunks.insert(h.part_index, chunk).is_none() {
+            p.raw.extend_from_slice(payload);
+        }
+        if p.chunks.len() < p.count as usize {
+            return Assembled::Incomplete;
+        }
+        let p = self.partial.remove(&h.origin.0).expect("partial batch present");
+        let body: Vec<u8> = p.chunks.into_values().flatten().collect();
+        match decode_chunks(p.compressed, &body) {
+            Ok(b) if b.origin == h.origin => Assembled::Batch(b),
+            Ok(_) => Assembled::Bad { error: Error::Corrupt("origin mismatch".into()), bytes: p.raw },
+            Err(error) => Assembled::Bad { error, bytes: p.raw },
+        }
+    }
+
+    /// The position up to which a consumer can record progress: everything at or before it
+    /// is fully processed, given that everything through `done` has been fed.
+    /// Incomplete batches hold it back so that a restart re-reads their parts.
+    pub fn safe_position(&self, done: Position) -> Position {
+        self.partial
+            .values()
+            .map(|p| Position(p.first_position.0.saturating_sub(1)))
+            .min()
+            .map_or(done, |held| held.min(done))
+    }
+
+    /// Forgets every incomplete batch (after a resubscription).
+    pub fn clear(&mut self) {
+        self.partial.clear();
+    }
+}
+
+#[cfg(test)]
+#[path = "wire_tests.rs"]
+mod tests;

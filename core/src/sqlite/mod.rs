@@ -1,1 +1,280 @@
-//! SQLite side (in progress).
+//! The SQLite side of a node: capture triggers, the change reader, the merge.
+//!
+//! [`Db`] owns one connection to the application's database. The application keeps its
+//! own connections (any SQLite library); Marmot's writes happen in `BEGIN IMMEDIATE`
+//! transactions so they serialize with the application's through SQLite's own lock.
+//!
+//! Shadow objects, all prefixed `__marmot__`:
+//! - `clock` — one row: the highest version applied or cleaned (`hlc`), and the
+//!   `applying` flag that keeps the side-car's own writes out of capture;
+//! - `log` — captured local changes keyed by their `hlc` (a union of whole transactions
+//!   in commit order), cleaned once published;
+//! - `versions` — per row, the version of the last write that won (tombstones included);
+//! - `aside` — rows that lost a secondary `UNIQUE` value to a higher version;
+//! - `positions`, `parked`, `state`, `tables` — bookkeeping.
+
+mod capture;
+mod merge;
+mod reader;
+mod schema;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+
+pub use capture::{cleanup, install, table_id, CaptureOptions, WALL_CLOCK_MS};
+pub use merge::ApplyOutcome;
+pub use reader::SqliteChangeSource;
+pub use schema::{quote, Schema, SkippedTable, TableInfo, UniqueIndex, PREFIX};
+
+use crate::error::{Error, Result, SqlContext};
+use crate::model::{Hlc, NodeId, Position, Shard, Value, Version};
+
+/// Busy timeout of Marmot's connections: how long a write waits for the application's.
+pub const BUSY_TIMEOUT_MS: u64 = 5_000;
+
+/// One connection to a replicated database, with capture installed.
+pub struct Db {
+    conn: Connection,
+    node: NodeId,
+    opts: CaptureOptions,
+    schema: Schema,
+    /// `__marmot__tables` id → index into `schema.tables`.
+    ids: BTreeMap<i64, usize>,
+    schema_version: i64,
+    generation: u64,
+}
+
+/// Encodes primary-key values into the canonical key used by `versions` and `aside`.
+pub fn pk_key(values: &[Value]) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(&values, &mut out).expect("CBOR into a Vec");
+    out
+}
+
+impl Db {
+    /// Opens `path` (which must exist), sets Marmot's connection settings and installs
+    /// capture.
+    pub fn open(path: &Path, node: NodeId, opts: CaptureOptions) -> Result<Db> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags)
+            .ctx(|| format!("opening {}", path.display()))?;
+        Db::with_connection(conn, node, opts)
+    }
+
+    /// Wraps an open connection, sets Marmot's connection settings and installs capture.
+    pub fn with_connection(conn: Connection, node: NodeId, opts: CaptureOptions) -> Result<Db> {
+        if node.0 == 0 {
+            return Err(Error::Database("node id 0 is reserved".into()));
+        }
+        conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))
+            .ctx(|| "setting busy timeout".into())?;
+        conn.execute_batch("PRAGMA foreign_keys = OFF; PRAGMA synchronous = NORMAL;")
+            .ctx(|| "setting connection pragmas".into())?;
+        let mut db = Db {
+            conn,
+            node,
+            opts,
+            schema: Schema::default(),
+            ids: BTreeMap::new(),
+            schema_version: -1,
+            generation: 0,
+        };
+        db.reinstall()?;
+        Ok(db)
+    }
+
+    /// Re-installs capture and re-reads the schema.
+    pub fn reinstall(&mut self) -> Result<()> {
+        self.schema = install(&self.conn, &self.opts)?;
+        self.ids.clear();
+        for (i, t) in self.schema.tables.iter().enumerate() {
+            let id = table_id(&self.conn, &t.name)?;
+            self.ids.insert(id, i);
+        }
+        self.schema_version = self.read_schema_version()?;
+        self.generation += 1;
+        Ok(())
+    }
+
+    /// Re-installs capture when the application changed the schema. Returns whether it did.
+    pub fn refresh_if_schema_changed(&mut self) -> Result<bool> {
+        if self.read_schema_version()? == self.schema_version {
+            return Ok(false);
+        }
+        self.reinstall()?;
+        Ok(true)
+    }
+
+    fn read_schema_version(&self) -> Result<i64> {
+        self.conn
+            .query_row("PRAGMA schema_version", [], |r| r.get(0))
+            .ctx(|| "reading schema_version".into())
+    }
+
+    /// Increases each time capture is (re)installed after a schema change.
+    pub fn schema_generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The connection (for tests and tools).
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// The replicated tables and the skipped ones.
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    fn table_by_id(&self, id: i64) -> Option<&TableInfo> {
+        self.ids.get(&id).map(|&i| &self.schema.tables[i])
+    }
+
+    fn id_of(&self, name: &str) -> Option<i64> {
+        self.ids.iter().find(|(_, &i)| self.schema.tables[i].name == name).map(|(&id, _)| id)
+    }
+
+    pub(crate) fn immediate(&self) -> Result<rusqlite::Transaction<'_>> {
+        rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)
+            .ctx(|| "beginning a write transaction".into())
+    }
+
+    /// The stored transport position of every shard (absent shards: 0).
+    pub fn positions(&self) -> Result<BTreeMap<Shard, Position>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT shard, position FROM __marmot__positions")
+            .ctx(|| "reading positions".into())?;
+        let rows = stmt
+            .query_map([], |r| Ok((Shard(r.get(0)?), Position(r.get::<_, i64>(1)? as u64))))
+            .and_then(|rows| rows.collect())
+            .ctx(|| "reading positions".into())?;
+        Ok(rows)
+    }
+
+    /// The stored position of `shard`.
+    pub fn position(&self, shard: Shard) -> Result<Position> {
+        Ok(self.positions()?.get(&shard).copied().unwrap_or_default())
+    }
+
+    /// Records that everything in `shard` up to `position` is processed.
+    pub fn store_position(&self, shard: Shard, position: Position) -> Result<()> {
+        store_position(&self.conn, shard, position)
+    }
+
+    /// Parks an entry that cannot be applied, with its error, and moves the position on,
+    /// in one transaction.
+    pub fn park(&self, shard: Shard, position: Position, error: &Error, bytes: &[u8]) -> Result<()> {
+        let tx = self.immediate()?;
+        tx.execute(
+            "INSERT INTO __marmot__parked(shard, position, error, bytes) VALUES (?1, ?2, ?3, ?4)",
+            (shard.0, position.0 as i64, error.to_string(), bytes),
+        )
+        .ctx(|| "parking a batch".into())?;
+        store_position(&tx, shard, position)?;
+        tx.commit().ctx(|| "committing a parked batch".into())
+    }
+
+    /// Number of parked batches.
+    pub fn parked_count(&self) -> Result<u64> {
+        self.conn
+            .query_row("SELECT count(*) FROM __marmot__parked", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .ctx(|| "counting parked batches".into())
+    }
+
+    /// Parked batches as (id, error, bytes), oldest first.
+    pub fn parked(&self) -> Result<Vec<(i64, String, Vec<u8>)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, error, bytes FROM __marmot__parked ORDER BY id")
+            .ctx(|| "reading parked batches".into())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .and_then(|rows| rows.collect())
+            .ctx(|| "reading parked batches".into())?;
+        Ok(rows)
+    }
+
+    /// Removes a parked batch (after it was applied on retry).
+    pub fn unpark(&self, id: i64) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM __marmot__parked WHERE id = ?1", [id])
+            .map(|_| ())
+            .ctx(|| "removing a parked batch".into())
+    }
+
+    /// The clock: at least every version produced or applied here.
+    pub fn clock(&self) -> Result<Hlc> {
+        let clock: i64 = self
+            .conn
+            .query_row("SELECT hlc FROM __marmot__clock WHERE id = 0", [], |r| r.get(0))
+            .ctx(|| "reading the clock".into())?;
+        let log: Option<i64> = self
+            .conn
+            .query_row("SELECT max(hlc) FROM __marmot__log", [], |r| r.get(0))
+            .ctx(|| "reading the log".into())?;
+        Ok(Hlc(clock.max(log.unwrap_or(0)) as u64))
+    }
+
+    /// The version stored for a row of `table` with primary key `pk`, and whether it is a
+    /// tombstone.
+    pub fn version_of(&self, table: &str, pk: &[Value]) -> Result<Option<(Version, bool)>> {
+        let Some(id) = self.id_of(table) else { return Ok(None) };
+        version_of(&self.conn, id, &pk_key(pk))
+    }
+}
+
+fn get_state(conn: &Connection, key: &str) -> Result<u64> {
+    conn.query_row("SELECT value FROM __marmot__state WHERE key = ?1", [key], |r| r.get::<_, i64>(0))
+        .optional()
+        .map(|v| v.unwrap_or(0) as u64)
+        .ctx(|| format!("reading state {key}"))
+}
+
+fn set_state_max(conn: &Connection, key: &str, value: u64) -> Result<()> {
+    conn.execute(
+        "INSERT INTO __marmot__state(key, value) VALUES (?1, ?2) \
+         ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
+        (key, value as i64),
+    )
+    .map(|_| ())
+    .ctx(|| format!("writing state {key}"))
+}
+
+fn store_position(conn: &Connection, shard: Shard, position: Position) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO __marmot__positions(shard, position) VALUES (?1, ?2) \
+         ON CONFLICT(shard) DO UPDATE SET position = max(position, excluded.position)",
+    )
+    .and_then(|mut s| s.execute((shard.0, position.0 as i64)))
+    .map(|_| ())
+    .ctx(|| format!("storing position of shard {shard}"))
+}
+
+fn version_of(conn: &Connection, tbl: i64, key: &[u8]) -> Result<Option<(Version, bool)>> {
+    conn.prepare_cached(
+        "SELECT hlc, node, deleted FROM __marmot__versions WHERE tbl = ?1 AND pk = ?2",
+    )
+    .and_then(|mut s| {
+        s.query_row((tbl, key), |r| {
+            let v = Version {
+                hlc: Hlc(r.get::<_, i64>(0)? as u64),
+                node: NodeId(r.get::<_, i64>(1)? as u64),
+            };
+            Ok((v, r.get::<_, bool>(2)?))
+        })
+        .optional()
+    })
+    .ctx(|| "reading a row version".into())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,258 @@
+//! The command line: Marmot v1's flags, in its Go single-dash spelling (`-config x`) as
+//! well as the GNU spelling (`--config x`, `--config=x`), plus the subcommands that inspect
+//! a running node.
+//!
+//! Go's `flag` package accepts `-name`, `--name`, `-name=value` and `-name value`, and
+//! `-bool=true|false` for boolean flags. clap takes only the double-dash form for long
+//! names, so [`normalize_args`] rewrites argv before clap sees it. Only the names declared
+//! here are rewritten; short flags (`-h`, `-V`) and everything after `--` pass through.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Long flags that Go spells with one dash.
+const LONG_FLAGS: &[&str] = &[
+    "config",
+    "cleanup",
+    "save-snapshot",
+    "cluster-addr",
+    "cluster-peers",
+    "leaf-servers",
+    "pprof",
+    "help",
+    "version",
+];
+
+/// Boolean flags, which Go also accepts as `-flag=true` / `-flag=false`.
+const BOOL_FLAGS: &[&str] = &["cleanup", "save-snapshot"];
+
+/// `marmot`'s command line.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Parser)]
+#[command(
+    name = "marmot",
+    version,
+    about = "Leaderless multi-writer replication of SQLite over NATS JetStream",
+    long_about = "Leaderless multi-writer replication of SQLite over NATS JetStream.\n\n\
+        Runs next to an unchanged application: captures the changes made to db_path, streams \
+        them through NATS JetStream and merges every other node's changes into the local \
+        file. Flags may be written Go-style with one dash (-config node.toml) or with two \
+        (--config node.toml, --config=node.toml). Configuration keys can be overridden by \
+        environment variables MARMOT_<KEY> / MARMOT_<SECTION>_<KEY>; see \
+        docs/configuration.md."
+)]
+pub struct Flags {
+    /// TOML configuration file. Without one, the built-in defaults and MARMOT_* variables
+    /// are used.
+    #[arg(long = "config", value_name = "PATH", env = "MARMOT_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Remove Marmot's triggers and change-log tables from the database, then exit.
+    #[arg(long = "cleanup")]
+    pub cleanup: bool,
+
+    /// Take a snapshot of the database, upload it to the snapshot store, then exit.
+    #[arg(long = "save-snapshot")]
+    pub save_snapshot: bool,
+
+    /// Listen address of the embedded NATS server's cluster port (use on at least two
+    /// nodes); the leaf-node listener takes the next port.
+    #[arg(long = "cluster-addr", value_name = "HOST:PORT")]
+    pub cluster_addr: Option<String>,
+
+    /// Comma-separated cluster routes: nats://host:port/ or
+    /// dns://host:port/?min=N&interval_ms=M (waits for at least N addresses; defaults
+    /// min=2, interval_ms=1000).
+    #[arg(long = "cluster-peers", value_name = "URLS", value_delimiter = ',')]
+    pub cluster_peers: Vec<String>,
+
+    /// Comma-separated nats:// or dns:// remotes to join as a leaf node (?hub=true
+    /// supported).
+    #[arg(long = "leaf-servers", value_name = "URLS", value_delimiter = ',')]
+    pub leaf_servers: Vec<String>,
+
+    /// Marmot v1's Go profiler address. Accepted for compatibility; it does not apply here
+    /// and is ignored with a warning.
+    #[arg(long = "pprof", value_name = "ADDR")]
+    pub pprof: Option<String>,
+
+    /// What to do instead of running the node.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands that inspect a node rather than run it.
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum Command {
+    /// Print this node's replication status (stored position and lag per shard, changes
+    /// waiting to be published, parked messages) and exit.
+    Status,
+    /// Like status, but keep printing a line whenever the status changes, until
+    /// interrupted.
+    Watch,
+    /// Wait until this node has published its local changes and applied every shard up
+    /// to the end of the log, then exit 0 (for scripts and tests).
+    Wait,
+}
+
+impl Flags {
+    /// Parses the process's arguments (after [`normalize_args`]); prints help, version or a
+    /// usage error and exits as clap does.
+    pub fn from_process() -> Flags {
+        Flags::parse_from(normalize_args(std::env::args_os()))
+    }
+
+    /// Parses the given arguments (the first is the program name), Go spelling included.
+    pub fn try_from_args<I, T>(args: I) -> Result<Flags, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString>,
+    {
+        Flags::try_parse_from(normalize_args(args))
+    }
+}
+
+/// Rewrites Go-style flags into the spelling clap accepts: `-config x` → `--config x`,
+/// `-config=x` → `--config=x`, `-cleanup=true` → `--cleanup`, `-cleanup=false` → dropped.
+/// The first argument (the program name) and everything after `--` are left alone.
+pub fn normalize_args<I, T>(args: I) -> Vec<OsString>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
+    let mut out = Vec::new();
+    let mut passthrough = false;
+    for (i, arg) in args.into_iter().map(Into::into).enumerate() {
+        if i == 0 || passthrough {
+            out.push(arg);
+            continue;
+        }
+        if arg == "--" {
+            passthrough = true;
+            out.push(arg);
+            continue;
+        }
+        match arg.to_str().and_then(rewrite) {
+            Some(Rewritten::Arg(s)) => out.push(s.into()),
+            Some(Rewritten::Drop) => {}
+            None => out.push(arg),
+        }
+    }
+    out
+}
+
+enum Rewritten {
+    Arg(String),
+    Drop,
+}
+
+/// Rewrites one argument if it is one of our long flags in either spelling.
+fn rewrite(arg: &str) -> Option<Rewritten> {
+    let body = arg
+        .strip_prefix("--")
+        .or_else(|| arg.strip_prefix('-'))?;
+    let (name, value) = match body.split_once('=') {
+        Some((n, v)) => (n, Some(v)),
+        None => (body, None),
+    };
+    if !LONG_FLAGS.contains(&name) {
+        return None;
+    }
+    match value {
+        Some(v) if BOOL_FLAGS.contains(&name) => match v.to_ascii_lowercase().as_str() {
+            "true" | "1" | "t" => Some(Rewritten::Arg(format!("--{name}"))),
+            "false" | "0" | "f" => Some(Rewritten::Drop),
+            _ => Some(Rewritten::Arg(format!("--{body}"))),
+        },
+        _ => Some(Rewritten::Arg(format!("--{body}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Flags {
+        Flags::try_from_args(args.iter().copied()).expect("parses")
+    }
+
+    #[test]
+    fn go_single_dash_spelling_parses() {
+        let f = parse(&[
+            "marmot",
+            "-config",
+            "node.toml",
+            "-cluster-addr",
+            "127.0.0.1:4221",
+            "-cluster-peers",
+            "nats://127.0.0.1:4222/",
+        ]);
+        assert_eq!(f.config, Some(PathBuf::from("node.toml")));
+        assert_eq!(f.cluster_addr.as_deref(), Some("127.0.0.1:4221"));
+        assert_eq!(f.cluster_peers, vec!["nats://127.0.0.1:4222/".to_owned()]);
+    }
+
+    #[test]
+    fn equals_and_double_dash_spellings_parse_alike() {
+        for args in [
+            &["marmot", "-config=a.toml"][..],
+            &["marmot", "--config=a.toml"][..],
+            &["marmot", "--config", "a.toml"][..],
+        ] {
+            assert_eq!(parse(args).config, Some(PathBuf::from("a.toml")), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn go_boolean_values_are_understood() {
+        assert!(parse(&["marmot", "-cleanup"]).cleanup);
+        assert!(parse(&["marmot", "-cleanup=true"]).cleanup);
+        assert!(!parse(&["marmot", "-cleanup=false"]).cleanup);
+        assert!(parse(&["marmot", "-save-snapshot"]).save_snapshot);
+    }
+
+    #[test]
+    fn peer_lists_split_on_commas() {
+        let f = parse(&[
+            "marmot",
+            "-cluster-peers",
+            "nats://a:4222/,dns://b:4222/?min=3",
+            "-leaf-servers=nats://hub:7422?hub=true",
+        ]);
+        assert_eq!(f.cluster_peers.len(), 2);
+        assert_eq!(f.cluster_peers[1], "dns://b:4222/?min=3");
+        assert_eq!(f.leaf_servers, vec!["nats://hub:7422?hub=true".to_owned()]);
+    }
+
+    #[test]
+    fn pprof_is_accepted() {
+        assert_eq!(parse(&["marmot", "-pprof", ":6060"]).pprof.as_deref(), Some(":6060"));
+    }
+
+    #[test]
+    fn subcommands_parse_after_flags() {
+        let f = parse(&["marmot", "-config", "n.toml", "status"]);
+        assert_eq!(f.command, Some(Command::Status));
+        assert_eq!(parse(&["marmot", "wait"]).command, Some(Command::Wait));
+        assert_eq!(parse(&["marmot", "watch"]).command, Some(Command::Watch));
+    }
+
+    #[test]
+    fn unknown_single_dash_flags_are_not_rewritten() {
+        let args = normalize_args(["marmot", "-x", "-h", "--", "-config"]);
+        assert_eq!(args, vec!["marmot", "-x", "-h", "--", "-config"]);
+        assert!(Flags::try_from_args(["marmot", "-bogus"]).is_err());
+    }
+
+    #[test]
+    fn help_explains_every_flag() {
+        let help = Flags::try_from_args(["marmot", "-help"]).unwrap_err().to_string();
+        for flag in ["--config", "--cleanup", "--save-snapshot", "--cluster-addr"] {
+            assert!(help.contains(flag), "{flag} missing from help:\n{help}");
+        }
+        for flag in ["--cluster-peers", "--leaf-servers", "--pprof", "status", "wait"] {
+            assert!(help.contains(flag), "{flag} missing from help:\n{help}");
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! Installing and removing capture: the `__marmot__` tables and the per-table triggers.
+//!
+//! Every replicated table gets three AFTER triggers that append the row image and its
+//! version to one shared log, `__marmot__log`, inside the application's own transaction.
+//! The version is computed by reads only: `max(now, clock + 1, max(log) + 1)`, so a write
+//! costs one extra insert into a table keyed by that version. Writes made while
+//! `__marmot__clock.applying` is set (the side-car applying remote changes) are not
+//! captured.
+
+use rusqlite::Connection;
+use tracing::warn;
+
+use super::schema::{quote, Schema, TableInfo, PREFIX};
+use crate::error::{Result, SqlContext};
+
+/// The physical-time expression used in production triggers: milliseconds since the epoch.
+/// Plain SQL that any SQLite since 3.0 runs (no `unixepoch('subsec')`).
+pub const WALL_CLOCK_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
+
+/// How capture is installed.
+#[derive(Clone, Debug)]
+pub struct CaptureOptions {
+    /// An SQL expression giving the current time in milliseconds since the epoch. The
+    /// simulation substitutes a deterministic clock.
+    pub time_ms_sql: String,
+}
+
+impl Default for CaptureOptions {
+    fn default() -> Self {
+        CaptureOptions { time_ms_sql: WALL_CLOCK_MS.to_owned() }
+    }
+}
+
+const META_SQL: &str = "
+CREATE TABLE IF NOT EXISTS __marmot__clock(
+  id INTEGER PRIMARY KEY CHECK (id = 0), hlc INTEGER NOT NULL, applying INTEGER NOT NULL);
+INSERT OR IGNORE INTO __marmot__clock(id, hlc, applying) VALUES (0, 0, 0);
+CREATE TABLE IF NOT EXISTS __marmot__log(hlc INTEGER PRIMARY KEY, tbl INTEGER NOT NULL, op INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS __marmot__tables(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS __marmot__versions(
+  tbl INTEGER NOT NULL, pk BLOB NOT NULL, hlc INTEGER NOT NULL, node INTEGER NOT NULL,
+  deleted INTEGER NOT NULL, PRIMARY KEY (tbl, pk)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS __marmot__aside(
+  tbl INTEGER NOT NULL, pk BLOB NOT NULL, hlc INTEGER NOT NULL, node INTEGER NOT NULL,
+  image BLOB NOT NULL, PRIMARY KEY (tbl, pk)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS __marmot__positions(shard INTEGER PRIMARY KEY, position INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS __marmot__parked(
+  id INTEGER PRIMARY KEY, shard INTEGER NOT NULL, position INTEGER NOT NULL,
+  error TEXT NOT NULL, bytes BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS __marmot__state(key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+INSERT OR IGNORE INTO __marmot__state(key, value) VALUES ('published_hlc', 0), ('folded_hlc', 0);
+";
+
+/// Installs (or re-installs) capture: creates the `__marmot__` tables when missing and
+/// (re)creates the triggers of every replicated table. Idempotent. Returns the schema.
+pub fn install(conn: &Connection, opts: &CaptureOptions) -> Result<Schema> {
+    let tx = conn.unchecked_transaction().ctx(|| "starting capture install".into())?;
+    tx.execute_batch(META_SQL).ctx(|| "creating __marmot__ tables".into())?;
+    drop_triggers(&tx)?;
+    let schema = Schema::read(&tx)?;
+    for skipped in &schema.skipped {
+        warn!(table = %skipped.name, reason = %skipped.reason, "table not replicated");
+    }
+    let width = schema.tables.iter().map(|t| t.columns.len()).max().unwrap_or(0);
+    ensure_log_width(&tx, width)?;
+    for table in &schema.tables {
+        let id = table_id(&tx, &table.name)?;
+        for sql in trigger_sql(table, id, &opts.time_ms_sql) {
+            tx.execute_batch(&sql).ctx(|| format!("creating triggers on {:?}", table.name))?;
+        }
+    }
+    tx.commit().ctx(|| "committing capture install".into())?;
+    Ok(schema)
+}
+
+/// Removes every trigger and table Marmot created. User tables and data are untouched.
+pub fn cleanup(conn: &Connection) -> Result<()> {
+    let tx = conn.unchecked_transaction().ctx(|| "starting cleanup".into())?;
+    drop_triggers(&tx)?;
+    let tables = names(&tx, "table")?;
+    for t in tables {
+        tx.execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(&t)))
+            .ctx(|| format!("dropping {t:?}"))?;
+    }
+    tx.commit().ctx(|| "committing cleanup".into())
+}
+
+fn names(conn: &Connection, kind: &str) -> Result<Vec<String>> {
+    let mut stmt = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = ?1 AND substr(name, 1, 10) = ?2")
+        .ctx(|| "listing __marmot__ objects".into())?;
+    let names = stmt
+        .query_map((kind, PREFIX), |r| r.get(0))
+        .and_then(|rows| rows.collect())
+        .ctx(|| "listing __marmot__ objects".into())?;
+    Ok(names)
+}
+
+fn drop_triggers(conn: &Connection) -> Result<()> {
+    for t in names(conn, "trigger")? {
+        conn.execute_batch(&format!("DROP TRIGGER IF EXISTS {}", quote(&t)))
+            .ctx(|| format!("dropping trigger {t:?}"))?;
+    }
+    Ok(())
+}
+
+/// The stable numeric id of a table in `__marmot__log` and `__marmot__versions`.
+pub fn table_id(conn: &Connection, name: &str) -> Result<i64> {
+    conn.execute("INSERT OR IGNORE INTO __marmot__tables(name) VALUES (?1)", [name])
+        .ctx(|| format!("registering table {name:?}"))?;
+    conn.query_row("SELECT id FROM __marmot__tables WHERE name = ?1", [name], |r| r.get(0))
+        .ctx(|| format!("reading id of table {name:?}"))
+}
+
+fn ensure_log_width(conn: &Connection, width: usize) -> Result<()> {
+    let have: usize = conn
+        .query_row("SELECT count(*) - 3 FROM pragma_table_info('__marmot__log')", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .ctx(|| "reading log width".into())? as usize;
+    for i in have..width {
+        conn.execute_batch(&format!("ALTER TABLE __marmot__log ADD COLUMN c{i}"))
+            .ctx(|| "widening __marmot__log".into())?;
+    }
+    Ok(())
+}
+
+fn trigger_sql(t: &TableInfo, id: i64, time_ms_sql: &str) -> [String; 3] {
+    let name = |what: &str| quote(&format!("{PREFIX}{}__{what}", t.name));
+    let table = quote(&t.name);
+    let when = "WHEN (SELECT applying FROM __marmot__clock WHERE id = 0) = 0";
+    let hlc = format!(
+        "(SELECT max(({time_ms_sql}) * 65536, c.hlc + 1, \
+         coalesce((SELECT max(hlc) FROM __marmot__log), 0) + 1) \
+         FROM __marmot__clock AS c WHERE c.id = 0)"
+    );
+    let all_cols: String = (0..t.columns.len()).map(|i| format!(", c{i}")).collect();
+    let image = |row: &str| -> String {
+        t.columns.iter().map(|c| format!(", {row}.{}", quote(c))).collect()
+    };
+    let pk_cols: String = t.pk.iter().map(|i| format!(", c{i}")).collect();
+    let pk_vals = |row: &str| -> String {
+        t.pk.iter().map(|&i| format!(", {row}.{}", quote(&t.columns[i]))).collect()
+    };
+    let pk_changed: Vec<String> = t
+        .pk
+        .iter()
+        .map(|&i| format!("OLD.{0} IS NOT NEW.{0}", quote(&t.columns[i])))
+        .collect();
+    let insert = format!(
+        "CREATE TRIGGER {} AFTER INSERT ON {table} {when} BEGIN \
+         INSERT INTO __marmot__log(hlc, tbl, op{all_cols}) VALUES ({hlc}, {id}, 0{}); END;",
+        name("insert"),
+        image("NEW"),
+    );
+    let update = format!(
+        "CREATE TRIGGER {} AFTER UPDATE ON {table} {when} BEGIN \
+         INSERT INTO __marmot__log(hlc, tbl, op{pk_cols}) SELECT {hlc}, {id}, 1{} WHERE {}; \
+         INSERT INTO __marmot__log(hlc, tbl, op{all_cols}) VALUES ({hlc}, {id}, 0{}); END;",
+        name("update"),
+        pk_vals("OLD"),
+        pk_changed.join(" OR "),
+        image("NEW"),
+    );
+    let delete = format!(
+        "CREATE TRIGGER {} AFTER DELETE ON {table} {when} BEGIN \
+         INSERT INTO __marmot__log(hlc, tbl, op{pk_cols}) VALUES ({hlc}, {id}, 1{}); END;",
+        name("delete"),
+        pk_vals("OLD"),
+    );
+    [insert, update, delete]
+}

@@ -1,0 +1,389 @@
+//! The merge: applying a remote batch, last-writer-wins per row, in one transaction.
+//!
+//! Per row the change with the greatest version wins; deletes leave versioned tombstones
+//! in `__marmot__versions`. A secondary `UNIQUE` value goes to the highest version that
+//! claims it: losing rows wait in `__marmot__aside` and come back when the value is free.
+//! The resulting state depends only on the set of changes seen, never on their order.
+
+use rusqlite::{Connection, OptionalExtension};
+use tracing::warn;
+
+use super::schema::{quote, TableInfo};
+use super::{get_state, pk_key, set_state_max, store_position, version_of, Db};
+use crate::error::{Error, Result, SqlContext};
+use crate::model::{Batch, Hlc, Op, Position, Shard, TableChanges, Value, Version};
+
+/// What applying a batch did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    /// Row changes that won and were applied.
+    pub applied: u64,
+    /// Row changes skipped because the stored version was as new or newer.
+    pub skipped: u64,
+}
+
+/// Upper bound on placement rounds when returning set-aside rows, per table.
+const RECONCILE_ROUNDS_MAX: usize = 100_000;
+
+/// A row image: local column index and value.
+type Image = Vec<(usize, Value)>;
+
+impl Db {
+    /// Applies `batch`, read from `shard` at `position`, in one transaction that also
+    /// stores `position`. A batch of this node's own changes only moves the position.
+    /// On [`Error::SchemaMismatch`] nothing is applied (the caller parks the batch).
+    /// `crash_after_rows` injects a crash before commit (simulation only).
+    pub fn apply_batch(
+        &mut self,
+        shard: Shard,
+        position: Position,
+        batch: &Batch,
+        crash_after_rows: Option<u64>,
+    ) -> Result<ApplyOutcome> {
+        self.refresh_if_schema_changed()?;
+        let tx = self.immediate()?;
+        tx.execute_batch("UPDATE __marmot__clock SET applying = 1 WHERE id = 0")
+            .ctx(|| "marking apply".into())?;
+        self.fold_local(&tx)?;
+        let mut out = ApplyOutcome::default();
+        if batch.origin != self.node {
+            for tc in &batch.tables {
+                self.apply_table(&tx, batch, tc, &mut out, crash_after_rows)?;
+            }
+            if let Some(max) = batch.max_hlc() {
+                tx.execute("UPDATE __marmot__clock SET hlc = max(hlc, ?1) WHERE id = 0", [max.0 as i64])
+                    .ctx(|| "raising the clock".into())?;
+            }
+        }
+        if let Some(p) = Some(position).filter(|p| p.0 > 0) {
+            store_position(&tx, shard, p)?;
+        }
+        tx.execute_batch("UPDATE __marmot__clock SET applying = 0 WHERE id = 0")
+            .ctx(|| "ending apply".into())?;
+        tx.commit().ctx(|| "committing a batch".into())?;
+        Ok(out)
+    }
+
+    fn apply_table(
+        &self,
+        conn: &Connection,
+        batch: &Batch,
+        tc: &TableChanges,
+        out: &mut ApplyOutcome,
+        crash_after_rows: Option<u64>,
+    ) -> Result<()> {
+        let mismatch = |detail: String| Error::SchemaMismatch { table: tc.table.clone(), detail };
+        let tid = self.id_of(&tc.table).ok_or_else(|| mismatch("no such table here".into()))?;
+        let info = self.table_by_id(tid).expect("id maps to a table");
+        let map: Vec<usize> = tc
+            .columns
+            .iter()
+            .map(|c| info.column_index(c).ok_or_else(|| mismatch(format!("no column {c:?} here"))))
+            .collect::<Result<_>>()?;
+        let remote_pk: Vec<usize> = tc.pk.iter().map(|&i| map[i]).collect();
+        if remote_pk != info.pk {
+            return Err(mismatch("primary key columns differ".into()));
+        }
+        for row in &tc.rows {
+            if crash_after_rows.is_some_and(|n| out.applied + out.skipped >= n) {
+                return Err(Error::InjectedCrash("apply: before commit"));
+            }
+            let pk: Vec<Value> = tc.pk.iter().map(|&i| row.values[i].clone()).collect();
+            let key = pk_key(&pk);
+            let v = Version { hlc: row.hlc, node: batch.origin };
+            if version_of(conn, tid, &key)?.is_some_and(|(cur, _)| cur >= v) {
+                out.skipped += 1;
+                continue;
+            }
+            set_version(conn, tid, &key, v, row.op == Op::Delete)?;
+            match row.op {
+                Op::Delete => {
+                    delete_row(conn, info, &pk)?;
+                    remove_aside(conn, tid, &key)?;
+                }
+                Op::Upsert => {
+                    let image: Image = map.iter().copied().zip(row.values.iter().cloned()).collect();
+                    place(conn, info, tid, &key, &pk, v, &image)?;
+                }
+            }
+            out.applied += 1;
+        }
+        if has_aside(conn, tid)? {
+            reconcile_table(conn, info, tid)?;
+        }
+        Ok(())
+    }
+
+    /// Moves versions of new local changes from the log into `__marmot__versions`, so the
+    /// merge compares remote changes with local ones. Runs inside the caller's write
+    /// transaction.
+    pub(crate) fn fold_local(&self, conn: &Connection) -> Result<()> {
+        let folded = get_state(conn, "folded_hlc")?;
+        let mut stmt = conn
+            .prepare_cached("SELECT * FROM __marmot__log WHERE hlc > ?1 ORDER BY hlc")
+            .ctx(|| "reading the log to fold".into())?;
+        let mut rows = stmt.query([folded as i64]).ctx(|| "reading the log to fold".into())?;
+        let mut last = folded;
+        while let Some(r) = rows.next().ctx(|| "folding".into())? {
+            let hlc = r.get::<_, i64>(0).ctx(|| "folding".into())? as u64;
+            let tbl: i64 = r.get(1).ctx(|| "folding".into())?;
+            let op: i64 = r.get(2).ctx(|| "folding".into())?;
+            last = hlc;
+            let Some(info) = self.table_by_id(tbl) else { continue };
+            let pk: Vec<Value> = info
+                .pk
+                .iter()
+                .map(|&i| r.get_ref(3 + i).map(Value::from))
+                .collect::<rusqlite::Result<_>>()
+                .ctx(|| "folding".into())?;
+            let key = pk_key(&pk);
+            let v = Version { hlc: Hlc(hlc), node: self.node };
+            set_version(conn, tbl, &key, v, op == 1)?;
+            remove_aside(conn, tbl, &key)?;
+        }
+        drop(rows);
+        drop(stmt);
+        set_state_max(conn, "folded_hlc", last)
+    }
+
+    /// Returns set-aside rows whose unique values became free (after local deletes or
+    /// updates). Cheap when nothing is set aside.
+    pub fn reconcile(&self) -> Result<bool> {
+        let any: bool = self
+            .conn
+            .query_row("SELECT EXISTS (SELECT 1 FROM __marmot__aside)", [], |r| r.get(0))
+            .ctx(|| "checking set-aside rows".into())?;
+        if !any {
+            return Ok(false);
+        }
+        let tx = self.immediate()?;
+        tx.execute_batch("UPDATE __marmot__clock SET applying = 1 WHERE id = 0")
+            .ctx(|| "marking apply".into())?;
+        self.fold_local(&tx)?;
+        for (&tid, &i) in &self.ids {
+            if has_aside(&tx, tid)? {
+                reconcile_table(&tx, &self.schema.tables[i], tid)?;
+            }
+        }
+        tx.execute_batch("UPDATE __marmot__clock SET applying = 0 WHERE id = 0")
+            .ctx(|| "ending apply".into())?;
+        tx.commit().ctx(|| "committing reconcile".into())?;
+        Ok(true)
+    }
+
+    /// Number of rows set aside by unique conflicts.
+    pub fn aside_count(&self) -> Result<u64> {
+        self.conn
+            .query_row("SELECT count(*) FROM __marmot__aside", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .ctx(|| "counting set-aside rows".into())
+    }
+}
+
+fn set_version(conn: &Connection, tbl: i64, key: &[u8], v: Version, deleted: bool) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO __marmot__versions(tbl, pk, hlc, node, deleted) VALUES (?1, ?2, ?3, ?4, ?5) \
+         ON CONFLICT(tbl, pk) DO UPDATE SET hlc = excluded.hlc, node = excluded.node, \
+         deleted = excluded.deleted",
+    )
+    .and_then(|mut s| s.execute((tbl, key, v.hlc.0 as i64, v.node.0 as i64, deleted)))
+    .map(|_| ())
+    .ctx(|| "storing a row version".into())
+}
+
+fn has_aside(conn: &Connection, tbl: i64) -> Result<bool> {
+    conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM __marmot__aside WHERE tbl = ?1)")
+        .and_then(|mut s| s.query_row([tbl], |r| r.get(0)))
+        .ctx(|| "checking set-aside rows".into())
+}
+
+fn remove_aside(conn: &Connection, tbl: i64, key: &[u8]) -> Result<()> {
+    conn.prepare_cached("DELETE FROM __marmot__aside WHERE tbl = ?1 AND pk = ?2")
+        .and_then(|mut s| s.execute((tbl, key)))
+        .map(|_| ())
+        .ctx(|| "removing a set-aside row".into())
+}
+
+fn put_aside(conn: &Connection, t: &TableInfo, tbl: i64, key: &[u8], v: Version, image: &Image) -> Result<()> {
+    let named: Vec<(&str, &Value)> = image.iter().map(|(i, val)| (t.columns[*i].as_str(), val)).collect();
+    let mut blob = Vec::new();
+    ciborium::into_writer(&named, &mut blob).expect("CBOR into a Vec");
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO __marmot__aside(tbl, pk, hlc, node, image) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .and_then(|mut s| s.execute((tbl, key, v.hlc.0 as i64, v.node.0 as i64, blob)))
+    .map(|_| ())
+    .ctx(|| format!("setting aside a row of {:?}", t.name))
+}
+
+fn pk_where(t: &TableInfo, first_param: usize) -> String {
+    t.pk.iter()
+        .enumerate()
+        .map(|(n, &i)| format!("{} IS ?{}", quote(&t.columns[i]), first_param + n))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+fn delete_row(conn: &Connection, t: &TableInfo, pk: &[Value]) -> Result<()> {
+    let sql = format!("DELETE FROM {} WHERE {}", quote(&t.name), pk_where(t, 1));
+    conn.prepare_cached(&sql)
+        .and_then(|mut s| s.execute(rusqlite::params_from_iter(pk)))
+        .map(|_| ())
+        .ctx(|| format!("deleting a row of {:?}", t.name))
+}
+
+fn read_image(conn: &Connection, t: &TableInfo, pk: &[Value]) -> Result<Option<Image>> {
+    let cols: Vec<String> = t.columns.iter().map(|c| quote(c)).collect();
+    let sql = format!("SELECT {} FROM {} WHERE {}", cols.join(", "), quote(&t.name), pk_where(t, 1));
+    conn.prepare_cached(&sql)
+        .and_then(|mut s| {
+            s.query_row(rusqlite::params_from_iter(pk), |r| {
+                (0..t.columns.len()).map(|i| Ok((i, Value::from(r.get_ref(i)?)))).collect()
+            })
+            .optional()
+        })
+        .ctx(|| format!("reading a row of {:?}", t.name))
+}
+
+fn upsert_row(conn: &Connection, t: &TableInfo, image: &Image) -> Result<()> {
+    let cols: Vec<String> = image.iter().map(|(i, _)| quote(&t.columns[*i])).collect();
+    let params: Vec<String> = (1..=image.len()).map(|n| format!("?{n}")).collect();
+    let pk: Vec<String> = t.pk.iter().map(|&i| quote(&t.columns[i])).collect();
+    let sets: Vec<String> = image
+        .iter()
+        .filter(|(i, _)| !t.pk.contains(i))
+        .map(|(i, _)| format!("{0} = excluded.{0}", quote(&t.columns[*i])))
+        .collect();
+    let action = if sets.is_empty() { "NOTHING".to_owned() } else { format!("UPDATE SET {}", sets.join(", ")) };
+    let sql = format!(
+        "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO {action}",
+        quote(&t.name),
+        cols.join(", "),
+        params.join(", "),
+        pk.join(", ")
+    );
+    conn.prepare_cached(&sql)
+        .and_then(|mut s| s.execute(rusqlite::params_from_iter(image.iter().map(|(_, v)| v))))
+        .map(|_| ())
+        .ctx(|| format!("writing a row of {:?}", t.name))
+}
+
+/// Rows (by primary key) other than `pk` that hold a unique value `image` claims.
+fn conflicts(conn: &Connection, t: &TableInfo, pk: &[Value], image: &Image) -> Result<Vec<Vec<Value>>> {
+    let mut out: Vec<Vec<Value>> = Vec::new();
+    for u in &t.unique {
+        let vals: Option<Vec<&Value>> = u
+            .columns
+            .iter()
+            .map(|c| image.iter().find(|(i, _)| i == c).map(|(_, v)| v))
+            .collect();
+        let Some(vals) = vals.filter(|v| v.iter().all(|x| !x.is_null())) else { continue };
+        let conds: Vec<String> =
+            u.columns.iter().enumerate().map(|(n, &c)| format!("{} = ?{}", quote(&t.columns[c]), n + 1)).collect();
+        let pk_cols: Vec<String> = t.pk.iter().map(|&i| quote(&t.columns[i])).collect();
+        let sql = format!("SELECT {} FROM {} WHERE {}", pk_cols.join(", "), quote(&t.name), conds.join(" AND "));
+        let mut stmt = conn.prepare_cached(&sql).ctx(|| format!("checking unique {:?}", u.name))?;
+        let rows: Vec<Vec<Value>> = stmt
+            .query_map(rusqlite::params_from_iter(vals), |r| {
+                (0..t.pk.len()).map(|i| Ok(Value::from(r.get_ref(i)?))).collect()
+            })
+            .and_then(|rows| rows.collect())
+            .ctx(|| format!("checking unique {:?}", u.name))?;
+        for r in rows {
+            if r != pk && !out.contains(&r) {
+                out.push(r);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Puts the winning image of row `pk` (version `v`) in place: into the table, displacing
+/// lower-version holders of its unique values, or aside if a higher version holds one.
+/// Returns whether the row is now in the table.
+fn place(conn: &Connection, t: &TableInfo, tbl: i64, key: &[u8], pk: &[Value], v: Version, image: &Image) -> Result<bool> {
+    let mut losers = Vec::new();
+    for q in conflicts(conn, t, pk, image)? {
+        let qkey = pk_key(&q);
+        let qv = version_of(conn, tbl, &qkey)?.map(|(v, _)| v).unwrap_or_default();
+        if qv > v {
+            delete_row(conn, t, pk)?;
+            put_aside(conn, t, tbl, key, v, image)?;
+            return Ok(false);
+        }
+        losers.push((q, qkey, qv));
+    }
+    for (q, qkey, qv) in losers {
+        if let Some(qimage) = read_image(conn, t, &q)? {
+            put_aside(conn, t, tbl, &qkey, qv, &qimage)?;
+        }
+        delete_row(conn, t, &q)?;
+    }
+    remove_aside(conn, tbl, key)?;
+    upsert_row(conn, t, image)?;
+    Ok(true)
+}
+
+struct AsideRow {
+    key: Vec<u8>,
+    version: Version,
+    image: Vec<(String, Value)>,
+}
+
+fn aside_rows(conn: &Connection, tbl: i64) -> Result<Vec<AsideRow>> {
+    let mut stmt = conn
+        .prepare_cached("SELECT pk, hlc, node, image FROM __marmot__aside WHERE tbl = ?1 ORDER BY hlc DESC, node DESC")
+        .ctx(|| "reading set-aside rows".into())?;
+    let rows: Vec<(Vec<u8>, i64, i64, Vec<u8>)> = stmt
+        .query_map([tbl], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .and_then(|rows| rows.collect())
+        .ctx(|| "reading set-aside rows".into())?;
+    rows.into_iter()
+        .map(|(key, hlc, node, blob)| {
+            let image: Vec<(String, Value)> = ciborium::from_reader(&blob[..])
+                .map_err(|e| Error::Corrupt(format!("set-aside image: {e}")))?;
+            let version = Version { hlc: Hlc(hlc as u64), node: crate::model::NodeId(node as u64) };
+            Ok(AsideRow { key, version, image })
+        })
+        .collect()
+}
+
+/// Returns set-aside rows to the table while one fits: the highest version first.
+/// Ends in the unique stable state (no set-aside row could take its place), which is what
+/// makes the outcome independent of arrival order.
+fn reconcile_table(conn: &Connection, t: &TableInfo, tbl: i64) -> Result<()> {
+    for _ in 0..RECONCILE_ROUNDS_MAX {
+        let mut placed_one = false;
+        for row in aside_rows(conn, tbl)? {
+            let current = version_of(conn, tbl, &row.key)?;
+            if current.map(|(v, deleted)| (v, deleted)) != Some((row.version, false)) {
+                remove_aside(conn, tbl, &row.key)?;
+                continue;
+            }
+            let image: Image = row
+                .image
+                .iter()
+                .filter_map(|(c, v)| t.column_index(c).map(|i| (i, v.clone())))
+                .collect();
+            let pk: Vec<Value> = t
+                .pk
+                .iter()
+                .map(|&i| image.iter().find(|(c, _)| *c == i).map(|(_, v)| v.clone()).unwrap_or(Value::Null))
+                .collect();
+            let blocked = conflicts(conn, t, &pk, &image)?.iter().try_fold(false, |acc, q| {
+                let qv = version_of(conn, tbl, &pk_key(q))?.map(|(v, _)| v).unwrap_or_default();
+                Ok::<_, Error>(acc || qv > row.version)
+            })?;
+            if !blocked {
+                place(conn, t, tbl, &row.key, &pk, row.version, &image)?;
+                placed_one = true;
+                break;
+            }
+        }
+        if !placed_one {
+            return Ok(());
+        }
+    }
+    warn!(table = %t.name, "set-aside reconciliation hit its round limit");
+    Ok(())
+}

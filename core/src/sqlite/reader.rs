@@ -1,0 +1,132 @@
+//! The change reader: committed local changes as whole transactions, and the
+//! [`ChangeSource`] built on it.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+
+use super::{get_state, set_state_max, Db};
+use crate::error::{Result, SqlContext};
+use crate::model::{Batch, Hlc, Op, RowChange, TableChanges, Value};
+use crate::source::{ChangeSource, Pending};
+
+/// Log columns read besides the image: `hlc`, `tbl`, `op`.
+const LOG_FIXED: usize = 3;
+
+impl Db {
+    /// Every local change committed after the last acknowledged point, read in one read
+    /// transaction (so it is a union of whole transactions), or `None`.
+    pub fn read_pending(&mut self) -> Result<Option<Pending>> {
+        self.refresh_if_schema_changed()?;
+        let tx = self.conn.unchecked_transaction().ctx(|| "beginning a read".into())?;
+        let published = get_state(&tx, "published_hlc")?;
+        let width: usize = tx
+            .query_row("SELECT count(*) FROM pragma_table_info('__marmot__log')", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .ctx(|| "reading log width".into())? as usize;
+        let mut stmt = tx
+            .prepare_cached("SELECT * FROM __marmot__log WHERE hlc > ?1 ORDER BY hlc")
+            .ctx(|| "reading the log".into())?;
+        let mut rows = stmt.query([published as i64]).ctx(|| "reading the log".into())?;
+        let mut tables: BTreeMap<i64, TableChanges> = BTreeMap::new();
+        let mut through = Hlc(published);
+        while let Some(row) = rows.next().ctx(|| "reading the log".into())? {
+            let hlc = Hlc(row.get::<_, i64>(0).ctx(|| "reading hlc".into())? as u64);
+            let tbl: i64 = row.get(1).ctx(|| "reading tbl".into())?;
+            let op: i64 = row.get(2).ctx(|| "reading op".into())?;
+            through = through.max(hlc);
+            let Some(info) = self.table_by_id(tbl) else { continue };
+            let n = info.columns.len().min(width - LOG_FIXED);
+            let mut values = Vec::with_capacity(info.columns.len());
+            for i in 0..n {
+                values.push(Value::from(row.get_ref(LOG_FIXED + i).ctx(|| "reading a value".into())?));
+            }
+            values.resize(info.columns.len(), Value::Null);
+            let entry = tables.entry(tbl).or_insert_with(|| TableChanges {
+                table: info.name.clone(),
+                columns: info.columns.clone(),
+                pk: info.pk.clone(),
+                rows: Vec::new(),
+            });
+            let op = if op == 1 { Op::Delete } else { Op::Upsert };
+            entry.rows.push(RowChange { hlc, op, values });
+        }
+        drop(rows);
+        drop(stmt);
+        tx.commit().ctx(|| "ending a read".into())?;
+        if through.0 == published {
+            return Ok(None);
+        }
+        let batch = Batch { origin: self.node, tables: tables.into_values().collect() };
+        Ok(Some(Pending { batch, through }))
+    }
+
+    /// Records that local changes up to `through` are durably published.
+    pub fn acknowledge(&self, through: Hlc) -> Result<()> {
+        set_state_max(&self.conn, "published_hlc", through.0)
+    }
+
+    /// Number of captured local changes not yet published.
+    pub fn pending_count(&self) -> Result<u64> {
+        let published = get_state(&self.conn, "published_hlc")?;
+        self.conn
+            .query_row("SELECT count(*) FROM __marmot__log WHERE hlc > ?1", [published as i64], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n as u64)
+            .ctx(|| "counting pending changes".into())
+    }
+
+    /// The highest local version durably published.
+    pub fn published_hlc(&self) -> Result<Hlc> {
+        Ok(Hlc(get_state(&self.conn, "published_hlc")?))
+    }
+
+    /// Deletes published log rows (after folding their versions), keeping the clock at
+    /// least as high as the highest deleted version. Returns how many rows were deleted.
+    pub fn clean_published(&self) -> Result<u64> {
+        let tx = self.immediate()?;
+        self.fold_local(&tx)?;
+        let published = get_state(&tx, "published_hlc")?.min(get_state(&tx, "folded_hlc")?);
+        tx.execute(
+            "UPDATE __marmot__clock SET hlc = max(hlc, coalesce( \
+             (SELECT max(hlc) FROM __marmot__log WHERE hlc <= ?1), 0)) WHERE id = 0",
+            [published as i64],
+        )
+        .ctx(|| "raising the clock before cleaning".into())?;
+        let n = tx
+            .execute("DELETE FROM __marmot__log WHERE hlc <= ?1", [published as i64])
+            .ctx(|| "cleaning published changes".into())?;
+        tx.commit().ctx(|| "committing the cleaning".into())?;
+        Ok(n as u64)
+    }
+}
+
+/// The production [`ChangeSource`]: capture triggers read through their own connection.
+pub struct SqliteChangeSource {
+    db: Db,
+}
+
+impl SqliteChangeSource {
+    /// A change source reading `db`.
+    pub fn new(db: Db) -> Self {
+        SqliteChangeSource { db }
+    }
+
+    /// The underlying database connection.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+}
+
+#[async_trait]
+impl ChangeSource for SqliteChangeSource {
+    async fn pending(&mut self) -> Result<Option<Pending>> {
+        self.db.read_pending()
+    }
+
+    async fn acknowledge(&mut self, through: Hlc) -> Result<()> {
+        self.db.acknowledge(through)
+    }
+}
