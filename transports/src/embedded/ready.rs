@@ -24,18 +24,27 @@ pub(crate) async fn probe(monitor: &str) -> bool {
         );
         conn.write_all(req.as_bytes()).await?;
         let mut answer = String::new();
-        conn.take(ANSWER_BYTES_MAX).read_to_string(&mut answer).await?;
+        conn.take(ANSWER_BYTES_MAX)
+            .read_to_string(&mut answer)
+            .await?;
         Ok::<_, std::io::Error>(answer)
     };
     match tokio::time::timeout(PROBE_TIMEOUT, request).await {
-        Ok(Ok(answer)) => answer.lines().next().is_some_and(|status| status.contains(" 200")),
+        Ok(Ok(answer)) => answer
+            .lines()
+            .next()
+            .is_some_and(|status| status.contains(" 200")),
         _ => false,
     }
 }
 
 /// Probes `monitor` until it is healthy or `timeout` passes; `alive` is asked between
 /// probes so a server that died is not waited for.
-pub(crate) async fn wait(monitor: &str, timeout: Duration, mut alive: impl FnMut() -> bool) -> bool {
+pub(crate) async fn wait(
+    monitor: &str,
+    timeout: Duration,
+    mut alive: impl FnMut() -> bool,
+) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if probe(monitor).await {

@@ -71,7 +71,9 @@ fn connect_options(opts: &NatsOptions) -> Result<ConnectOptions> {
         o = o.add_root_certificates(ca.clone()).require_tls(true);
     }
     if let (Some(cert), Some(key)) = (&opts.cert_file, &opts.key_file) {
-        o = o.add_client_certificate(cert.clone(), key.clone()).require_tls(true);
+        o = o
+            .add_client_certificate(cert.clone(), key.clone())
+            .require_tls(true);
     }
     Ok(o)
 }
@@ -79,14 +81,19 @@ fn connect_options(opts: &NatsOptions) -> Result<ConnectOptions> {
 /// Reads an nkey user seed from a file that holds it alone or among other lines (as
 /// `.creds` files and `nk -gen user` output do).
 fn read_seed(path: &std::path::Path) -> Result<String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| Error::Io { context: format!("read nkey seed {}", path.display()), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        context: format!("read nkey seed {}", path.display()),
+        source,
+    })?;
     text.lines()
         .map(str::trim)
         .find(|line| line.starts_with("SU") && line.len() > 50)
         .map(str::to_string)
         .ok_or_else(|| {
-            permanent(format!("nkey seed file {}", path.display()), "no user seed (SU…) found")
+            permanent(
+                format!("nkey seed file {}", path.display()),
+                "no user seed (SU…) found",
+            )
         })
 }
 
@@ -98,8 +105,12 @@ fn log_event(event: Event) {
         Event::Draining => debug!(event = "draining", "NATS connection draining"),
         Event::Closed => info!(event = "closed", "NATS connection closed"),
         Event::SlowConsumer(sid) => warn!(event = "slow_consumer", sid, "NATS slow consumer"),
-        Event::ServerError(err) => error!(event = "server_error", error = %err, "NATS server error"),
-        Event::ClientError(err) => error!(event = "client_error", error = %err, "NATS client error"),
+        Event::ServerError(err) => {
+            error!(event = "server_error", error = %err, "NATS server error")
+        }
+        Event::ClientError(err) => {
+            error!(event = "client_error", error = %err, "NATS client error")
+        }
     }
 }
 
@@ -122,9 +133,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("seed");
         let seed = format!("SUA{}", "B".repeat(55));
-        std::fs::write(&path, format!("-----BEGIN USER NKEY SEED-----\n{seed}\n------\n")).unwrap();
+        std::fs::write(
+            &path,
+            format!("-----BEGIN USER NKEY SEED-----\n{seed}\n------\n"),
+        )
+        .unwrap();
         assert_eq!(read_seed(&path).unwrap(), seed);
         std::fs::write(&path, "nothing here").unwrap();
-        assert!(read_seed(&path).unwrap_err().to_string().contains("no user seed"));
+        assert!(read_seed(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("no user seed"));
     }
 }

@@ -54,7 +54,10 @@ impl NatsTransport {
     /// Fails at once, without retrying, for invalid options, bad credentials or TLS files,
     /// and a stream with different settings while `update_existing` is false.
     pub async fn connect(opts: NatsOptions) -> Result<NatsTransport> {
-        opts.validate().map_err(|m| Error::Transport { message: m, retryable: false })?;
+        opts.validate().map_err(|m| Error::Transport {
+            message: m,
+            retryable: false,
+        })?;
         let client = connect::connect(&opts).await?;
         let js = jetstream::ContextBuilder::new()
             .timeout(opts.request_timeout)
@@ -150,7 +153,11 @@ impl LogTransport for NatsTransport {
     async fn subscribe(&self, shard: Shard, after: Position) -> Result<Box<dyn Subscription>> {
         let bounds = self.bounds(shard).await?;
         if !bounds.can_resume_after(after) {
-            return Err(Error::Truncated { shard, position: after, first: bounds.first });
+            return Err(Error::Truncated {
+                shard,
+                position: after,
+                first: bounds.first,
+            });
         }
         if after > bounds.last {
             warn!(shard = %shard, after = %after, last = %bounds.last,
@@ -158,7 +165,9 @@ impl LogTransport for NatsTransport {
         }
         let stream = self.opts.stream_name(shard.0);
         let config = OrderedConfig {
-            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: after.0 + 1 },
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: after.0 + 1,
+            },
             ..OrderedConfig::default()
         };
         let consumer = self
@@ -171,7 +180,9 @@ impl LogTransport for NatsTransport {
             .await
             .map_err(|e| errors::retryable(format!("read {stream}"), e))?;
         debug!(shard = %shard, after = %after, stream = %stream, "subscribed");
-        Ok(Box::new(NatsSubscription::new(shard, stream, messages, after)))
+        Ok(Box::new(NatsSubscription::new(
+            shard, stream, messages, after,
+        )))
     }
 
     async fn bounds(&self, shard: Shard) -> Result<Bounds> {
@@ -182,6 +193,9 @@ impl LogTransport for NatsTransport {
                 .unwrap_or_else(|| errors::permanent(format!("stream {name}"), "does not exist"))
         })?;
         let state = &stream.cached_info().state;
-        Ok(Bounds { first: Position(state.first_sequence.max(1)), last: Position(state.last_sequence) })
+        Ok(Bounds {
+            first: Position(state.first_sequence.max(1)),
+            last: Position(state.last_sequence),
+        })
     }
 }
