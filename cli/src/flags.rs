@@ -149,9 +149,7 @@ enum Rewritten {
 
 /// Rewrites one argument if it is one of our long flags in either spelling.
 fn rewrite(arg: &str) -> Option<Rewritten> {
-    let body = arg
-        .strip_prefix("--")
-        .or_else(|| arg.strip_prefix('-'))?;
+    let body = arg.strip_prefix("--").or_else(|| arg.strip_prefix('-'))?;
     let (name, value) = match body.split_once('=') {
         Some((n, v)) => (n, Some(v)),
         None => (body, None),
@@ -200,7 +198,11 @@ mod tests {
             &["marmot", "--config=a.toml"][..],
             &["marmot", "--config", "a.toml"][..],
         ] {
-            assert_eq!(parse(args).config, Some(PathBuf::from("a.toml")), "{args:?}");
+            assert_eq!(
+                parse(args).config,
+                Some(PathBuf::from("a.toml")),
+                "{args:?}"
+            );
         }
     }
 
@@ -227,7 +229,10 @@ mod tests {
 
     #[test]
     fn pprof_is_accepted() {
-        assert_eq!(parse(&["marmot", "-pprof", ":6060"]).pprof.as_deref(), Some(":6060"));
+        assert_eq!(
+            parse(&["marmot", "-pprof", ":6060"]).pprof.as_deref(),
+            Some(":6060")
+        );
     }
 
     #[test]
@@ -247,11 +252,19 @@ mod tests {
 
     #[test]
     fn help_explains_every_flag() {
-        let help = Flags::try_from_args(["marmot", "-help"]).unwrap_err().to_string();
+        let help = Flags::try_from_args(["marmot", "-help"])
+            .unwrap_err()
+            .to_string();
         for flag in ["--config", "--cleanup", "--save-snapshot", "--cluster-addr"] {
             assert!(help.contains(flag), "{flag} missing from help:\n{help}");
         }
-        for flag in ["--cluster-peers", "--leaf-servers", "--pprof", "status", "wait"] {
+        for flag in [
+            "--cluster-peers",
+            "--leaf-servers",
+            "--pprof",
+            "status",
+            "wait",
+        ] {
             assert!(help.contains(flag), "{flag} missing from help:\n{help}");
         }
     }

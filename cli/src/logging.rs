@@ -4,6 +4,8 @@
 //! set, takes precedence over both. Logs go to stderr so that stdout stays free for the
 //! output of `marmot status` and alike.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LoggingConfig};
@@ -32,7 +34,11 @@ pub fn filter(config: &LoggingConfig, rust_log: Option<&str>) -> Result<EnvFilte
             value: value.to_owned(),
             message: e.to_string(),
         }),
-        None => Ok(EnvFilter::new(if config.verbose { "debug" } else { "info" })),
+        None => Ok(EnvFilter::new(if config.verbose {
+            "debug"
+        } else {
+            "info"
+        })),
     }
 }
 
@@ -43,6 +49,7 @@ pub fn init(config: &LoggingConfig) -> Result<(), LoggingError> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(config.verbose);
     let result = match config.format {
         LogFormat::Console => builder.try_init(),

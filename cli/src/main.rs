@@ -51,7 +51,12 @@ fn log_notices(loaded: &Loaded, flags: &Flags) {
         );
     }
     match &loaded.file {
-        Some(file) => tracing::info!(config = %file.display(), node_id = loaded.config.node_id, "configuration loaded"),
-        None => tracing::info!(node_id = loaded.config.node_id, "no -config given; using defaults and MARMOT_* variables"),
+        Some(file) => {
+            tracing::info!(config = %file.display(), node_id = loaded.config.node_id, "configuration loaded")
+        }
+        None => tracing::info!(
+            node_id = loaded.config.node_id,
+            "no -config given; using defaults and MARMOT_* variables"
+        ),
     }
 }

@@ -22,9 +22,7 @@ const WAL_VERSION_OFFSETS: [usize; 2] = [18, 19];
 pub fn check(path: &Path) -> Result<(), DatabaseProblem> {
     let meta = match std::fs::metadata(path) {
         Ok(meta) => meta,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(DatabaseProblem::Missing)
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(DatabaseProblem::Missing),
         Err(e) => return Err(DatabaseProblem::Unreadable(e.to_string())),
     };
     if !meta.is_file() {

@@ -61,7 +61,11 @@ pub fn known_keys() -> Vec<(String, Kind)> {
     if let Ok(Value::Table(table)) = Value::try_from(Config::default()) {
         collect_leaves(&table, "", &mut keys);
     }
-    keys.extend(OPTIONAL_KEYS.iter().map(|k| ((*k).to_owned(), Kind::String)));
+    keys.extend(
+        OPTIONAL_KEYS
+            .iter()
+            .map(|k| ((*k).to_owned(), Kind::String)),
+    );
     keys
 }
 
@@ -105,10 +109,18 @@ pub fn apply(
     }
     let notices = unknown_vars(&lookup, &keys);
     if values.is_empty() {
-        return Ok(Overridden { config, keys, notices });
+        return Ok(Overridden {
+            config,
+            keys,
+            notices,
+        });
     }
     let config = merge(config, file, values, &keys)?;
-    Ok(Overridden { config, keys, notices })
+    Ok(Overridden {
+        config,
+        keys,
+        notices,
+    })
 }
 
 fn unknown_vars(lookup: &BTreeMap<&str, &str>, keys: &BTreeMap<String, String>) -> Vec<String> {
@@ -134,8 +146,7 @@ fn merge(
                 key: "db_path".into(),
                 origin: file.clone(),
                 line: None,
-                message: "the configuration cannot be represented as TOML (non-UTF-8 path?)"
-                    .into(),
+                message: "the configuration cannot be represented as TOML (non-UTF-8 path?)".into(),
             })
         }
     };
@@ -144,8 +155,10 @@ fn merge(
     }
     serde_path_to_error::deserialize(Value::Table(root)).map_err(|err| {
         let key = err.path().to_string();
-        let origin = keys.get(&key).map_or(file.clone(), |v| Origin::Env(v.clone()));
-        from_serde_message(key, origin, None, &err.into_inner().to_string())
+        let origin = keys
+            .get(&key)
+            .map_or(file.clone(), |v| Origin::Env(v.clone()));
+        from_serde_message(key, origin, None, err.into_inner().message())
     })
 }
 

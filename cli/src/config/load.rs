@@ -91,7 +91,13 @@ pub fn load(file: Option<&Path>) -> Result<Loaded, ConfigError> {
 
 /// Loads the configuration from `file` (defaults when `None`) and the given environment
 /// variables (`(name, value)` pairs; those not starting with `MARMOT_` are ignored).
-pub fn load_with_env(file: Option<&Path>, vars: &[(String, String)]) -> Result<Loaded, ConfigError> {
+pub fn load_with_env(
+    file: Option<&Path>,
+    vars: &[(String, String)],
+) -> Result<Loaded, ConfigError> {
+    // Name the file absolutely in every message, whatever directory marmot runs from.
+    let absolute = file.map(|f| std::path::absolute(f).unwrap_or_else(|_| f.to_owned()));
+    let file = absolute.as_deref();
     let config = match file {
         Some(path) => read_file(path)?,
         None => Config::default(),
@@ -170,7 +176,11 @@ pub(crate) fn from_serde_message(
 
 fn line_of(text: &str, byte: usize) -> usize {
     let end = byte.min(text.len());
-    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 impl Loaded {
@@ -178,12 +188,32 @@ impl Loaded {
     fn check_values(&self) -> Result<(), ConfigError> {
         let c = &self.config;
         let checks = [
-            ("node_id", c.node_id == 0, "must not be 0 (every node needs a distinct non-zero id)"),
-            ("scan_max_changes", c.scan_max_changes == 0, "must be at least 1"),
-            ("replication_log.shards", c.replication_log.shards == 0, "must be at least 1"),
-            ("replication_log.max_entries", c.replication_log.max_entries == 0, "must be at least 1"),
+            (
+                "node_id",
+                c.node_id == 0,
+                "must not be 0 (every node needs a distinct non-zero id)",
+            ),
+            (
+                "scan_max_changes",
+                c.scan_max_changes == 0,
+                "must be at least 1",
+            ),
+            (
+                "replication_log.shards",
+                c.replication_log.shards == 0,
+                "must be at least 1",
+            ),
+            (
+                "replication_log.max_entries",
+                c.replication_log.max_entries == 0,
+                "must be at least 1",
+            ),
             ("snapshot.keep", c.snapshot.keep == 0, "must be at least 1"),
-            ("snapshot.nats.replicas", c.snapshot.nats.replicas == 0, "must be at least 1"),
+            (
+                "snapshot.nats.replicas",
+                c.snapshot.nats.replicas == 0,
+                "must be at least 1",
+            ),
         ];
         match checks.iter().find(|(_, bad, _)| *bad) {
             Some((key, _, why)) => Err(self.invalid(key, (*why).to_owned())),
