@@ -1,0 +1,72 @@
+//! The oracle: the state every node must reach, computed from the set of all writes made,
+//! never from any node's arrival order.
+
+use std::collections::BTreeMap;
+
+use marmot_core::{Value, Version};
+
+/// One captured write, as the origin's capture recorded it.
+#[derive(Clone, Debug)]
+pub struct Write {
+    /// Table name.
+    pub table: String,
+    /// Primary-key values.
+    pub pk: Vec<Value>,
+    /// Version.
+    pub version: Version,
+    /// Full row image in table column order, or `None` for a delete.
+    pub image: Option<Vec<Value>>,
+}
+
+/// Orders values the way the canonical dump does (by storage class, then value).
+pub fn value_key(v: &Value) -> (u8, i64, u64, Vec<u8>) {
+    match v {
+        Value::Null => (0, 0, 0, vec![]),
+        Value::Integer(i) => (1, *i, 0, vec![]),
+        Value::Real(r) => (2, 0, r.to_bits(), vec![]),
+        Value::Text(t) => (3, 0, 0, t.as_bytes().to_vec()),
+        Value::Blob(b) => (4, 0, 0, b.clone()),
+    }
+}
+
+/// A table's expected rows, sorted by primary key.
+pub type Dump = BTreeMap<String, Vec<Vec<Value>>>;
+
+/// Computes the converged state: per primary key the highest-version write; then, per
+/// unique column, the highest version holds a value and the other claimants are set
+/// aside (greedy by descending version, which is the unique stable assignment).
+pub fn expected(writes: &[Write], tables: &[(&str, Vec<usize>, Vec<usize>)]) -> Dump {
+    let mut out = Dump::new();
+    for (table, pk_cols, unique_cols) in tables {
+        let mut winners: BTreeMap<Vec<(u8, i64, u64, Vec<u8>)>, &Write> = BTreeMap::new();
+        for w in writes.iter().filter(|w| w.table == *table) {
+            let k: Vec<_> = w.pk.iter().map(value_key).collect();
+            match winners.get(&k) {
+                Some(cur) if cur.version >= w.version => {}
+                _ => {
+                    winners.insert(k, w);
+                }
+            }
+        }
+        let mut live: Vec<&Write> = winners.values().copied().filter(|w| w.image.is_some()).collect();
+        live.sort_by(|a, b| b.version.cmp(&a.version));
+        let mut held: Vec<(usize, (u8, i64, u64, Vec<u8>))> = Vec::new();
+        let mut rows: Vec<Vec<Value>> = Vec::new();
+        for w in live {
+            let image = w.image.as_ref().expect("live rows have images");
+            let claims: Vec<(usize, (u8, i64, u64, Vec<u8>))> = unique_cols
+                .iter()
+                .filter(|&&c| !image[c].is_null())
+                .map(|&c| (c, value_key(&image[c])))
+                .collect();
+            if claims.iter().any(|c| held.contains(c)) {
+                continue;
+            }
+            held.extend(claims);
+            rows.push(image.clone());
+        }
+        rows.sort_by_key(|r| pk_cols.iter().map(|&i| value_key(&r[i])).collect::<Vec<_>>());
+        out.insert(table.to_string(), rows);
+    }
+    out
+}

@@ -1,0 +1,171 @@
+//! Scenarios: what a simulation run does, generated from a seed or by proptest.
+//!
+//! One strategy serves both: `marmot-sim --seed N` draws a scenario from it with a
+//! ChaCha RNG seeded by `N`, and the property test lets proptest draw and shrink it.
+
+use marmot_core::Value;
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+
+/// One value written by the workload (every storage class, edge cases included).
+pub fn value() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just(Value::Null),
+        any::<i64>().prop_map(Value::Integer),
+        (-3i64..3).prop_map(Value::Integer),
+        prop_oneof![Just(-0.0f64), Just(f64::INFINITY), Just(f64::MIN), Just(0.1), any::<f64>().prop_filter("no NaN", |f| !f.is_nan())]
+            .prop_map(Value::Real),
+        prop_oneof![Just(String::new()), Just("ü 日本 \"q\"".to_owned()), "[a-z]{0,6}"].prop_map(Value::Text),
+        prop::collection::vec(any::<u8>(), 0..8).prop_map(Value::Blob),
+    ]
+}
+
+#[allow(missing_docs)] // fields are the statement's parameters
+/// One statement of a local transaction. Keys come from small ranges so nodes collide.
+#[derive(Clone, Debug)]
+pub enum WriteOp {
+    /// Insert or replace a row of `items`.
+    UpsertItem { id: i64, name: String, qty: i64, price: f64, data: Vec<u8>, val: Value },
+    /// Update one column of an `items` row.
+    UpdateItemVal { id: i64, val: Value },
+    /// Move an `items` row to another primary key.
+    MoveItem { from: i64, to: i64 },
+    /// Delete an `items` row.
+    DeleteItem { id: i64 },
+    /// Insert or replace a row of the composite-key table `"order"`.
+    UpsertOrder { key: String, ab: i64, u: Value },
+    /// Delete a row of `"order"`.
+    DeleteOrder { key: String, ab: i64 },
+    /// Insert or replace a `users` row (its `email` is UNIQUE).
+    UpsertUser { id: i64, email: Option<String>, name: Value },
+    /// Change a user's email.
+    SetEmail { id: i64, email: Option<String> },
+    /// Delete a `users` row.
+    DeleteUser { id: i64 },
+}
+
+#[allow(missing_docs)] // fields are the step's parameters
+/// One step of a scenario. Node indexes are taken modulo the node count.
+#[derive(Clone, Debug)]
+pub enum Action {
+    /// The application on `node` commits one transaction.
+    Write { node: usize, ops: Vec<WriteOp> },
+    /// The application on `node` inserts `size` fresh rows of one group in one transaction.
+    Group { node: usize, size: u8 },
+    /// The engine of `node` publishes what is pending.
+    Publish { node: usize },
+    /// The engine of `node` reads and applies what `shard` has.
+    Receive { node: usize, shard: u32 },
+    /// The engine of `node` does its housekeeping.
+    Maintain { node: usize },
+    /// The `marmot` process of `node` crashes now and restarts.
+    Crash { node: usize },
+    /// The next publish of `node` crashes after publishing, before acknowledging.
+    CrashBeforeAck { node: usize },
+    /// The next apply of `node` crashes after `rows` row changes, before committing.
+    CrashMidApply { node: usize, rows: u8 },
+    /// Cut `node` off the transport, or heal it.
+    Partition { node: usize, on: bool },
+    /// Time passes (delayed entries become visible, clocks advance).
+    Tick,
+    /// Shards drop entries every node has already consumed.
+    Truncate,
+}
+
+/// Fault knobs of a run.
+#[derive(Clone, Debug)]
+pub struct FaultMix {
+    /// Maximum delivery delay in ticks.
+    pub delay_ticks_max: u64,
+    /// Probability of a rewind per read.
+    pub redeliver_probability: f64,
+    /// Probability that a publish fails before storing.
+    pub publish_fail_probability: f64,
+    /// Probability that a publish stores and reports failure.
+    pub publish_lost_ack_probability: f64,
+    /// Bytes per part (small values force multi-part batches).
+    pub part_bytes_max: usize,
+    /// Compress batches.
+    pub compress: bool,
+}
+
+/// A whole simulation run.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    /// Number of nodes (2–5).
+    pub nodes: usize,
+    /// Number of shards (1–3).
+    pub shards: u32,
+    /// Per-node clock skew in milliseconds.
+    pub skew_ms: Vec<u64>,
+    /// Faults during the chaos phase.
+    pub faults: FaultMix,
+    /// The chaos phase; afterwards everything is healed and the nodes run to quiescence.
+    pub actions: Vec<Action>,
+}
+
+fn email() -> impl Strategy<Value = Option<String>> {
+    prop_oneof![Just(None), prop::sample::select(vec!["x@m", "y@m", "z@m"]).prop_map(|s| Some(s.to_owned()))]
+}
+
+fn write_op() -> impl Strategy<Value = WriteOp> {
+    let id = 1i64..8;
+    let key = prop::sample::select(vec!["a", "b", "ü"]).prop_map(str::to_owned);
+    prop_oneof![
+        4 => (id.clone(), "[a-z]{0,4}", any::<i64>(), any::<f64>().prop_filter("no NaN", |f| !f.is_nan()), prop::collection::vec(any::<u8>(), 0..4), value())
+            .prop_map(|(id, name, qty, price, data, val)| WriteOp::UpsertItem { id, name, qty, price, data, val }),
+        2 => (id.clone(), value()).prop_map(|(id, val)| WriteOp::UpdateItemVal { id, val }),
+        1 => (id.clone(), id.clone()).prop_map(|(from, to)| WriteOp::MoveItem { from, to }),
+        1 => id.clone().prop_map(|id| WriteOp::DeleteItem { id }),
+        3 => (key.clone(), 0i64..3, value()).prop_map(|(key, ab, u)| WriteOp::UpsertOrder { key, ab, u }),
+        1 => (key, 0i64..3).prop_map(|(key, ab)| WriteOp::DeleteOrder { key, ab }),
+        3 => (1i64..6, email(), value()).prop_map(|(id, email, name)| WriteOp::UpsertUser { id, email, name }),
+        2 => (1i64..6, email()).prop_map(|(id, email)| WriteOp::SetEmail { id, email }),
+        1 => (1i64..6).prop_map(|id| WriteOp::DeleteUser { id }),
+    ]
+}
+
+fn action() -> impl Strategy<Value = Action> {
+    let node = 0usize..5;
+    prop_oneof![
+        8 => (node.clone(), prop::collection::vec(write_op(), 1..5)).prop_map(|(node, ops)| Action::Write { node, ops }),
+        2 => (node.clone(), 2u8..5).prop_map(|(node, size)| Action::Group { node, size }),
+        6 => node.clone().prop_map(|node| Action::Publish { node }),
+        8 => (node.clone(), 0u32..3).prop_map(|(node, shard)| Action::Receive { node, shard }),
+        1 => node.clone().prop_map(|node| Action::Maintain { node }),
+        1 => node.clone().prop_map(|node| Action::Crash { node }),
+        1 => node.clone().prop_map(|node| Action::CrashBeforeAck { node }),
+        1 => (node.clone(), 0u8..4).prop_map(|(node, rows)| Action::CrashMidApply { node, rows }),
+        1 => (node, any::<bool>()).prop_map(|(node, on)| Action::Partition { node, on }),
+        4 => Just(Action::Tick),
+        1 => Just(Action::Truncate),
+    ]
+}
+
+fn fault_mix() -> impl Strategy<Value = FaultMix> {
+    (0u64..4, prop_oneof![Just(0.0), 0.0..0.2], prop_oneof![Just(0.0), 0.0..0.2], prop_oneof![Just(0.0), 0.0..0.2], prop_oneof![Just(1 << 20), 16usize..400], any::<bool>())
+        .prop_map(|(delay, redeliver, fail, lost, part, compress)| FaultMix {
+            delay_ticks_max: delay,
+            redeliver_probability: redeliver,
+            publish_fail_probability: fail,
+            publish_lost_ack_probability: lost,
+            part_bytes_max: part,
+            compress,
+        })
+}
+
+/// The strategy every scenario comes from.
+pub fn scenario(actions_max: usize) -> impl Strategy<Value = Scenario> {
+    (2usize..=5, 1u32..=3, prop::collection::vec(0u64..50, 5), fault_mix(), prop::collection::vec(action(), 1..actions_max))
+        .prop_map(|(nodes, shards, skew_ms, faults, actions)| Scenario { nodes, shards, skew_ms, faults, actions })
+}
+
+/// The scenario of seed `seed`: the same seed gives the same scenario, always.
+pub fn from_seed(seed: u64, actions_max: usize) -> Scenario {
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &bytes);
+    let mut runner = TestRunner::new_with_rng(Config::default(), rng);
+    scenario(actions_max).new_tree(&mut runner).expect("scenario strategy never rejects").current()
+}
