@@ -183,6 +183,30 @@ async fn three_servers_form_a_cluster_and_hold_a_replicated_stream() {
         .await
         .unwrap();
     assert_eq!(t.bounds(Shard(0)).await.unwrap().last, p);
+    // Duplicates racing their original through the replicated stream all get its position.
+    let racing = (0..8).map(|_| t.publish(Shard(0), "racing", Bytes::from_static(b"y")));
+    let positions: Vec<Position> = futures::future::join_all(racing)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert!(
+        positions.iter().all(|&q| q == positions[0]),
+        "one position: {positions:?}"
+    );
+    assert_eq!(
+        t.bounds(Shard(0)).await.unwrap().last,
+        positions[0],
+        "stored once"
+    );
+    let again = t
+        .publish(Shard(0), "r3", Bytes::from_static(b"x"))
+        .await
+        .unwrap();
+    assert_eq!(
+        again, p,
+        "a duplicate gets the original's position in a cluster too"
+    );
     let info = t.jetstream().get_stream(opts.stream_name(0)).await.unwrap();
     let info = info.cached_info();
     assert_eq!(info.config.num_replicas, 3);

@@ -52,12 +52,16 @@ pub(crate) async fn connect(opts: &NatsOptions) -> Result<async_nats::Client> {
 /// Builds the client options: credentials, TLS, unlimited reconnects and event logging.
 fn connect_options(opts: &NatsOptions) -> Result<ConnectOptions> {
     let wait_max = opts.reconnect_wait_max;
+    let urls = opts.urls.join(",");
     let mut o = ConnectOptions::new()
         .max_reconnects(None)
         .reconnect_delay_callback(move |attempts| backoff(attempts, wait_max))
         .request_timeout(Some(opts.request_timeout))
         .connection_timeout(opts.request_timeout)
-        .event_callback(|event| async move { log_event(event) });
+        .event_callback(move |event| {
+            let urls = urls.clone();
+            async move { log_event(&urls, event) }
+        });
     if let Some(name) = &opts.client_name {
         o = o.name(name);
     }
@@ -97,19 +101,33 @@ fn read_seed(path: &std::path::Path) -> Result<String> {
         })
 }
 
-fn log_event(event: Event) {
+fn log_event(urls: &str, event: Event) {
     match event {
-        Event::Connected => info!(event = "connected", "NATS connection (re)established"),
-        Event::Disconnected => warn!(event = "disconnected", "NATS connection lost; reconnecting"),
-        Event::LameDuckMode => warn!(event = "lame_duck", "NATS server entering lame duck mode"),
-        Event::Draining => debug!(event = "draining", "NATS connection draining"),
-        Event::Closed => info!(event = "closed", "NATS connection closed"),
-        Event::SlowConsumer(sid) => warn!(event = "slow_consumer", sid, "NATS slow consumer"),
+        Event::Connected => info!(urls, event = "connected", "NATS connection (re)established"),
+        Event::Disconnected => {
+            warn!(
+                urls,
+                event = "disconnected",
+                "NATS connection lost; reconnecting"
+            )
+        }
+        Event::LameDuckMode => {
+            warn!(
+                urls,
+                event = "lame_duck",
+                "NATS server entering lame duck mode"
+            )
+        }
+        Event::Draining => debug!(urls, event = "draining", "NATS connection draining"),
+        Event::Closed => info!(urls, event = "closed", "NATS connection closed"),
+        Event::SlowConsumer(sid) => {
+            warn!(urls, event = "slow_consumer", sid, "NATS slow consumer")
+        }
         Event::ServerError(err) => {
-            error!(event = "server_error", error = %err, "NATS server error")
+            error!(urls, event = "server_error", error = %err, "NATS server error")
         }
         Event::ClientError(err) => {
-            error!(event = "client_error", error = %err, "NATS client error")
+            error!(urls, event = "client_error", error = %err, "NATS client error")
         }
     }
 }

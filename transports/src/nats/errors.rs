@@ -51,6 +51,14 @@ pub(crate) fn publish(subject: &str, err: PublishError) -> Error {
     }
 }
 
+/// Whether JetStream refused a publish because an entry with the same id is still being
+/// stored (clustered streams, 2.11+): the caller waits and asks again.
+pub(crate) fn is_duplicate_in_flight(err: &PublishError) -> bool {
+    std::error::Error::source(err)
+        .and_then(|source| source.downcast_ref::<async_nats::jetstream::Error>())
+        .is_some_and(|e| e.error_code() == ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT)
+}
+
 /// `None` when the stream does not exist.
 pub(crate) fn get_stream(stream: &str, err: GetStreamError) -> Option<Error> {
     let what = format!("stream info of {stream}");

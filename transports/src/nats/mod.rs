@@ -32,8 +32,9 @@ use tracing::{debug, warn};
 pub use options::{NatsOptions, DEFAULT_STREAM_PREFIX, DEFAULT_SUBJECT_PREFIX};
 pub use subscription::NatsSubscription;
 
-/// How often a publish is retried when JetStream acknowledges it as a duplicate of an
-/// entry whose own sequence is not assigned yet (clustered streams, original in flight).
+/// How often a publish is asked again when JetStream reports it as a duplicate of an entry
+/// still being stored (clustered streams: "duplicate message id is in process", or a
+/// duplicate acknowledged with sequence 0 by older servers).
 const DUPLICATE_IN_FLIGHT_RETRIES: u32 = 20;
 /// The wait between those retries.
 const DUPLICATE_IN_FLIGHT_WAIT: Duration = Duration::from_millis(50);
@@ -104,15 +105,14 @@ impl NatsTransport {
         subject: &str,
         id: &str,
         payload: Bytes,
-    ) -> Result<jetstream::publish::PublishAck> {
+    ) -> Result<jetstream::publish::PublishAck, jetstream::context::PublishError> {
         let mut headers = HeaderMap::new();
         headers.insert(NATS_MESSAGE_ID, id);
         let ack = self
             .js
             .publish_with_headers(subject.to_string(), headers, payload)
-            .await
-            .map_err(|e| errors::publish(subject, e))?;
-        ack.await.map_err(|e| errors::publish(subject, e))
+            .await?;
+        ack.await
     }
 }
 
@@ -127,15 +127,23 @@ impl LogTransport for NatsTransport {
         let subject = self.opts.subject(shard.0);
         let stream = self.opts.stream_name(shard.0);
         for _ in 0..DUPLICATE_IN_FLIGHT_RETRIES {
-            let ack = self.publish_once(&subject, id, payload.clone()).await?;
+            let ack = match self.publish_once(&subject, id, payload.clone()).await {
+                Ok(ack) => ack,
+                // The original is still being replicated: its position comes soon.
+                Err(e) if errors::is_duplicate_in_flight(&e) => {
+                    tokio::time::sleep(DUPLICATE_IN_FLIGHT_WAIT).await;
+                    continue;
+                }
+                Err(e) => return Err(errors::publish(&subject, e)),
+            };
             if ack.stream != stream {
                 return Err(errors::permanent(
                     format!("publish to {subject}"),
                     format!("stored by stream {} instead of {stream}", ack.stream),
                 ));
             }
-            // JetStream answers a duplicate with the sequence of the stored original,
-            // except in a cluster while the original is still being replicated (0).
+            // JetStream answers a duplicate with the sequence of the stored original;
+            // older servers answer 0 while a clustered original is still in flight.
             if ack.sequence > 0 {
                 if ack.duplicate {
                     debug!(stream = %stream, id, position = ack.sequence, "duplicate publish");
