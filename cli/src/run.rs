@@ -1,11 +1,18 @@
-//! ENTRY POINT FOR THE NODE WIRING — a stub, to be replaced.
-//!
-//! `main` calls [`run`] once the configuration is loaded and validated, logging is set up
-//! and notices are logged. The replacement owns everything after that: the tokio runtime,
-//! the embedded `nats-server` (when `config.nats.urls` is empty; `flags.cluster_addr`,
-//! `flags.cluster_peers`, `flags.leaf_servers`), the transport, the snapshot store, the
-//! engine, metrics, signals, and the one-shot modes (`flags.cleanup`,
-//! `flags.save_snapshot`, `flags.command`). `-pprof` has already been warned about.
+//! Running a node: the embedded `nats-server` (when `nats.urls` is empty), the JetStream
+//! transport, the engine loop, local-change notification, signals and shutdown; and the
+//! one-shot `-cleanup` mode.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use marmot_core::engine::{Engine, EngineConfig};
+use marmot_core::sqlite::{CaptureOptions, Db, SqliteChangeSource};
+use marmot_core::wire::EncodeOptions;
+use marmot_core::{Error, LogTransport, NodeId, Shard};
+use marmot_transports::{EmbeddedOptions, EmbeddedServer, NatsOptions, NatsTransport};
+use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::flags::Flags;
@@ -13,14 +20,292 @@ use crate::flags::Flags;
 /// What [`run`] may fail with; `main` logs it and exits with status 1.
 pub type RunError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// How long the loop waits for remote entries when there is nothing to do.
+const IDLE_WAIT: Duration = Duration::from_millis(5);
+/// Checked for local changes at least this often, even without a file notification.
+const LOCAL_CHECK_FALLBACK: Duration = Duration::from_secs(1);
+/// Longest pause between publish retries.
+const PUBLISH_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long shutdown spends publishing what is pending.
+const SHUTDOWN_PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Runs the node (or the one-shot mode the flags select) until it stops.
 pub fn run(config: Config, flags: Flags) -> Result<(), RunError> {
-    tracing::error!(
+    if flags.cleanup {
+        return cleanup(&config.db_path);
+    }
+    if flags.save_snapshot {
+        return Err("-save-snapshot: snapshots are not implemented in this build yet".into());
+    }
+    if flags.command.is_some() {
+        return Err("this subcommand is not implemented in this build yet".into());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(run_node(config, flags))
+}
+
+fn cleanup(db_path: &Path) -> Result<(), RunError> {
+    let conn = rusqlite::Connection::open(db_path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    marmot_core::sqlite::cleanup(&conn)?;
+    info!(db_path = %db_path.display(), "removed Marmot's triggers and tables; user data untouched");
+    Ok(())
+}
+
+fn optional_path(s: &str) -> Option<PathBuf> {
+    (!s.is_empty()).then(|| PathBuf::from(s))
+}
+
+fn optional(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
+async fn start_embedded(config: &Config, flags: &Flags) -> Result<EmbeddedServer, RunError> {
+    let data_dir = config
+        .db_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let mut opts = EmbeddedOptions::new(config.node_id, data_dir);
+    opts.bind_address = config.nats.bind_address.clone();
+    opts.cluster_addr = flags.cluster_addr.clone();
+    opts.cluster_peers = flags.cluster_peers.clone();
+    opts.leaf_servers = flags.leaf_servers.clone();
+    opts.server_config = optional_path(&config.nats.server_config);
+    opts.server_path = config.nats.server_path.clone();
+    let server = EmbeddedServer::start(opts).await?;
+    info!(url = server.client_url(), name = server.server_name(), "embedded nats-server ready");
+    Ok(server)
+}
+
+fn nats_options(config: &Config, urls: Vec<String>) -> NatsOptions {
+    let n = &config.nats;
+    NatsOptions {
+        urls,
+        user_name: optional(&n.user_name),
+        user_password: optional(&n.user_password),
+        seed_file: optional_path(&n.seed_file),
+        ca_file: optional_path(&n.ca_file),
+        cert_file: optional_path(&n.cert_file),
+        key_file: optional_path(&n.key_file),
+        reconnect_wait_max: n.reconnect_wait().max(Duration::from_millis(100)),
+        stream_prefix: n.stream_prefix.clone(),
+        subject_prefix: n.subject_prefix.clone(),
+        shards: config.replication_log.shards,
+        max_entries: config.replication_log.max_entries,
+        replicas: config.replication_log.effective_replicas() as usize,
+        update_existing: config.replication_log.update_existing,
+        client_name: Some(config.server_name()),
+        ..NatsOptions::default()
+    }
+}
+
+/// Connects, retrying with backoff until it succeeds or shutdown is requested.
+async fn connect(opts: NatsOptions, stop: &AtomicBool) -> Result<NatsTransport, RunError> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match NatsTransport::connect(opts.clone()).await {
+            Ok(t) => return Ok(t),
+            Err(e) if e.is_retryable() && !stop.load(Ordering::Relaxed) => {
+                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot reach NATS yet");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(PUBLISH_BACKOFF_MAX);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+async fn run_node(config: Config, flags: Flags) -> Result<(), RunError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    spawn_signal_handler(stop.clone());
+    let embedded = match config.nats.urls.is_empty() {
+        true => Some(start_embedded(&config, &flags).await?),
+        false => None,
+    };
+    let urls = match &embedded {
+        Some(server) => vec![server.client_url().to_owned()],
+        None => config.nats.urls.clone(),
+    };
+    let result = async {
+        let transport = connect(nats_options(&config, urls), &stop).await?;
+        let mut engine = open_engine(&config, Arc::new(transport))?;
+        let dirty = Arc::new(AtomicBool::new(true));
+        let _watcher = watch_database(&config.db_path, dirty.clone());
+        node_loop(&config, &mut engine, &stop, &dirty).await?;
+        shutdown_publish(&mut engine).await;
+        Ok::<(), RunError>(())
+    }
+    .await;
+    if let Some(server) = embedded {
+        server.shutdown().await;
+    }
+    result
+}
+
+fn open_engine(config: &Config, transport: Arc<dyn LogTransport>) -> Result<Engine<SqliteChangeSource>, RunError> {
+    let node = NodeId(config.node_id);
+    let source = SqliteChangeSource::new(Db::open(&config.db_path, node, CaptureOptions::default())?);
+    let db = Db::open(&config.db_path, node, CaptureOptions::default())?;
+    for t in &db.schema().tables {
+        debug!(table = %t.name, "replicating table");
+    }
+    info!(
         node_id = config.node_id,
-        db_path = %config.db_path.display(),
-        cleanup = flags.cleanup,
-        save_snapshot = flags.save_snapshot,
-        "node wiring not implemented yet"
+        tables = db.schema().tables.len(),
+        skipped = db.schema().skipped.len(),
+        "capture installed"
     );
-    Err("node wiring not implemented yet".into())
+    let engine_config = EngineConfig {
+        encode: EncodeOptions { compress: config.replication_log.compress, ..EncodeOptions::default() },
+        publish: config.publish,
+        replicate: config.replicate,
+        ..EngineConfig::default()
+    };
+    Ok(Engine::new(source, db, transport, engine_config))
+}
+
+fn spawn_signal_handler(stop: Arc<AtomicBool>) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGTERM");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => info!("SIGINT received; stopping"),
+            _ = term.recv() => info!("SIGTERM received; stopping"),
+        }
+        stop.store(true, Ordering::SeqCst);
+    });
+}
+
+/// Watches the database file and its WAL; any change marks local changes as possibly
+/// pending. Returns the watcher (dropping it stops watching) or `None` when the platform
+/// refuses, in which case polling covers it.
+fn watch_database(db_path: &Path, dirty: Arc<AtomicBool>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let dir = db_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = db_path.file_name()?.to_os_string();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event {
+            let ours = event.paths.iter().any(|p| {
+                p.file_name().is_some_and(|f| f.to_string_lossy().starts_with(&*name.to_string_lossy()))
+            });
+            if ours {
+                dirty.store(true, Ordering::Release);
+            }
+        }
+    })
+    .map_err(|e| warn!(error = %e, "file notification unavailable; polling instead"))
+    .ok()?;
+    watcher
+        .watch(dir, notify::RecursiveMode::NonRecursive)
+        .map_err(|e| warn!(error = %e, "file notification unavailable; polling instead"))
+        .ok()?;
+    Some(watcher)
+}
+
+struct Timers {
+    last_local_check: Instant,
+    last_maintain: Instant,
+    last_activity: Instant,
+    publish_retry_at: Instant,
+    publish_backoff: Duration,
+}
+
+async fn node_loop(
+    config: &Config,
+    engine: &mut Engine<SqliteChangeSource>,
+    stop: &AtomicBool,
+    dirty: &AtomicBool,
+) -> Result<(), RunError> {
+    let now = Instant::now();
+    let mut t = Timers {
+        last_local_check: now,
+        last_maintain: now,
+        last_activity: now,
+        publish_retry_at: now,
+        publish_backoff: Duration::from_millis(100),
+    };
+    let local_check = config.polling_interval().unwrap_or(LOCAL_CHECK_FALLBACK);
+    let shards = engine.transport().shard_count();
+    info!(shards, publish = config.publish, replicate = config.replicate, "replicating");
+    while !stop.load(Ordering::Relaxed) {
+        let mut work = 0usize;
+        let due = dirty.swap(false, Ordering::AcqRel) || t.last_local_check.elapsed() >= local_check;
+        if due && Instant::now() >= t.publish_retry_at {
+            t.last_local_check = Instant::now();
+            work += publish(engine, &mut t, dirty).await;
+        }
+        for s in 0..shards {
+            let wait = if work == 0 && s + 1 == shards { IDLE_WAIT } else { Duration::ZERO };
+            match engine.receive_once(Shard(s), wait).await {
+                Ok(n) => work += n,
+                Err(e @ Error::Truncated { .. }) => {
+                    return Err(format!("{e}: this node missed entries the stream no longer holds; \
+                         it needs a snapshot restore, which this build does not implement yet").into())
+                }
+                Err(e) if e.is_retryable() => {
+                    warn!(shard = s, error = %e, "receive failed; retrying");
+                    tokio::time::sleep(IDLE_WAIT).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if work > 0 {
+            t.last_activity = Instant::now();
+        }
+        if t.last_maintain.elapsed() >= config.cleanup_interval() {
+            t.last_maintain = Instant::now();
+            engine.maintain()?;
+        }
+        if let Some(sleep) = config.sleep_timeout() {
+            if t.last_activity.elapsed() >= sleep {
+                info!(idle_ms = sleep.as_millis() as u64, "sleep_timeout reached; exiting");
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn publish(engine: &mut Engine<SqliteChangeSource>, t: &mut Timers, dirty: &AtomicBool) -> usize {
+    match engine.publish_once().await {
+        Ok(n) => {
+            t.publish_backoff = Duration::from_millis(100);
+            if n > 0 {
+                // More may have been committed while publishing.
+                dirty.store(true, Ordering::Release);
+            }
+            n as usize
+        }
+        Err(e) => {
+            warn!(error = %e, retry_in_ms = t.publish_backoff.as_millis() as u64,
+                "publish failed; nothing was marked published, retrying");
+            t.publish_retry_at = Instant::now() + t.publish_backoff;
+            t.publish_backoff = (t.publish_backoff * 2).min(PUBLISH_BACKOFF_MAX);
+            dirty.store(true, Ordering::Release);
+            0
+        }
+    }
+}
+
+async fn shutdown_publish(engine: &mut Engine<SqliteChangeSource>) {
+    let deadline = Instant::now() + SHUTDOWN_PUBLISH_TIMEOUT;
+    while Instant::now() < deadline {
+        match tokio::time::timeout_at(deadline.into(), engine.publish_once()).await {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => debug!(changes = n, "published before exit"),
+            Ok(Err(e)) => {
+                warn!(error = %e, "could not publish before exit; the changes stay pending");
+                break;
+            }
+            Err(_) => warn!("publishing before exit timed out; the changes stay pending"),
+        }
+    }
+    info!("stopped");
 }

@@ -136,7 +136,8 @@ fn free_port_pair() -> u16 {
     loop {
         let a = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = a.local_addr().unwrap().port();
-        if port < u16::MAX && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+        let leaf = port.checked_add(marmot_transports::embedded::LEAF_PORT_OFFSET);
+        if leaf.is_some_and(|leaf| TcpListener::bind(("127.0.0.1", leaf)).is_ok()) {
             return port;
         }
     }
@@ -165,7 +166,7 @@ async fn three_servers_form_a_cluster_and_hold_a_replicated_stream() {
     let config = std::fs::read_to_string(servers[1].config_path()).unwrap();
     assert!(config.contains("name: \"e-marmot\""), "{config}");
     assert!(
-        config.contains(&format!("listen: \"127.0.0.1:{}\"", ports[1] + 1)),
+        config.contains(&format!("listen: \"127.0.0.1:{}\"", ports[1] + marmot_transports::embedded::LEAF_PORT_OFFSET)),
         "{config}"
     );
 

@@ -182,6 +182,9 @@ impl Drop for EmbeddedServer {
 }
 
 /// Listen addresses, routes and leaf remotes from the options.
+/// The leaf-node listener's port: the cluster port plus this.
+pub const LEAF_PORT_OFFSET: u16 = 1000;
+
 async fn build_config(opts: &EmbeddedOptions) -> Result<ServerConfig> {
     let client = config::parse_listen("nats.bind_address", &opts.bind_address)?;
     let monitor = Listen {
@@ -192,9 +195,13 @@ async fn build_config(opts: &EmbeddedOptions) -> Result<ServerConfig> {
         Some(addr) => Some(config::parse_listen("cluster_addr", addr)?),
         None => None,
     };
-    let leaf_listen = cluster.as_ref().map(|c| Listen {
-        host: c.host.clone(),
-        port: c.port + 1,
+    // Marmot v1 put the leaf-node listener on the cluster port + 1, which collides with the
+    // next node's cluster port in its own Quick Start (4221, 4222, 4223); we use + 1000.
+    let leaf_listen = cluster.as_ref().and_then(|c| {
+        Some(Listen {
+            host: c.host.clone(),
+            port: c.port.checked_add(LEAF_PORT_OFFSET)?,
+        })
     });
     let mut routes = Vec::new();
     for peer in &opts.cluster_peers {
