@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use marmot_core::{LogTransport, Position, Shard};
+use marmot_transports::embedded::{EmbeddedOptions, EmbeddedServer};
 use marmot_transports::nats::{NatsOptions, NatsTransport};
 use nats_support::{isolated_options, start_server};
 
@@ -103,5 +104,74 @@ async fn invalid_options_and_unknown_shards_are_rejected() {
         .unwrap();
     let err = t.publish(Shard(1), "x", Bytes::new()).await.unwrap_err();
     assert!(err.to_string().contains("out of range"), "{err}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_waits_for_a_server_that_starts_later() {
+    nats_support::require_nats_server();
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let opts = isolated_options(&format!("nats://127.0.0.1:{port}"), 1, 10);
+    let connecting = tokio::spawn(NatsTransport::connect(opts));
+    // Attempts fail while the server starts (which takes far longer than an attempt);
+    // a connect that gave up would finish with an error below.
+    assert!(
+        !connecting.is_finished(),
+        "connect keeps trying while no server listens"
+    );
+    let server = EmbeddedServer::start(EmbeddedOptions {
+        bind_address: format!("127.0.0.1:{port}"),
+        ..nats_support::embedded_options(1, dir.path())
+    })
+    .await
+    .unwrap();
+    let t = tokio::time::timeout(nats_support::DEADLINE, connecting)
+        .await
+        .expect("connect finishes once the server is up")
+        .unwrap()
+        .expect("connected");
+    t.publish(Shard(0), "x", Bytes::new()).await.unwrap();
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_password_are_used_and_bad_credentials_fail_at_once() {
+    nats_support::require_nats_server();
+    let dir = tempfile::tempdir().unwrap();
+    let auth = dir.path().join("auth.conf");
+    std::fs::write(&auth, "authorization { user: marmot, password: s3cret }\n").unwrap();
+    let server = EmbeddedServer::start(EmbeddedOptions {
+        server_config: Some(auth),
+        ..nats_support::embedded_options(1, &dir.path().join("data"))
+    })
+    .await
+    .unwrap();
+    let base = isolated_options(server.client_url(), 1, 10);
+    let good = NatsOptions {
+        user_name: Some("marmot".into()),
+        user_password: Some("s3cret".into()),
+        ..base.clone()
+    };
+    let t = NatsTransport::connect(good)
+        .await
+        .expect("right credentials connect");
+    t.publish(Shard(0), "x", Bytes::new()).await.unwrap();
+    let bad = NatsOptions {
+        user_name: Some("marmot".into()),
+        user_password: Some("wrong".into()),
+        ..base
+    };
+    let err = tokio::time::timeout(nats_support::DEADLINE, NatsTransport::connect(bad))
+        .await
+        .expect("bad credentials are reported, not retried forever")
+        .err()
+        .expect("wrong password must not connect");
+    assert!(!err.is_retryable(), "{err}");
+    assert!(err.to_string().contains("authorization"), "{err}");
     server.shutdown().await;
 }
