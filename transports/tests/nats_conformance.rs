@@ -175,3 +175,70 @@ async fn user_password_are_used_and_bad_credentials_fail_at_once() {
     assert!(err.to_string().contains("authorization"), "{err}");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_dropped_under_a_lagging_subscription_are_reported_as_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    let t = Arc::new(
+        NatsTransport::connect(isolated_options(server.client_url(), 1, 50))
+            .await
+            .unwrap(),
+    );
+    let mut sub = t.subscribe(Shard(0), Position(0)).await.unwrap();
+    t.publish(Shard(0), "first", Bytes::new()).await.unwrap();
+    let got = sub.next_entries(1, nats_support::DEADLINE).await.unwrap();
+    assert_eq!(got.len(), 1);
+    // Far more than the consumer pulls ahead (500) and than the stream keeps (50).
+    let publishes = (0..2000).map(|i| {
+        let t = t.clone();
+        async move { t.publish(Shard(0), &format!("p{i}"), Bytes::new()).await }
+    });
+    for r in futures::future::join_all(publishes).await {
+        r.unwrap();
+    }
+    let mut last = Position(1);
+    let deadline = tokio::time::Instant::now() + nats_support::DEADLINE;
+    let err = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no truncation reported"
+        );
+        match sub
+            .next_entries(100, std::time::Duration::from_millis(500))
+            .await
+        {
+            Ok(batch) => {
+                for e in batch {
+                    assert_eq!(
+                        e.position.0,
+                        last.0 + 1,
+                        "entries before the gap are contiguous"
+                    );
+                    last = e.position;
+                }
+            }
+            Err(e) => break e,
+        }
+    };
+    match err {
+        marmot_core::Error::Truncated {
+            position, first, ..
+        } => {
+            assert_eq!(position, last, "the error names the last entry delivered");
+            assert!(
+                first.0 > last.0 + 1,
+                "the error names the first entry after the gap"
+            );
+        }
+        e => panic!("expected Truncated, got {e}"),
+    }
+    let again = sub
+        .next_entries(10, std::time::Duration::from_millis(10))
+        .await;
+    assert!(
+        matches!(again, Err(marmot_core::Error::Truncated { .. })),
+        "a truncated subscription stays failed"
+    );
+    server.shutdown().await;
+}
