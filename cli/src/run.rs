@@ -261,7 +261,7 @@ async fn node_loop(
         }
         if t.last_maintain.elapsed() >= config.cleanup_interval() {
             t.last_maintain = Instant::now();
-            engine.maintain()?;
+            engine.maintain().await?;
         }
         if let Some(sleep) = config.sleep_timeout() {
             if t.last_activity.elapsed() >= sleep {
@@ -306,6 +306,9 @@ async fn shutdown_publish(engine: &mut Engine<SqliteChangeSource>) {
             }
             Err(_) => warn!("publishing before exit timed out; the changes stay pending"),
         }
+    }
+    if let Err(e) = engine.flush().await {
+        warn!(error = %e, "could not record progress before exit; it will be redone");
     }
     info!("stopped");
 }

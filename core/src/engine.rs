@@ -86,6 +86,9 @@ pub struct Engine<S: ChangeSource> {
     stats: EngineStats,
     faults: Faults,
     parked_generation: u64,
+    /// Positions passed by entries that needed no database write (this node's own
+    /// batches); stored by [`Engine::flush`] or with the next applied batch.
+    deferred_positions: BTreeMap<Shard, Position>,
 }
 
 /// The shard an origin publishes to: its transactions stay in order.
@@ -107,6 +110,7 @@ impl<S: ChangeSource> Engine<S> {
             stats: EngineStats::default(),
             faults: Faults::default(),
             parked_generation,
+            deferred_positions: BTreeMap::new(),
         }
     }
 
@@ -206,6 +210,11 @@ impl<S: ChangeSource> Engine<S> {
         match assembled {
             Assembled::Incomplete => Ok(()),
             Assembled::Bad { error, bytes } => self.park(shard, safe, &error, &bytes),
+            Assembled::Batch(batch) if batch.origin == self.db.node() => {
+                // Our own changes coming back: nothing to apply, no write to wait for.
+                self.deferred_positions.insert(shard, safe);
+                Ok(())
+            }
             Assembled::Batch(batch) => {
                 let crash = self.faults.crash_after_rows.take();
                 match self.db.apply_batch(shard, safe, &batch, crash) {
@@ -237,9 +246,20 @@ impl<S: ChangeSource> Engine<S> {
         Ok(())
     }
 
-    /// Housekeeping: deletes published log rows, returns set-aside rows whose unique values
-    /// became free, and retries parked batches after a schema change.
-    pub fn maintain(&mut self) -> Result<()> {
+    /// Makes acknowledgements and deferred positions durable.
+    pub async fn flush(&mut self) -> Result<()> {
+        self.source.flush().await?;
+        for (shard, position) in std::mem::take(&mut self.deferred_positions) {
+            self.db.store_position(shard, position)?;
+        }
+        Ok(())
+    }
+
+    /// Housekeeping: makes acknowledgements durable, deletes published log rows, returns
+    /// set-aside rows whose unique values became free, and retries parked batches after a
+    /// schema change.
+    pub async fn maintain(&mut self) -> Result<()> {
+        self.flush().await?;
         self.db.clean_published()?;
         self.db.reconcile()?;
         self.db.refresh_if_schema_changed()?;

@@ -22,11 +22,13 @@ pub struct Pending {
 ///   acknowledged point, as a union of **whole** transactions (never part of one), read
 ///   from one consistent snapshot. It returns `None` when nothing is pending. Calling it
 ///   again before acknowledging returns the same changes, possibly followed by newer ones.
-/// - [`acknowledge`](ChangeSource::acknowledge) durably records that everything up to
-///   `through` is published; those changes are never returned again. Acknowledging an
+/// - [`acknowledge`](ChangeSource::acknowledge) records that everything up to `through` is
+///   published; those changes are not returned again by this instance. Acknowledging an
 ///   older point than already acknowledged is a no-op.
-/// - Changes are never lost: a crash before `acknowledge` returns means they are returned
-///   again after restart (and published again; the merge is idempotent).
+/// - [`flush`](ChangeSource::flush) makes the acknowledgements durable. After a crash,
+///   changes acknowledged but not flushed may be returned again.
+/// - Changes are never lost: a crash before `acknowledge` (or `flush`) returns means they
+///   are returned again after restart (and published again; the merge is idempotent).
 #[async_trait]
 pub trait ChangeSource: Send {
     /// Changes committed after the last acknowledged point, or `None`.
@@ -34,4 +36,9 @@ pub trait ChangeSource: Send {
 
     /// Records that everything up to `through` is durably published.
     async fn acknowledge(&mut self, through: Hlc) -> Result<()>;
+
+    /// Makes the acknowledgements so far durable.
+    async fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
 }

@@ -144,7 +144,7 @@ impl World {
                 let shard = Shard(shard % self.scenario.shards);
                 self.engine_op(node % n, |e| block_on(e.receive_once(shard, std::time::Duration::ZERO)).map(|c| format!("received {c} from {shard}")))
             }
-            Action::Maintain { node } => self.engine_op(node % n, |e| e.maintain().map(|_| "maintained".into())),
+            Action::Maintain { node } => self.engine_op(node % n, |e| block_on(e.maintain()).map(|_| "maintained".into())),
             Action::Crash { node } => self.crash(node % n, "crash"),
             Action::CrashBeforeAck { node } => self.arm(node % n, Faults { crash_before_ack: true, crash_after_rows: None }),
             Action::CrashMidApply { node, rows } => self.arm(node % n, Faults { crash_before_ack: false, crash_after_rows: Some(*rows as u64) }),
@@ -288,7 +288,7 @@ impl World {
             let mut work = 0;
             for i in 0..self.nodes.len() {
                 let e = self.nodes[i].engine.as_mut().expect("engine");
-                e.maintain().map_err(|e| Failure(format!("node {i}: maintain: {e}")))?;
+                block_on(e.maintain()).map_err(|e| Failure(format!("node {i}: maintain: {e}")))?;
                 work += block_on(e.step()).map_err(|e| Failure(format!("node {i}: step: {e}")))?;
                 self.check_atomicity(i)?;
             }

@@ -34,6 +34,23 @@ use crate::model::{Hlc, NodeId, Position, Shard, Value, Version};
 /// Busy timeout of Marmot's connections: how long a write waits for the application's.
 pub const BUSY_TIMEOUT_MS: u64 = 5_000;
 
+/// Waits for the application's write lock in short steps (SQLite's default handler sleeps
+/// up to 100 ms at a time, which shows up directly as replication lag), giving up after
+/// about [`BUSY_TIMEOUT_MS`].
+fn retry_when_busy(attempt: i32) -> bool {
+    const QUICK_ATTEMPTS: i32 = 200;
+    let waited_ms = match attempt {
+        a if a < QUICK_ATTEMPTS => a as u64 / 10,
+        a => (QUICK_ATTEMPTS / 10) as u64 + (a - QUICK_ATTEMPTS) as u64,
+    };
+    if waited_ms >= BUSY_TIMEOUT_MS {
+        return false;
+    }
+    let pause = if attempt < QUICK_ATTEMPTS { 100 } else { 1000 };
+    std::thread::sleep(std::time::Duration::from_micros(pause));
+    true
+}
+
 /// One connection to a replicated database, with capture installed.
 pub struct Db {
     conn: Connection,
@@ -68,8 +85,8 @@ impl Db {
         if node.0 == 0 {
             return Err(Error::Database("node id 0 is reserved".into()));
         }
-        conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))
-            .ctx(|| "setting busy timeout".into())?;
+        conn.busy_handler(Some(retry_when_busy))
+            .ctx(|| "setting busy handler".into())?;
         conn.execute_batch("PRAGMA foreign_keys = OFF; PRAGMA synchronous = NORMAL;")
             .ctx(|| "setting connection pragmas".into())?;
         let mut db = Db {

@@ -17,9 +17,15 @@ impl Db {
     /// Every local change committed after the last acknowledged point, read in one read
     /// transaction (so it is a union of whole transactions), or `None`.
     pub fn read_pending(&mut self) -> Result<Option<Pending>> {
+        self.read_pending_after(Hlc(0))
+    }
+
+    /// Like [`read_pending`](Self::read_pending), after `after` or the stored published
+    /// point, whichever is higher.
+    pub fn read_pending_after(&mut self, after: Hlc) -> Result<Option<Pending>> {
         self.refresh_if_schema_changed()?;
         let tx = self.conn.unchecked_transaction().ctx(|| "beginning a read".into())?;
-        let published = get_state(&tx, "published_hlc")?;
+        let published = get_state(&tx, "published_hlc")?.max(after.0);
         let width: usize = tx
             .query_row("SELECT count(*) FROM pragma_table_info('__marmot__log')", [], |r| {
                 r.get::<_, i64>(0)
@@ -104,14 +110,30 @@ impl Db {
 }
 
 /// The production [`ChangeSource`]: capture triggers read through their own connection.
+///
+/// Acknowledgements are kept in memory and written to the database by
+/// [`flush`](ChangeSource::flush), so publishing never waits for the application's write
+/// lock; after a crash, changes acknowledged but not flushed are published again, which
+/// the merge ignores as duplicates.
 pub struct SqliteChangeSource {
     db: Db,
+    acknowledged: Hlc,
+    flushed: Hlc,
 }
 
 impl SqliteChangeSource {
     /// A change source reading `db`.
     pub fn new(db: Db) -> Self {
-        SqliteChangeSource { db }
+        SqliteChangeSource {
+            db,
+            acknowledged: Hlc(0),
+            flushed: Hlc(0),
+        }
+    }
+
+    /// The highest acknowledged point (flushed or not).
+    pub fn acknowledged(&self) -> Hlc {
+        self.acknowledged
     }
 
     /// The underlying database connection.
@@ -123,10 +145,19 @@ impl SqliteChangeSource {
 #[async_trait]
 impl ChangeSource for SqliteChangeSource {
     async fn pending(&mut self) -> Result<Option<Pending>> {
-        self.db.read_pending()
+        self.db.read_pending_after(self.acknowledged)
     }
 
     async fn acknowledge(&mut self, through: Hlc) -> Result<()> {
-        self.db.acknowledge(through)
+        self.acknowledged = self.acknowledged.max(through);
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        if self.acknowledged > self.flushed {
+            self.db.acknowledge(self.acknowledged)?;
+            self.flushed = self.acknowledged;
+        }
+        Ok(())
     }
 }
