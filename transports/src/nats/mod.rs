@@ -38,6 +38,10 @@ pub use subscription::NatsSubscription;
 const DUPLICATE_IN_FLIGHT_RETRIES: u32 = 20;
 /// The wait between those retries.
 const DUPLICATE_IN_FLIGHT_WAIT: Duration = Duration::from_millis(50);
+/// Longest life of one pull request of a subscription. Idle heartbeats come at half of
+/// it, and two missed heartbeats make the ordered consumer recreate itself, so this bounds
+/// how long a subscription stays silent after its server restarted (about twice this).
+pub const PULL_EXPIRES_MAX: Duration = Duration::from_secs(4);
 /// Most publish acknowledgements awaited at once per transport; further publishes wait.
 pub const ACKS_IN_FLIGHT_MAX: usize = 4096;
 
@@ -176,6 +180,7 @@ impl LogTransport for NatsTransport {
             deliver_policy: DeliverPolicy::ByStartSequence {
                 start_sequence: after.0 + 1,
             },
+            max_expires: PULL_EXPIRES_MAX,
             ..OrderedConfig::default()
         };
         let consumer = self
