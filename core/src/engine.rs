@@ -2,8 +2,8 @@
 //!
 //! It publishes what is pending, acknowledges what is durable, and applies what arrives.
 //! Every step is an explicit call ([`Engine::publish_once`], [`Engine::receive_once`],
-//! [`Engine::maintain`]) so the simulator can drive a node one step at a time; [`Engine::run`]
-//! loops over the same steps for the command line. The engine owns no clock and no
+//! [`Engine::maintain`]) so the simulator can drive a node one step at a time; the command
+//! line loops over the same steps. The engine owns no clock and no
 //! randomness; waiting is bounded by the `wait` the caller passes.
 //!
 //! Faults tolerated: publish errors (nothing is acknowledged; the same parts are published
@@ -100,7 +100,9 @@ pub fn shard_of(origin: NodeId, shards: u32) -> Shard {
 impl<S: ChangeSource> Engine<S> {
     /// A node reading local changes from `source`, merging into `db`, over `transport`.
     pub fn new(source: S, db: Db, transport: Arc<dyn LogTransport>, config: EngineConfig) -> Self {
-        let parked_generation = db.schema_generation();
+        // Zero: the first maintenance retries parked batches, in case the schema was fixed
+        // while the node was stopped.
+        let parked_generation = 0;
         Engine {
             source,
             db,
@@ -228,7 +230,7 @@ impl<S: ChangeSource> Engine<S> {
                         }
                         Ok(())
                     }
-                    Err(error @ Error::SchemaMismatch { .. }) => {
+                    Err(error) if error.is_data_error() => {
                         let opts = EncodeOptions { compress: true, part_bytes_max: usize::MAX };
                         let bytes = wire::encode_batch(&batch, opts).remove(0).payload;
                         self.park(shard, safe, &error, &bytes)
@@ -281,7 +283,7 @@ impl<S: ChangeSource> Engine<S> {
                     applied += 1;
                     info!(parked_id = id, origin = %batch.origin, "applied a parked batch");
                 }
-                Err(Error::SchemaMismatch { .. }) => {}
+                Err(e) if e.is_data_error() => {}
                 Err(e) => return Err(e),
             }
         }

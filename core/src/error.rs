@@ -97,6 +97,24 @@ impl Error {
         }
     }
 
+    /// Whether the error comes from the data of a batch rather than from this node's
+    /// state: applying the same batch again fails the same way, so it is parked (a missing
+    /// table or column, a constraint the local schema adds, a value SQLite refuses).
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            Error::SchemaMismatch { .. } | Error::Corrupt(_) => true,
+            Error::Sqlite { source, .. } => matches!(
+                source.sqlite_error_code(),
+                Some(
+                    rusqlite::ErrorCode::ConstraintViolation
+                        | rusqlite::ErrorCode::TypeMismatch
+                        | rusqlite::ErrorCode::TooBig
+                )
+            ),
+            _ => false,
+        }
+    }
+
     /// A transport error that may succeed when retried.
     pub fn transport(message: impl Into<String>) -> Error {
         Error::Transport { message: message.into(), retryable: true }

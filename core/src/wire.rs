@@ -300,7 +300,7 @@ pub fn decode_single(payload: &[u8]) -> Result<Batch> {
 pub enum Assembled {
     /// Nothing yet: the entry is a part of a batch still missing parts.
     Incomplete,
-    /// A whole batch, with the position of its last part.
+    /// A whole batch.
     Batch(Batch),
     /// The entry (or the batch it completes) could not be decoded; park it.
     Bad {
@@ -338,6 +338,8 @@ impl Reassembler {
             Err(error) => return Assembled::Bad { error, bytes: payload.to_vec() },
         };
         if h.part_count == 1 {
+            // A whole batch from this origin: any incomplete one of it was abandoned.
+            self.partial.remove(&h.origin.0);
             return match decode_chunks(h.compressed, &chunk) {
                 Ok(b) if b.origin == h.origin => Assembled::Batch(b),
                 Ok(b) => Assembled::Bad {

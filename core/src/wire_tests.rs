@@ -179,3 +179,24 @@ fn a_new_batch_from_the_same_origin_abandons_the_incomplete_one() {
     }
     assert_eq!(r.safe_position(Position(9)), Position(9), "nothing is held back any more");
 }
+
+#[test]
+fn a_single_part_batch_from_the_same_origin_releases_the_held_position() {
+    let big = Batch {
+        origin: NodeId(5),
+        tables: vec![TableChanges {
+            table: "t".into(),
+            columns: vec!["id".into()],
+            pk: vec![0],
+            rows: vec![RowChange { hlc: Hlc(1), op: Op::Upsert, values: vec![Value::Blob(vec![1; 300])] }],
+        }],
+    };
+    let small = Batch { origin: NodeId(5), tables: vec![] };
+    let parts = encode_batch(&big, EncodeOptions { compress: false, part_bytes_max: 100 });
+    let mut r = Reassembler::default();
+    assert!(matches!(r.feed(Position(3), &parts[0].payload), Assembled::Incomplete));
+    assert_eq!(r.safe_position(Position(3)), Position(2));
+    let single = encode_batch(&small, EncodeOptions::default());
+    assert!(matches!(r.feed(Position(4), &single[0].payload), Assembled::Batch(_)));
+    assert_eq!(r.safe_position(Position(4)), Position(4), "the abandoned batch no longer holds the shard back");
+}

@@ -17,6 +17,7 @@ mod capture;
 mod merge;
 mod reader;
 mod schema;
+mod snapshot;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -26,6 +27,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 pub use capture::{cleanup, install, table_id, CaptureOptions, WALL_CLOCK_MS};
 pub use merge::ApplyOutcome;
 pub use reader::SqliteChangeSource;
+pub use snapshot::{checksum_file, Progress, SnapshotFile};
 pub use schema::{quote, Schema, SkippedTable, TableInfo, UniqueIndex, PREFIX};
 
 use crate::error::{Error, Result, SqlContext};
