@@ -356,7 +356,7 @@ fn reconcile_table(conn: &Connection, t: &TableInfo, tbl: i64) -> Result<()> {
         let mut placed_one = false;
         for row in aside_rows(conn, tbl)? {
             let current = version_of(conn, tbl, &row.key)?;
-            if current.map(|(v, deleted)| (v, deleted)) != Some((row.version, false)) {
+            if current != Some((row.version, false)) {
                 remove_aside(conn, tbl, &row.key)?;
                 continue;
             }

@@ -72,10 +72,10 @@ impl Schema {
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
             .and_then(|rows| rows.collect())
             .ctx(|| "listing tables".into())?;
-        let virtual_names: Vec<String> = all
+        let virtual_names: Vec<(String, Option<&[&str]>)> = all
             .iter()
             .filter(|(_, sql)| is_virtual(sql.as_deref()))
-            .map(|(n, _)| n.clone())
+            .map(|(n, sql)| (n.clone(), shadow_suffixes(sql.as_deref().unwrap_or_default())))
             .collect();
         let mut schema = Schema::default();
         for (name, sql) in all {
@@ -86,7 +86,7 @@ impl Schema {
                 schema.skipped.push(SkippedTable { name, reason: "virtual table".into() });
                 continue;
             }
-            if virtual_names.iter().any(|v| name.starts_with(&format!("{v}_"))) {
+            if virtual_names.iter().any(|(v, suffixes)| is_shadow_of(&name, v, *suffixes)) {
                 schema.skipped.push(SkippedTable {
                     name,
                     reason: "shadow table of a virtual table".into(),
@@ -113,6 +113,40 @@ impl Schema {
 fn is_virtual(sql: Option<&str>) -> bool {
     sql.map(|s| s.trim_start().to_ascii_uppercase().starts_with("CREATE VIRTUAL TABLE"))
         .unwrap_or(false)
+}
+
+/// Shadow-table suffixes of the virtual-table modules SQLite ships, by module name.
+const SHADOW_SUFFIXES: &[(&str, &[&str])] = &[
+    ("fts3", &["content", "segments", "segdir", "docsize", "stat"]),
+    ("fts4", &["content", "segments", "segdir", "docsize", "stat"]),
+    ("fts5", &["data", "idx", "content", "docsize", "config"]),
+    ("rtree", &["node", "parent", "rowid"]),
+    ("rtree_i32", &["node", "parent", "rowid"]),
+    ("geopoly", &["node", "parent", "rowid"]),
+];
+
+/// The shadow suffixes of the module named in `CREATE VIRTUAL TABLE ... USING m(...)`, or
+/// `None` for a module we do not know (any `<name>_*` table is then taken as a shadow).
+fn shadow_suffixes(sql: &str) -> Option<&'static [&'static str]> {
+    let mut words = sql.split_whitespace().skip_while(|w| !w.eq_ignore_ascii_case("USING"));
+    let module: String = words
+        .nth(1)?
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect::<String>()
+        .to_ascii_lowercase();
+    SHADOW_SUFFIXES.iter().find(|(m, _)| *m == module).map(|(_, s)| *s)
+}
+
+/// Whether `name` is a shadow table of virtual table `vtab`. Known modules are matched by
+/// their exact suffixes, so a user table `docs_archive` next to an FTS table `docs` still
+/// replicates.
+fn is_shadow_of(name: &str, vtab: &str, suffixes: Option<&[&str]>) -> bool {
+    let Some(rest) = name.strip_prefix(vtab).and_then(|r| r.strip_prefix('_')) else { return false };
+    match suffixes {
+        Some(known) => known.contains(&rest),
+        None => true,
+    }
 }
 
 fn read_table(conn: &Connection, name: &str) -> Result<Option<TableInfo>> {
