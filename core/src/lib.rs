@@ -9,6 +9,7 @@ pub mod engine;
 pub mod error;
 pub mod model;
 pub mod snapshot;
+pub mod snapshots;
 pub mod source;
 pub mod sqlite;
 pub mod testing;
