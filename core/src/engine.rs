@@ -18,7 +18,7 @@ use std::time::Duration;
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
-use crate::model::{NodeId, Position, Shard};
+use crate::model::{Hlc, NodeId, Position, Shard};
 use crate::source::ChangeSource;
 use crate::sqlite::Db;
 use crate::transport::{LogTransport, Subscription};
@@ -69,6 +69,10 @@ pub struct EngineStats {
     pub batches_parked: u64,
     /// Publish attempts that failed (and will be retried).
     pub publish_errors: u64,
+    /// The highest version in the most recently applied remote batch (0 before any). Its
+    /// milliseconds are the origin's commit time, so `now - last_applied_hlc.millis()`
+    /// right after a receive step is the replication lag (the metrics endpoint samples it).
+    pub last_applied_hlc: Hlc,
 }
 
 struct ShardReader {
@@ -225,6 +229,7 @@ impl<S: ChangeSource> Engine<S> {
                             self.stats.batches_applied += 1;
                             self.stats.rows_applied += out.applied;
                             self.stats.rows_skipped += out.skipped;
+                            self.stats.last_applied_hlc = batch.max_hlc().unwrap_or_default();
                             debug!(shard = %shard, position = %position, origin = %batch.origin,
                                 applied = out.applied, skipped = out.skipped, "applied batch");
                         }

@@ -31,6 +31,9 @@ impl Default for CaptureOptions {
     }
 }
 
+/// The `__marmot__` tables, and the `__marmot__replication` view through which an
+/// application sees, with plain SQL, whether its writes are durably published
+/// (`published_hlc >= ` the version of its write; see docs/write-acknowledgement.md).
 const META_SQL: &str = "
 CREATE TABLE IF NOT EXISTS __marmot__clock(
   id INTEGER PRIMARY KEY CHECK (id = 0), hlc INTEGER NOT NULL, applying INTEGER NOT NULL);
@@ -49,6 +52,11 @@ CREATE TABLE IF NOT EXISTS __marmot__parked(
   error TEXT NOT NULL, bytes BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS __marmot__state(key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 INSERT OR IGNORE INTO __marmot__state(key, value) VALUES ('published_hlc', 0), ('folded_hlc', 0);
+CREATE VIEW IF NOT EXISTS __marmot__replication AS SELECT
+  max(coalesce((SELECT max(hlc) FROM __marmot__log), 0), s.value) AS last_local_hlc,
+  s.value AS published_hlc,
+  (SELECT count(*) FROM __marmot__log AS l WHERE l.hlc > s.value) AS pending_changes
+  FROM __marmot__state AS s WHERE s.key = 'published_hlc';
 ";
 
 /// Installs (or re-installs) capture: creates the `__marmot__` tables when missing and
@@ -77,6 +85,10 @@ pub fn install(conn: &Connection, opts: &CaptureOptions) -> Result<Schema> {
 pub fn cleanup(conn: &Connection) -> Result<()> {
     let tx = conn.unchecked_transaction().ctx(|| "starting cleanup".into())?;
     drop_triggers(&tx)?;
+    for v in names(&tx, "view")? {
+        tx.execute_batch(&format!("DROP VIEW IF EXISTS {}", quote(&v)))
+            .ctx(|| format!("dropping {v:?}"))?;
+    }
     let tables = names(&tx, "table")?;
     for t in tables {
         tx.execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(&t)))
