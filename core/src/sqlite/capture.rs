@@ -7,7 +7,9 @@
 //! `__marmot__clock.applying` is set (the side-car applying remote changes) are not
 //! captured.
 
-use rusqlite::Connection;
+use std::collections::BTreeMap;
+
+use rusqlite::{Connection, Transaction, TransactionBehavior};
 use tracing::warn;
 
 use super::schema::{quote, Schema, TableInfo, PREFIX};
@@ -61,24 +63,57 @@ CREATE VIEW IF NOT EXISTS __marmot__replication AS SELECT
 
 /// Installs (or re-installs) capture: creates the `__marmot__` tables when missing and
 /// (re)creates the triggers of every replicated table. Idempotent. Returns the schema.
+///
+/// Triggers that already exist with the wanted SQL are left alone, so a re-install that
+/// changes nothing does not change the schema either: otherwise the side-car's two
+/// connections would each see the other's re-install as a schema change and re-install
+/// in turn, forever. The transaction is `IMMEDIATE` because the install writes: a
+/// deferred one that read first gets `SQLITE_BUSY` at once (no busy wait) when the
+/// application commits in between.
 pub fn install(conn: &Connection, opts: &CaptureOptions) -> Result<Schema> {
-    let tx = conn.unchecked_transaction().ctx(|| "starting capture install".into())?;
+    let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)
+        .ctx(|| "starting capture install".into())?;
     tx.execute_batch(META_SQL).ctx(|| "creating __marmot__ tables".into())?;
-    drop_triggers(&tx)?;
     let schema = Schema::read(&tx)?;
     for skipped in &schema.skipped {
         warn!(table = %skipped.name, reason = %skipped.reason, "table not replicated");
     }
     let width = schema.tables.iter().map(|t| t.columns.len()).max().unwrap_or(0);
     ensure_log_width(&tx, width)?;
+    let mut wanted = BTreeMap::new();
     for table in &schema.tables {
         let id = table_id(&tx, &table.name)?;
-        for sql in trigger_sql(table, id, &opts.time_ms_sql) {
-            tx.execute_batch(&sql).ctx(|| format!("creating triggers on {:?}", table.name))?;
+        let sqls = trigger_sql(table, id, &opts.time_ms_sql);
+        for (what, sql) in ["insert", "update", "delete"].into_iter().zip(sqls) {
+            wanted.insert(format!("{PREFIX}{}__{what}", table.name), sql);
+        }
+    }
+    let existing = existing_triggers(&tx)?;
+    for (name, sql) in &existing {
+        if wanted.get(name).map(|w| w.trim_end_matches(';')) != Some(sql.as_str()) {
+            tx.execute_batch(&format!("DROP TRIGGER IF EXISTS {}", quote(name)))
+                .ctx(|| format!("dropping trigger {name:?}"))?;
+        }
+    }
+    for (name, sql) in &wanted {
+        if existing.get(name).map(String::as_str) != Some(sql.trim_end_matches(';')) {
+            tx.execute_batch(sql).ctx(|| format!("creating trigger {name:?}"))?;
         }
     }
     tx.commit().ctx(|| "committing capture install".into())?;
     Ok(schema)
+}
+
+/// Marmot's triggers now in the database: name → SQL as SQLite stores it.
+fn existing_triggers(conn: &Connection) -> Result<BTreeMap<String, String>> {
+    let mut stmt = conn
+        .prepare("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND substr(name, 1, 10) = ?1")
+        .ctx(|| "listing __marmot__ triggers".into())?;
+    let triggers = stmt
+        .query_map([PREFIX], |r| Ok((r.get(0)?, r.get(1)?)))
+        .and_then(|rows| rows.collect())
+        .ctx(|| "listing __marmot__ triggers".into())?;
+    Ok(triggers)
 }
 
 /// Removes every trigger and table Marmot created. User tables and data are untouched.
@@ -181,4 +216,31 @@ fn trigger_sql(t: &TableInfo, id: i64, time_ms_sql: &str) -> [String; 3] {
         pk_vals("OLD"),
     );
     [insert, update, delete]
+}
+
+#[cfg(test)]
+mod install_tests {
+    use super::*;
+
+    fn schema_version(conn: &Connection) -> i64 {
+        conn.query_row("PRAGMA schema_version", [], |r| r.get(0)).unwrap()
+    }
+
+    #[test]
+    fn reinstall_that_changes_nothing_leaves_the_schema_alone() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v)").unwrap();
+        let opts = CaptureOptions::default();
+        install(&conn, &opts).unwrap();
+        let before = schema_version(&conn);
+        install(&conn, &opts).unwrap();
+        assert_eq!(schema_version(&conn), before, "a no-op re-install must not look like a schema change");
+
+        conn.execute_batch("ALTER TABLE t ADD COLUMN w").unwrap();
+        install(&conn, &opts).unwrap();
+        let sql: String = conn
+            .query_row("SELECT sql FROM sqlite_master WHERE name = '__marmot__t__insert'", [], |r| r.get(0))
+            .unwrap();
+        assert!(sql.contains("NEW.\"w\""), "the trigger follows the new column: {sql}");
+    }
 }

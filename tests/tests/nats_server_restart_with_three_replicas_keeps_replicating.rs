@@ -1,0 +1,129 @@
+//! A 3-server NATS cluster holding the change stream with three replicas: one server is
+//! SIGKILLed while every node writes, writing goes on, the server comes back, and all
+//! nodes converge with nothing lost. Then a second server is killed: the restarted one
+//! must have rejoined as a working replica for the stream to keep its quorum.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use marmot_tests::{
+    create_db, query_i64, require_tools, wait_converged, wait_until, Background, NatsServer, Node,
+    NodeConfig, TestDir, DEADLINE,
+};
+
+const NODES: u64 = 3;
+const TXNS: i64 = 500;
+
+const SCHEMA: &str = "
+CREATE TABLE events(id INTEGER PRIMARY KEY, node INTEGER NOT NULL, seq INTEGER NOT NULL, body TEXT);
+CREATE TABLE shared(k INTEGER PRIMARY KEY, v INTEGER NOT NULL, node INTEGER NOT NULL);
+";
+
+/// Unique events plus colliding upserts on five shared keys, paced so that the writing
+/// spans the server's death and return.
+const WRITER: &str = r#"
+import sqlite3, sys, time
+db, node, txns = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+c = sqlite3.connect(db, timeout=30, isolation_level=None)
+for i in range(txns):
+    c.execute("BEGIN IMMEDIATE")
+    c.execute("INSERT INTO events(id, node, seq, body) VALUES (?, ?, ?, ?)",
+              (node * 1000000 + i, node, i, "event %d of node %d" % (i, node)))
+    c.execute("INSERT INTO shared(k, v, node) VALUES (?, ?, ?) "
+              "ON CONFLICT(k) DO UPDATE SET v = excluded.v, node = excluded.node", (i % 5, i, node))
+    c.execute("COMMIT")
+    time.sleep(0.01)
+"#;
+
+fn events_from_others(db: &Path, node: u64) -> i64 {
+    query_i64(
+        db,
+        &format!("SELECT count(*) FROM events WHERE node <> {node}"),
+    )
+}
+
+#[test]
+fn nats_server_restart_with_three_replicas_keeps_replicating() {
+    require_tools();
+    let dir = TestDir::new("nats-restart");
+    let mut servers = NatsServer::cluster(dir.path(), "nats", 3);
+    let urls: Vec<String> = servers.iter().map(NatsServer::url).collect();
+    let mut nodes: Vec<Node> = (1..=NODES)
+        .map(|id| {
+            let db = dir.join(format!("node-{id}.db"));
+            create_db(&db, SCHEMA);
+            let config = NodeConfig {
+                replicas: 3,
+                ..NodeConfig::new(id, &db).with_urls(urls.clone())
+            };
+            Node::start(dir.path(), &config, &[])
+        })
+        .collect();
+    for node in &mut nodes {
+        node.wait_replicating(DEADLINE);
+    }
+    let dbs: Vec<PathBuf> = nodes.iter().map(|n| n.db().to_path_buf()).collect();
+
+    let mut writers: Vec<Background> = dbs
+        .iter()
+        .zip(1..)
+        .map(|(db, id)| {
+            Background::python(
+                dir.path(),
+                &format!("writer-{id}"),
+                WRITER,
+                &[&db.to_string_lossy(), &id.to_string(), &TXNS.to_string()],
+            )
+        })
+        .collect();
+
+    wait_until("node 1 receives the others' events", DEADLINE, || {
+        events_from_others(&dbs[0], 1) >= 50
+    });
+    servers[0].kill();
+    let at_kill = events_from_others(&dbs[0], 1);
+    wait_until("replication goes on with one server down", DEADLINE, || {
+        events_from_others(&dbs[0], 1) >= at_kill + 200
+    });
+    assert!(
+        writers.iter_mut().any(Background::is_running),
+        "the writers were still writing while the server was down"
+    );
+    servers[0].restart();
+
+    for writer in &mut writers {
+        writer.wait_success(Duration::from_secs(120));
+    }
+    let paths: Vec<&Path> = dbs.iter().map(PathBuf::as_path).collect();
+    wait_converged(&paths, DEADLINE);
+    for db in &dbs {
+        assert_eq!(
+            query_i64(db, "SELECT count(*) FROM events"),
+            NODES as i64 * TXNS,
+            "{}",
+            db.display()
+        );
+        assert_eq!(query_i64(db, "SELECT count(*) FROM shared"), 5);
+    }
+
+    // The restarted server now has to carry the stream with the third one.
+    servers[1].kill();
+    let mut last = Background::sqlite3(
+        dir.path(),
+        "last-write",
+        &dbs[2],
+        "INSERT INTO events(id, node, seq, body) VALUES (999999999, 3, -1, 'after the second kill');",
+    );
+    last.wait_success(Duration::from_secs(30));
+    for db in &dbs[..2] {
+        wait_until(
+            "the write after the second kill reaches every node",
+            DEADLINE,
+            || query_i64(db, "SELECT count(*) FROM events WHERE id = 999999999") == 1,
+        );
+    }
+    wait_converged(&paths, DEADLINE);
+    for node in &mut nodes {
+        node.assert_running();
+    }
+}
