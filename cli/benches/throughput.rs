@@ -229,13 +229,16 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    if std::env::var("BENCH_KEEP").is_ok() {
-        eprintln!("keeping {}", dir.path().display());
-        std::mem::forget(dir.path().to_owned());
-    }
-    let dir = if std::env::var("BENCH_KEEP").is_ok() { tempfile::Builder::new().keep(true).tempdir().unwrap() } else { dir };
-    let (_nats, url) = start_nats(dir.path());
+    let tmp = tempfile::tempdir().unwrap();
+    let (_guard, root) = if std::env::var("BENCH_KEEP").is_ok() {
+        let kept = tmp.keep();
+        eprintln!("keeping {}", kept.display());
+        (None, kept)
+    } else {
+        let path = tmp.path().to_owned();
+        (Some(tmp), path)
+    };
+    let (_nats, url) = start_nats(root.as_path());
     println!("plain JetStream (same server, same run):");
     for (label, size) in [("1-row message, 120 B", 120), ("100-row message, 6 KiB", 6 * 1024)] {
         let (rate, p50, p99) = plain_jetstream(&url, size, 50_000);
@@ -244,12 +247,12 @@ fn main() {
     let mut procs = Vec::new();
     let mut dbs = Vec::new();
     for id in 1..=3 {
-        let (p, db) = start_node(dir.path(), id, &url);
+        let (p, db) = start_node(root.as_path(), id, &url);
         procs.push(p);
         dbs.push(db);
     }
     for id in 1..=3 {
-        let log = dir.path().join(format!("node-{id}.log"));
+        let log = root.as_path().join(format!("node-{id}.log"));
         wait_for(|| std::fs::read_to_string(&log).unwrap_or_default().contains("replicating"), "marmot start");
     }
     println!("marmot, 3 nodes, one nats-server, writes on node 1:");

@@ -140,6 +140,28 @@ pub struct SnapshotConfig {
     pub webdav: SnapshotWebdavConfig,
     /// `[snapshot.sftp]`.
     pub sftp: SnapshotSftpConfig,
+    /// New: `[snapshot.file]`, a local directory.
+    pub file: SnapshotFileConfig,
+    /// New: `[snapshot.url]`, any URL the `object_store` crate understands (gs://, az://…).
+    pub url: SnapshotUrlConfig,
+}
+
+/// `[snapshot.file]`: a local directory (new).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotFileConfig {
+    /// The directory (created when missing).
+    pub path: String,
+}
+
+/// `[snapshot.url]`: an `object_store` URL and its options (new).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotUrlConfig {
+    /// `gs://bucket/prefix`, `az://container/prefix`, `s3://bucket/prefix`, `file:///dir`.
+    pub url: String,
+    /// `object_store` configuration keys, e.g. `google_service_account = "/path/key.json"`.
+    pub options: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for SnapshotConfig {
@@ -153,6 +175,8 @@ impl Default for SnapshotConfig {
             s3: SnapshotS3Config::default(),
             webdav: SnapshotWebdavConfig::default(),
             sftp: SnapshotSftpConfig::default(),
+            file: SnapshotFileConfig::default(),
+            url: SnapshotUrlConfig::default(),
         }
     }
 }
@@ -177,6 +201,10 @@ pub enum SnapshotStoreKind {
     Webdav,
     /// An SFTP server.
     Sftp,
+    /// New: a local directory (`[snapshot.file] path`).
+    File,
+    /// New: an `object_store` URL (`[snapshot.url]`): GCS, Azure, S3, local.
+    Url,
 }
 
 /// `[snapshot.nats]`: the JetStream object store bucket.

@@ -9,6 +9,7 @@
 
 use std::ffi::OsString;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -17,16 +18,21 @@ const LONG_FLAGS: &[&str] = &[
     "config",
     "cleanup",
     "save-snapshot",
+    "force-restore",
     "cluster-addr",
     "cluster-peers",
     "leaf-servers",
     "pprof",
+    "json",
+    "table",
+    "from-now",
+    "timeout",
     "help",
     "version",
 ];
 
 /// Boolean flags, which Go also accepts as `-flag=true` / `-flag=false`.
-const BOOL_FLAGS: &[&str] = &["cleanup", "save-snapshot"];
+const BOOL_FLAGS: &[&str] = &["cleanup", "save-snapshot", "force-restore"];
 
 /// `marmot`'s command line.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Parser)]
@@ -56,8 +62,13 @@ pub struct Flags {
     #[arg(long = "save-snapshot")]
     pub save_snapshot: bool,
 
+    /// Restore a snapshot at start even if local changes could not be published first
+    /// (they are lost). Without it, such a restore is refused.
+    #[arg(long = "force-restore")]
+    pub force_restore: bool,
+
     /// Listen address of the embedded NATS server's cluster port (use on at least two
-    /// nodes); the leaf-node listener takes the next port.
+    /// nodes); the leaf-node listener takes the cluster port + 1000.
     #[arg(long = "cluster-addr", value_name = "HOST:PORT")]
     pub cluster_addr: Option<String>,
 
@@ -85,15 +96,46 @@ pub struct Flags {
 /// Subcommands that inspect a node rather than run it.
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum Command {
-    /// Print this node's replication status (stored position and lag per shard, changes
-    /// waiting to be published, parked messages) and exit.
-    Status,
-    /// Like status, but keep printing a line whenever the status changes, until
-    /// interrupted.
-    Watch,
-    /// Wait until this node has published its local changes and applied every shard up
-    /// to the end of the log, then exit 0 (for scripts and tests).
-    Wait,
+    /// Print this node's replication status (tables, changes waiting to be published,
+    /// stored position and lag per shard, parked batches, set-aside rows) and exit.
+    Status {
+        /// One JSON object instead of text, for scripts.
+        #[arg(long)]
+        json: bool,
+        /// How long to try reaching NATS before reporting it unreachable, in seconds.
+        #[arg(long, value_name = "SECONDS", default_value = "3", value_parser = parse_seconds)]
+        timeout: Duration,
+    },
+    /// Print every replicated change as it arrives in the change streams (origin, version,
+    /// table, operation, key, values), until interrupted.
+    Watch {
+        /// Only changes to this table (repeat for several).
+        #[arg(long, value_name = "TABLE")]
+        table: Vec<String>,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Start at the end of the streams instead of their first entry.
+        #[arg(long)]
+        from_now: bool,
+    },
+    /// Wait until every local change committed before it started is durably published,
+    /// then exit 0; exit 1 when the timeout passes first (for scripts and deploys).
+    Wait {
+        /// Give up after this many seconds (fractions allowed; 0 waits forever).
+        #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
+        timeout: Duration,
+    },
+}
+
+/// Parses a non-negative number of seconds, fractions allowed.
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| format!("{s:?} is not a non-negative number of seconds"))
 }
 
 impl Flags {
@@ -238,9 +280,64 @@ mod tests {
     #[test]
     fn subcommands_parse_after_flags() {
         let f = parse(&["marmot", "-config", "n.toml", "status"]);
-        assert_eq!(f.command, Some(Command::Status));
-        assert_eq!(parse(&["marmot", "wait"]).command, Some(Command::Wait));
-        assert_eq!(parse(&["marmot", "watch"]).command, Some(Command::Watch));
+        assert_eq!(
+            f.command,
+            Some(Command::Status {
+                json: false,
+                timeout: Duration::from_secs(3)
+            })
+        );
+        assert_eq!(
+            parse(&["marmot", "wait"]).command,
+            Some(Command::Wait {
+                timeout: Duration::from_secs(30)
+            })
+        );
+        assert_eq!(
+            parse(&["marmot", "watch"]).command,
+            Some(Command::Watch {
+                table: vec![],
+                json: false,
+                from_now: false
+            })
+        );
+    }
+
+    #[test]
+    fn subcommand_options_parse_in_both_spellings() {
+        let f = parse(&["marmot", "-config", "n.toml", "status", "-json"]);
+        assert_eq!(
+            f.command,
+            Some(Command::Status {
+                json: true,
+                timeout: Duration::from_secs(3)
+            })
+        );
+        let f = parse(&[
+            "marmot",
+            "watch",
+            "--table",
+            "a",
+            "-table=b",
+            "--json",
+            "--from-now",
+        ]);
+        assert_eq!(
+            f.command,
+            Some(Command::Watch {
+                table: vec!["a".into(), "b".into()],
+                json: true,
+                from_now: true
+            })
+        );
+        let f = parse(&["marmot", "wait", "--timeout", "0.5"]);
+        assert_eq!(
+            f.command,
+            Some(Command::Wait {
+                timeout: Duration::from_millis(500)
+            })
+        );
+        assert!(Flags::try_from_args(["marmot", "wait", "--timeout", "-1"]).is_err());
     }
 
     #[test]

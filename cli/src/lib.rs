@@ -6,7 +6,11 @@
 
 #![warn(missing_docs)]
 
+pub mod ack_flush;
+pub mod commands;
 pub mod config;
 pub mod flags;
 pub mod logging;
+pub mod metrics;
 pub mod run;
+pub mod snapshot;

@@ -29,6 +29,15 @@ pub enum LoggingError {
 
 /// The filter to use: `RUST_LOG` when set, else `debug` or `info` by `verbose`.
 pub fn filter(config: &LoggingConfig, rust_log: Option<&str>) -> Result<EnvFilter, LoggingError> {
+    filter_with(config, rust_log, "info")
+}
+
+/// Like [`filter`], with `quiet_level` instead of `info` when not verbose.
+fn filter_with(
+    config: &LoggingConfig,
+    rust_log: Option<&str>,
+    quiet_level: &str,
+) -> Result<EnvFilter, LoggingError> {
     match rust_log.filter(|v| !v.trim().is_empty()) {
         Some(value) => EnvFilter::try_new(value).map_err(|e| LoggingError::BadFilter {
             value: value.to_owned(),
@@ -37,15 +46,17 @@ pub fn filter(config: &LoggingConfig, rust_log: Option<&str>) -> Result<EnvFilte
         None => Ok(EnvFilter::new(if config.verbose {
             "debug"
         } else {
-            "info"
+            quiet_level
         })),
     }
 }
 
-/// Installs the global subscriber. Call once, before anything logs.
-pub fn init(config: &LoggingConfig) -> Result<(), LoggingError> {
+/// Installs the global subscriber. Call once, before anything logs. `quiet` (the
+/// inspection commands) logs warnings and errors only, unless verbose or `RUST_LOG`.
+pub fn init(config: &LoggingConfig, quiet: bool) -> Result<(), LoggingError> {
     let rust_log = std::env::var(EnvFilter::DEFAULT_ENV).ok();
-    let filter = filter(config, rust_log.as_deref())?;
+    let level = if quiet { "warn" } else { "info" };
+    let filter = filter_with(config, rust_log.as_deref(), level)?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use marmot::config::{self, ConfigError, Loaded};
 use marmot::flags::Flags;
-use marmot::{logging, run};
+use marmot::{commands, logging, run};
 
 fn main() -> ExitCode {
     let flags = Flags::from_process();
@@ -15,9 +15,14 @@ fn main() -> ExitCode {
         Ok(loaded) => loaded,
         Err(err) => return config_error(&err),
     };
-    if let Err(err) = logging::init(&loaded.config.logging) {
+    // The inspection commands print their results on stdout; their logs are quieter.
+    let quiet = flags.command.is_some();
+    if let Err(err) = logging::init(&loaded.config.logging, quiet) {
         eprintln!("marmot: {err}");
         return ExitCode::from(ConfigError::EXIT_CODE as u8);
+    }
+    if let Some(command) = &flags.command {
+        return commands::run(command, &loaded.config);
     }
     log_notices(&loaded, &flags);
     match run::run(loaded.config, flags) {

@@ -11,11 +11,13 @@ use marmot_core::engine::{Engine, EngineConfig};
 use marmot_core::sqlite::{CaptureOptions, Db, SqliteChangeSource};
 use marmot_core::wire::EncodeOptions;
 use marmot_core::{Error, LogTransport, NodeId, Shard};
+use marmot_core::snapshots::Snapshots;
 use marmot_transports::{EmbeddedOptions, EmbeddedServer, NatsOptions, NatsTransport};
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::flags::Flags;
+use crate::snapshot;
 
 /// What [`run`] may fail with; `main` logs it and exits with status 1.
 pub type RunError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -33,9 +35,6 @@ const SHUTDOWN_PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn run(config: Config, flags: Flags) -> Result<(), RunError> {
     if flags.cleanup {
         return cleanup(&config.db_path);
-    }
-    if flags.save_snapshot {
-        return Err("-save-snapshot: snapshots are not implemented in this build yet".into());
     }
     if flags.command.is_some() {
         return Err("this subcommand is not implemented in this build yet".into());
@@ -79,7 +78,7 @@ async fn start_embedded(config: &Config, flags: &Flags) -> Result<EmbeddedServer
     Ok(server)
 }
 
-fn nats_options(config: &Config, urls: Vec<String>) -> NatsOptions {
+pub(crate) fn nats_options(config: &Config, urls: Vec<String>) -> NatsOptions {
     let n = &config.nats;
     NatsOptions {
         urls,
@@ -120,6 +119,7 @@ async fn connect(opts: NatsOptions, stop: &AtomicBool) -> Result<NatsTransport, 
 async fn run_node(config: Config, flags: Flags) -> Result<(), RunError> {
     let stop = Arc::new(AtomicBool::new(false));
     spawn_signal_handler(stop.clone());
+    crate::metrics::start(config.node_id, &config.prometheus).await?;
     let embedded = match config.nats.urls.is_empty() {
         true => Some(start_embedded(&config, &flags).await?),
         false => None,
@@ -128,20 +128,117 @@ async fn run_node(config: Config, flags: Flags) -> Result<(), RunError> {
         Some(server) => vec![server.client_url().to_owned()],
         None => config.nats.urls.clone(),
     };
-    let result = async {
-        let transport = connect(nats_options(&config, urls), &stop).await?;
-        let mut engine = open_engine(&config, Arc::new(transport))?;
+    let result = crate::metrics::with_embedded(embedded.as_ref(), async {
+        let transport = Arc::new(connect(nats_options(&config, urls), &stop).await?);
+        let _collector = crate::metrics::spawn_collector(&transport);
+        let snapshots = match config.snapshot.enabled {
+            true => Some(Snapshots::new(snapshot::open_store(&config, &transport).await?, config.snapshot.keep as usize)),
+            false => None,
+        };
+        if flags.save_snapshot {
+            return save_snapshot_once(&config, &transport, snapshots.as_ref()).await;
+        }
         let dirty = Arc::new(AtomicBool::new(true));
         let _watcher = watch_database(&config.db_path, dirty.clone());
-        node_loop(&config, &mut engine, &stop, &dirty).await?;
-        shutdown_publish(&mut engine).await;
+        let snap = SnapshotContext { transport: &transport, snapshots: snapshots.as_ref() };
+        loop {
+            restore_if_behind(&config, &transport, snapshots.as_ref(), flags.force_restore).await?;
+            let mut engine = open_engine(&config, transport.clone())?;
+            let outcome = node_loop(&config, &mut engine, &stop, &dirty, &snap).await?;
+            shutdown_publish(&mut engine).await;
+            match outcome {
+                LoopEnd::Stopped => break,
+                LoopEnd::SleepTimeout => {
+                    snap.save(&config, engine.db()).await;
+                    break;
+                }
+                LoopEnd::Behind => info!("fell behind the streams; restoring a snapshot"),
+            }
+        }
         Ok::<(), RunError>(())
-    }
+    })
     .await;
     if let Some(server) = embedded {
         server.shutdown().await;
     }
     result
+}
+
+/// What the node loop needs to save snapshots.
+struct SnapshotContext<'a> {
+    transport: &'a Arc<NatsTransport>,
+    snapshots: Option<&'a Snapshots>,
+}
+
+impl SnapshotContext<'_> {
+    /// Saves a snapshot when enabled; failures are logged, replication goes on.
+    async fn save(&self, config: &Config, db: &Db) {
+        let Some(snapshots) = self.snapshots else { return };
+        if let Err(e) = snapshot::save(config, self.transport, snapshots, db).await {
+            warn!(error = %e, "snapshot not saved; replication continues");
+        }
+    }
+}
+
+async fn save_snapshot_once(config: &Config, transport: &NatsTransport, snapshots: Option<&Snapshots>) -> Result<(), RunError> {
+    let snapshots = snapshots.ok_or("-save-snapshot: snapshots are disabled ([snapshot] enabled = false)")?;
+    let db = Db::open(&config.db_path, NodeId(config.node_id), CaptureOptions::default())?;
+    match snapshot::save(config, transport, snapshots, &db).await? {
+        Some(m) => info!(object = %m.object, "snapshot saved; exiting"),
+        None => return Err("another node holds the snapshot lease; try again later".into()),
+    }
+    Ok(())
+}
+
+/// Restores the newest snapshot when the streams no longer hold what this node missed.
+/// Local changes not yet published are published first; if that fails the restore is
+/// refused unless `force`.
+async fn restore_if_behind(config: &Config, transport: &Arc<NatsTransport>, snapshots: Option<&Snapshots>, force: bool) -> Result<(), RunError> {
+    let node = NodeId(config.node_id);
+    let db = Db::open(&config.db_path, node, CaptureOptions::default())?;
+    if snapshot::needs_restore(&db, transport.as_ref()).await?.is_none() {
+        return Ok(());
+    }
+    let snapshots = snapshots.ok_or(
+        "this node is behind the streams' first entries and snapshots are disabled ([snapshot] enabled = false)",
+    )?;
+    let pending = db.pending_count()?;
+    drop(db);
+    if pending > 0 {
+        let mut engine = open_engine(config, transport.clone())?;
+        let published = tokio::time::timeout(SHUTDOWN_PUBLISH_TIMEOUT, async {
+            while engine.publish_once().await? > 0 {}
+            engine.flush().await
+        })
+        .await;
+        match published {
+            Ok(Ok(())) => info!(changes = pending, "published local changes before restoring"),
+            _ if force => warn!(changes = pending, "-force-restore: restoring over local changes that could not be published"),
+            _ => {
+                return Err(format!(
+                    "refusing to restore a snapshot: {pending} local changes are not published yet and publishing them failed; \
+                     fix the connection, or start with -force-restore to restore anyway (those changes are then lost)"
+                )
+                .into())
+            }
+        }
+    }
+    let manifest = snapshot::restore(config, snapshots).await?;
+    let db = Db::open(&config.db_path, node, CaptureOptions::default())?;
+    for s in 0..transport.shard_count() {
+        let last = transport.bounds(Shard(s)).await?.last;
+        db.set_own_replay_through(Shard(s), last)?;
+    }
+    if let Some(shard) = snapshot::needs_restore(&db, transport.as_ref()).await? {
+        return Err(format!(
+            "the newest snapshot ({}) is older than what stream shard {shard} still holds; \
+             save a newer snapshot on a node that is up to date (marmot -save-snapshot)",
+            manifest.object
+        )
+        .into());
+    }
+    info!(object = %manifest.object, "restored; replaying the streams from the snapshot's positions");
+    Ok(())
 }
 
 fn open_engine(config: &Config, transport: Arc<dyn LogTransport>) -> Result<Engine<SqliteChangeSource>, RunError> {
@@ -215,6 +312,19 @@ struct Timers {
     last_activity: Instant,
     publish_retry_at: Instant,
     publish_backoff: Duration,
+    last_snapshot: Instant,
+    entries_since_snapshot: u64,
+}
+
+/// Why the node loop ended.
+#[derive(Debug, PartialEq, Eq)]
+enum LoopEnd {
+    /// SIGINT or SIGTERM.
+    Stopped,
+    /// No activity for `sleep_timeout`.
+    SleepTimeout,
+    /// A stream dropped entries this node had not read: restore a snapshot.
+    Behind,
 }
 
 async fn node_loop(
@@ -222,7 +332,8 @@ async fn node_loop(
     engine: &mut Engine<SqliteChangeSource>,
     stop: &AtomicBool,
     dirty: &AtomicBool,
-) -> Result<(), RunError> {
+    snap: &SnapshotContext<'_>,
+) -> Result<LoopEnd, RunError> {
     let now = Instant::now();
     let mut t = Timers {
         last_local_check: now,
@@ -230,7 +341,11 @@ async fn node_loop(
         last_activity: now,
         publish_retry_at: now,
         publish_backoff: Duration::from_millis(100),
+        last_snapshot: now,
+        entries_since_snapshot: 0,
     };
+    let snapshot_every_entries = (config.replication_log.max_entries / u64::from(config.replication_log.shards.max(1))).max(1);
+    let mut acks = crate::ack_flush::AckFlush::default();
     let local_check = config.polling_interval().unwrap_or(LOCAL_CHECK_FALLBACK);
     let shards = engine.transport().shard_count();
     info!(shards, publish = config.publish, replicate = config.replicate, "replicating");
@@ -246,8 +361,8 @@ async fn node_loop(
             match engine.receive_once(Shard(s), wait).await {
                 Ok(n) => work += n,
                 Err(e @ Error::Truncated { .. }) => {
-                    return Err(format!("{e}: this node missed entries the stream no longer holds; \
-                         it needs a snapshot restore, which this build does not implement yet").into())
+                    warn!(error = %e, "this node missed entries the stream no longer holds");
+                    return Ok(LoopEnd::Behind);
                 }
                 Err(e) if e.is_retryable() => {
                     warn!(shard = s, error = %e, "receive failed; retrying");
@@ -259,6 +374,17 @@ async fn node_loop(
         if work > 0 {
             t.last_activity = Instant::now();
         }
+        acks.maybe_flush(engine).await;
+        crate::metrics::record(engine);
+        t.entries_since_snapshot += work as u64;
+        let by_entries = t.entries_since_snapshot >= snapshot_every_entries;
+        let by_time = config.snapshot.interval().is_some_and(|i| t.last_snapshot.elapsed() >= i);
+        if snap.snapshots.is_some() && (by_entries || by_time) {
+            t.entries_since_snapshot = 0;
+            t.last_snapshot = Instant::now();
+            engine.flush().await?;
+            snap.save(config, engine.db()).await;
+        }
         if t.last_maintain.elapsed() >= config.cleanup_interval() {
             t.last_maintain = Instant::now();
             engine.maintain().await?;
@@ -266,11 +392,11 @@ async fn node_loop(
         if let Some(sleep) = config.sleep_timeout() {
             if t.last_activity.elapsed() >= sleep {
                 info!(idle_ms = sleep.as_millis() as u64, "sleep_timeout reached; exiting");
-                break;
+                return Ok(LoopEnd::SleepTimeout);
             }
         }
     }
-    Ok(())
+    Ok(LoopEnd::Stopped)
 }
 
 async fn publish(engine: &mut Engine<SqliteChangeSource>, t: &mut Timers, dirty: &AtomicBool) -> usize {

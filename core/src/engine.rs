@@ -216,7 +216,7 @@ impl<S: ChangeSource> Engine<S> {
         match assembled {
             Assembled::Incomplete => Ok(()),
             Assembled::Bad { error, bytes } => self.park(shard, safe, &error, &bytes),
-            Assembled::Batch(batch) if batch.origin == self.db.node() => {
+            Assembled::Batch(batch) if batch.origin == self.db.node() && position > self.db.own_replay_through(shard)? => {
                 // Our own changes coming back: nothing to apply, no write to wait for.
                 self.deferred_positions.insert(shard, safe);
                 Ok(())

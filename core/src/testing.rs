@@ -12,6 +12,7 @@ use bytes::Bytes;
 
 use crate::error::Error;
 use crate::model::{Position, Shard};
+use crate::snapshot::{ObjectInfo, SnapshotStore};
 use crate::transport::{Entry, LogTransport, Subscription};
 
 /// How long the suite waits for entries that must arrive.
@@ -170,4 +171,332 @@ async fn truncated_log_is_reported(t: Arc<dyn LogTransport>) {
     let mut sub = t.subscribe(Shard(0), Position(b.first.0 - 1)).await.expect("resume at first");
     let got = drain(&mut sub, (b.last.0 - b.first.0 + 1) as usize).await;
     assert_eq!(got.first().map(|e| e.position), Some(b.first), "resume delivers from first");
+}
+
+/// Bytes of the large object in [`snapshot_store_conformance`]: more than one 5 MiB S3
+/// multipart part and many NATS chunks, and not a multiple of any chunk size.
+const SNAPSHOT_LARGE_BYTES: usize = 6 * 1024 * 1024 + 12_345;
+
+/// Runs every [`SnapshotStore`] property against `store`, which must start empty and be
+/// used by nothing else meanwhile. The suite deletes what it stored. Panics with the name
+/// of the violated property.
+pub async fn snapshot_store_conformance(store: Arc<dyn SnapshotStore>) {
+    let dir = ScratchDir::new();
+    get_of_missing_name_is_not_found(&*store, &dir).await;
+    large_file_round_trips_byte_for_byte(&*store, &dir).await;
+    put_replaces_an_existing_object(&*store, &dir).await;
+    names_with_a_path_prefix_work(&*store, &dir).await;
+    list_shows_every_name_with_its_size(&*store, &dir).await;
+    delete_removes_and_delete_of_missing_succeeds(&*store, &dir).await;
+    failed_put_leaves_nothing_under_the_name(&*store, &dir).await;
+    no_partial_object_is_visible_during_put(&*store, &dir).await;
+    let left = store.list().await.expect("list at the end");
+    for o in &left {
+        store.delete(&o.name).await.expect("delete at the end");
+    }
+    assert!(
+        store.list().await.expect("list").is_empty(),
+        "deleting every name empties the store"
+    );
+}
+
+/// A directory for the suite's local files, removed on drop. (`tempfile` is a
+/// dev-dependency of core only, and this module is public API.)
+struct ScratchDir(std::path::PathBuf);
+
+impl ScratchDir {
+    fn new() -> ScratchDir {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "marmot-snapshot-conformance-{}-{n}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create the scratch directory");
+        ScratchDir(path)
+    }
+
+    /// Writes `bytes` to a fresh local file and returns its path.
+    fn file(&self, name: &str, bytes: &[u8]) -> std::path::PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, bytes).expect("write a local file");
+        path
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Deterministic, incompressible-looking bytes (xorshift), distinct per `seed`.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+async fn fetch(store: &dyn SnapshotStore, dir: &ScratchDir, name: &str) -> Vec<u8> {
+    let to = dir.path("fetched");
+    store
+        .get(name, &to)
+        .await
+        .unwrap_or_else(|e| panic!("get {name:?}: {e}"));
+    std::fs::read(&to).expect("read the fetched file")
+}
+
+fn sizes(list: &[ObjectInfo]) -> std::collections::BTreeMap<String, u64> {
+    list.iter()
+        .map(|o| (o.name.clone(), o.size_bytes))
+        .collect()
+}
+
+async fn get_of_missing_name_is_not_found(store: &dyn SnapshotStore, dir: &ScratchDir) {
+    assert!(
+        store.list().await.expect("list").is_empty(),
+        "the suite needs an empty store"
+    );
+    for name in ["missing.zst", "snapshots/missing/0001.zst"] {
+        match store.get(name, &dir.path("missing")).await {
+            Err(Error::NotFound(_)) => {}
+            Err(e) => panic!("get of a missing name must fail with NotFound, got {e}"),
+            Ok(()) => panic!("get of a missing name must fail with NotFound, got Ok"),
+        }
+    }
+}
+
+async fn large_file_round_trips_byte_for_byte(store: &dyn SnapshotStore, dir: &ScratchDir) {
+    let bytes = pattern(SNAPSHOT_LARGE_BYTES, 1);
+    let from = dir.file("large", &bytes);
+    store
+        .put("large.zst", &from)
+        .await
+        .expect("put of a multi-MB file");
+    let to = dir.file("fetched", b"older, longer or shorter content is replaced");
+    store
+        .get("large.zst", &to)
+        .await
+        .expect("get of a multi-MB file");
+    let got = std::fs::read(&to).expect("read the fetched file");
+    assert_eq!(
+        got.len(),
+        bytes.len(),
+        "a multi-MB object round trips with its size"
+    );
+    assert!(got == bytes, "a multi-MB object round trips byte for byte");
+    let listed = sizes(&store.list().await.expect("list"));
+    assert_eq!(
+        listed.get("large.zst"),
+        Some(&(bytes.len() as u64)),
+        "list gives the size"
+    );
+    store.delete("large.zst").await.expect("delete");
+}
+
+async fn put_replaces_an_existing_object(store: &dyn SnapshotStore, dir: &ScratchDir) {
+    let first = pattern(300_000, 2);
+    let second = pattern(1_000, 3);
+    store
+        .put("replace.zst", &dir.file("first", &first))
+        .await
+        .expect("first put");
+    store
+        .put("replace.zst", &dir.file("second", &second))
+        .await
+        .expect("second put");
+    assert!(
+        fetch(store, dir, "replace.zst").await == second,
+        "put replaces the content"
+    );
+    let listed = sizes(&store.list().await.expect("list"));
+    assert_eq!(
+        listed.len(),
+        1,
+        "a replaced object is listed once: {listed:?}"
+    );
+    assert_eq!(
+        listed.get("replace.zst"),
+        Some(&1_000),
+        "list shows the new size"
+    );
+    store.delete("replace.zst").await.expect("delete");
+}
+
+async fn names_with_a_path_prefix_work(store: &dyn SnapshotStore, dir: &ScratchDir) {
+    let name = "snapshots/node-1/0001.zst";
+    let bytes = pattern(70_000, 4);
+    store
+        .put(name, &dir.file("prefixed", &bytes))
+        .await
+        .expect("put under a path prefix");
+    assert!(
+        fetch(store, dir, name).await == bytes,
+        "a prefixed name round trips"
+    );
+    let listed = sizes(&store.list().await.expect("list"));
+    assert_eq!(
+        listed.get(name),
+        Some(&70_000),
+        "list gives the full prefixed name: {listed:?}"
+    );
+    store.delete(name).await.expect("delete a prefixed name");
+    assert!(
+        store.list().await.expect("list").is_empty(),
+        "deleting the prefixed name"
+    );
+}
+
+async fn list_shows_every_name_with_its_size(store: &dyn SnapshotStore, dir: &ScratchDir) {
+    let want: std::collections::BTreeMap<String, u64> = [
+        ("a.zst", 1u64),
+        ("b.zst", 4_096),
+        ("snapshots/node-1/0001.zst", 10_000),
+        ("snapshots/node-1/0002.zst", 0),
+        ("snapshots/node-2/0001.zst", 123_457),
+    ]
+    .into_iter()
+    .map(|(n, s)| (n.to_string(), s))
+    .collect();
+    for (i, (name, size)) in want.iter().enumerate() {
+        let from = dir.file(
+            &format!("list-{i}"),
+            &pattern(*size as usize, 10 + i as u64),
+        );
+        store
+            .put(name, &from)
+            .await
+            .unwrap_or_else(|e| panic!("put {name:?}: {e}"));
+    }
+    let listed = sizes(&store.list().await.expect("list"));
+    assert_eq!(
+        listed, want,
+        "list shows exactly the stored names with their sizes"
+    );
+    assert!(
+        fetch(store, dir, "snapshots/node-1/0002.zst")
+            .await
+            .is_empty(),
+        "empty object"
+    );
+}
+
+async fn delete_removes_and_delete_of_missing_succeeds(
+    store: &dyn SnapshotStore,
+    dir: &ScratchDir,
+) {
+    store.delete("b.zst").await.expect("delete");
+    store
+        .delete("snapshots/node-2/0001.zst")
+        .await
+        .expect("delete a prefixed name");
+    let listed = sizes(&store.list().await.expect("list"));
+    assert!(
+        !listed.contains_key("b.zst"),
+        "a deleted name is not listed"
+    );
+    assert!(
+        listed.contains_key("a.zst"),
+        "delete removes only the name given"
+    );
+    match store.get("b.zst", &dir.path("deleted")).await {
+        Err(Error::NotFound(_)) => {}
+        other => panic!("get of a deleted name must fail with NotFound, got {other:?}"),
+    }
+    store
+        .delete("b.zst")
+        .await
+        .expect("deleting a deleted name succeeds");
+    store
+        .delete("never-stored.zst")
+        .await
+        .expect("deleting a missing name succeeds");
+    store
+        .delete("no/such/dir/x.zst")
+        .await
+        .expect("deleting under a missing prefix succeeds");
+    for name in listed.keys() {
+        store.delete(name).await.expect("delete");
+    }
+    assert!(
+        store.list().await.expect("list").is_empty(),
+        "deleting every name empties the store"
+    );
+}
+
+async fn failed_put_leaves_nothing_under_the_name(store: &dyn SnapshotStore, dir: &ScratchDir) {
+    let missing = dir.path("no-such-local-file");
+    assert!(
+        store.put("failed.zst", &missing).await.is_err(),
+        "put of a missing file fails"
+    );
+    assert!(
+        store.list().await.expect("list").is_empty(),
+        "a failed put stores nothing"
+    );
+}
+
+async fn no_partial_object_is_visible_during_put(store: &dyn SnapshotStore, dir: &ScratchDir) {
+    let old = pattern(200_000, 20);
+    let new = pattern(SNAPSHOT_LARGE_BYTES, 21);
+    let name = "snapshots/atomic.zst";
+    store
+        .put(name, &dir.file("old", &old))
+        .await
+        .expect("put the old version");
+    let from = dir.file("new", &new);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let writer = async {
+        let r = store.put(name, &from).await;
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        r
+    };
+    let reader = async {
+        let mut seen = 0u32;
+        let to = dir.path("observed");
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            for o in store.list().await.expect("list while a put runs") {
+                assert_eq!(o.name, name, "no temporary name is listed while a put runs");
+                assert!(
+                    o.size_bytes == old.len() as u64 || o.size_bytes == new.len() as u64,
+                    "list never shows a partial size ({} bytes)",
+                    o.size_bytes
+                );
+            }
+            match store.get(name, &to).await {
+                Ok(()) => {
+                    let got = std::fs::read(&to).expect("read");
+                    assert!(
+                        got == old || got == new,
+                        "get never returns a partial object"
+                    );
+                    seen += 1;
+                }
+                // A replaced object may vanish under a reader (NATS purges old chunks).
+                Err(e) if e.is_retryable() => {}
+                Err(e) => panic!("get while a put replaces the object: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        seen
+    };
+    let (put, _seen) = futures::join!(writer, reader);
+    put.expect("put of the new version");
+    assert!(
+        fetch(store, dir, name).await == new,
+        "after put returns, get gives the new version"
+    );
+    store.delete(name).await.expect("delete");
 }

@@ -46,7 +46,7 @@ impl Db {
             .ctx(|| "marking apply".into())?;
         self.fold_local(&tx)?;
         let mut out = ApplyOutcome::default();
-        if batch.origin != self.node {
+        if batch.origin != self.node || position <= self.own_replay_through(shard)? {
             for tc in &batch.tables {
                 self.apply_table(&tx, batch, tc, &mut out, crash_after_rows)?;
             }

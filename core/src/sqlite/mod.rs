@@ -183,6 +183,18 @@ impl Db {
         Ok(self.positions()?.get(&shard).copied().unwrap_or_default())
     }
 
+    /// Until which position of `shard` this node's own batches are applied like remote
+    /// ones: set after a snapshot restore, whose copy may predate this node's own recent
+    /// changes that the stream still holds. Beyond it, own batches are skipped.
+    pub fn own_replay_through(&self, shard: Shard) -> Result<Position> {
+        Ok(Position(get_state(&self.conn, &format!("own_replay_through.{}", shard.0))?))
+    }
+
+    /// Sets [`own_replay_through`](Self::own_replay_through) for `shard`.
+    pub fn set_own_replay_through(&self, shard: Shard, position: Position) -> Result<()> {
+        set_state_max(&self.conn, &format!("own_replay_through.{}", shard.0), position.0)
+    }
+
     /// Records that everything in `shard` up to `position` is processed.
     pub fn store_position(&self, shard: Shard, position: Position) -> Result<()> {
         store_position(&self.conn, shard, position)

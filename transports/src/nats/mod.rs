@@ -14,6 +14,7 @@
 
 mod connect;
 mod errors;
+pub mod lease;
 mod options;
 mod streams;
 mod subscription;

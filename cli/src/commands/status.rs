@@ -1,0 +1,336 @@
+//! `marmot status [--json]`: one node's replication state, from its database (read-only)
+//! and, when reachable, its change streams.
+//!
+//! What it shows: the tables replicated and those skipped (with the reason), local changes
+//! captured but not yet published, the stored position of every shard and how many
+//! entries the stream holds beyond it, parked batches (with their errors) and set-aside
+//! rows. An unreachable NATS is reported, not an error: the database part still prints.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use marmot_core::sqlite::Schema;
+use marmot_core::{LogTransport, Shard};
+use rusqlite::Connection;
+use serde::Serialize;
+
+use super::{capture_installed, connect, open_readonly, published_and_local, NatsTarget};
+use crate::config::Config;
+
+/// Parked batches listed in full (the count covers all of them).
+const PARKED_LISTED_MAX: usize = 10;
+
+/// The status of one node.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// `node_id`.
+    pub node_id: u64,
+    /// `db_path`.
+    pub db_path: String,
+    /// Whether Marmot's tables and triggers exist in the database.
+    pub capture_installed: bool,
+    /// Replicated tables.
+    pub tables: Vec<String>,
+    /// Tables not replicated, and why.
+    pub skipped: Vec<Skipped>,
+    /// Captured local changes not yet durably published.
+    pub pending_changes: u64,
+    /// The highest local version captured (published or not).
+    pub last_local_hlc: u64,
+    /// The highest local version durably published.
+    pub published_hlc: u64,
+    /// Entries parked because they could not be applied.
+    pub parked_batches: u64,
+    /// The oldest parked entries.
+    pub parked: Vec<Parked>,
+    /// Rows set aside after losing a UNIQUE value.
+    pub aside_rows: u64,
+    /// The NATS side.
+    pub nats: NatsStatus,
+    /// Per shard.
+    pub shards: Vec<ShardStatus>,
+}
+
+/// A table that is not replicated.
+#[derive(Debug, Serialize)]
+pub struct Skipped {
+    /// The table.
+    pub name: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// One row of `__marmot__parked`.
+#[derive(Debug, Serialize)]
+pub struct Parked {
+    /// Its id in `__marmot__parked`.
+    pub id: i64,
+    /// The shard it came from.
+    pub shard: u32,
+    /// Its position there.
+    pub position: u64,
+    /// Why it could not be applied.
+    pub error: String,
+}
+
+/// Whether NATS was reached.
+#[derive(Debug, Serialize)]
+pub struct NatsStatus {
+    /// The URLs tried.
+    pub urls: Vec<String>,
+    /// Whether the node runs the embedded server.
+    pub embedded: bool,
+    /// Whether the streams could be read.
+    pub reachable: bool,
+    /// Why not, when not.
+    pub note: Option<String>,
+}
+
+/// One shard.
+#[derive(Debug, Serialize)]
+pub struct ShardStatus {
+    /// Shard number.
+    pub shard: u32,
+    /// Its stream.
+    pub stream: String,
+    /// The position stored in the database: everything up to it is processed.
+    pub position: u64,
+    /// The stream's first entry still held (when NATS was reached).
+    pub first: Option<u64>,
+    /// The stream's last entry (when NATS was reached).
+    pub last: Option<u64>,
+    /// Entries beyond the stored position (when NATS was reached).
+    pub lag_entries: Option<u64>,
+}
+
+/// Prints the status of the node `config` describes.
+pub async fn run(config: &Config, json: bool, timeout: Duration) -> Result<(), String> {
+    let mut status = read_database(config)?;
+    read_streams(config, &mut status, timeout).await;
+    if json {
+        let text = serde_json::to_string_pretty(&status).map_err(|e| e.to_string())?;
+        println!("{text}");
+    } else {
+        print!("{}", render(&status));
+    }
+    Ok(())
+}
+
+/// Everything the database says, without touching NATS.
+pub fn read_database(config: &Config) -> Result<Status, String> {
+    let conn = open_readonly(&config.db_path)?;
+    let schema = Schema::read(&conn).map_err(|e| format!("reading the schema: {e}"))?;
+    let installed = capture_installed(&conn)?;
+    let mut status = Status {
+        node_id: config.node_id,
+        db_path: config.db_path.display().to_string(),
+        capture_installed: installed,
+        tables: schema.tables.iter().map(|t| t.name.clone()).collect(),
+        skipped: schema
+            .skipped
+            .iter()
+            .map(|s| Skipped {
+                name: s.name.clone(),
+                reason: s.reason.clone(),
+            })
+            .collect(),
+        pending_changes: 0,
+        last_local_hlc: 0,
+        published_hlc: 0,
+        parked_batches: 0,
+        parked: Vec::new(),
+        aside_rows: 0,
+        nats: NatsStatus {
+            urls: Vec::new(),
+            embedded: config.embedded_nats(),
+            reachable: false,
+            note: None,
+        },
+        shards: Vec::new(),
+    };
+    let positions = if installed {
+        read_bookkeeping(&conn, &mut status)?
+    } else {
+        Default::default()
+    };
+    status.shards = (0..config.replication_log.shards)
+        .map(|shard| ShardStatus {
+            shard,
+            stream: format!("{}-{shard}", config.nats.stream_prefix),
+            position: positions.get(&shard).copied().unwrap_or(0),
+            first: None,
+            last: None,
+            lag_entries: None,
+        })
+        .collect();
+    Ok(status)
+}
+
+fn read_bookkeeping(
+    conn: &Connection,
+    status: &mut Status,
+) -> Result<std::collections::BTreeMap<u32, u64>, String> {
+    let sql_err = |what: &str, e: rusqlite::Error| format!("reading {what}: {e}");
+    let (published, local) = published_and_local(conn)?;
+    status.published_hlc = published;
+    status.last_local_hlc = local;
+    let count = |sql: &str, what: &str| {
+        conn.query_row(sql, [], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .map_err(|e| sql_err(what, e))
+    };
+    status.pending_changes = conn
+        .query_row(
+            "SELECT count(*) FROM __marmot__log WHERE hlc > ?1",
+            [published as i64],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n as u64)
+        .map_err(|e| sql_err("__marmot__log", e))?;
+    status.parked_batches = count("SELECT count(*) FROM __marmot__parked", "__marmot__parked")?;
+    status.aside_rows = count("SELECT count(*) FROM __marmot__aside", "__marmot__aside")?;
+    let mut stmt = conn
+        .prepare("SELECT id, shard, position, error FROM __marmot__parked ORDER BY id LIMIT ?1")
+        .map_err(|e| sql_err("__marmot__parked", e))?;
+    status.parked = stmt
+        .query_map([PARKED_LISTED_MAX as i64], |r| {
+            Ok(Parked {
+                id: r.get(0)?,
+                shard: r.get(1)?,
+                position: r.get::<_, i64>(2)? as u64,
+                error: r.get(3)?,
+            })
+        })
+        .and_then(|rows| rows.collect())
+        .map_err(|e| sql_err("__marmot__parked", e))?;
+    let mut stmt = conn
+        .prepare("SELECT shard, position FROM __marmot__positions")
+        .map_err(|e| sql_err("__marmot__positions", e))?;
+    let positions = stmt
+        .query_map([], |r| {
+            Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)? as u64))
+        })
+        .and_then(|rows| rows.collect())
+        .map_err(|e| sql_err("__marmot__positions", e))?;
+    Ok(positions)
+}
+
+/// Fills in the stream bounds, or a note saying why they are missing.
+async fn read_streams(config: &Config, status: &mut Status, timeout: Duration) {
+    let target = NatsTarget::of(config);
+    status.nats.urls = target.urls();
+    if let NatsTarget::EmbeddedUnknown(conf) = &target {
+        status.nats.note = Some(format!(
+            "this node runs the embedded nats-server, which has not been started here ({} missing)",
+            conf.display()
+        ));
+        return;
+    }
+    let transport = match connect(config, target.urls(), "status", Some(timeout)).await {
+        Ok(t) => t,
+        Err(e) => {
+            let hint = match target {
+                NatsTarget::Embedded(_) => {
+                    " (is marmot running? its embedded server stops with it)"
+                }
+                _ => "",
+            };
+            status.nats.note = Some(format!("{e}{hint}"));
+            return;
+        }
+    };
+    status.nats.reachable = true;
+    for s in &mut status.shards {
+        match transport.bounds(Shard(s.shard)).await {
+            Ok(b) => {
+                s.first = Some(b.first.0);
+                s.last = Some(b.last.0);
+                s.lag_entries = Some(b.last.0.saturating_sub(s.position));
+            }
+            Err(e) => {
+                status.nats.note = Some(format!("stream {}: {e}", s.stream));
+            }
+        }
+    }
+}
+
+/// The human-readable form.
+pub fn render(s: &Status) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "node {}  ({})", s.node_id, s.db_path);
+    if !s.capture_installed {
+        let _ = writeln!(
+            o,
+            "capture: not installed (marmot has not run on this database yet)"
+        );
+    }
+    let _ = writeln!(o, "tables replicated: {}", list(&s.tables));
+    for t in &s.skipped {
+        let _ = writeln!(o, "table skipped: {} ({})", t.name, t.reason);
+    }
+    let _ = writeln!(
+        o,
+        "local changes pending publication: {}  (last local version {}, published through {})",
+        s.pending_changes,
+        hlc(s.last_local_hlc),
+        hlc(s.published_hlc)
+    );
+    let _ = writeln!(o, "parked batches: {}", s.parked_batches);
+    for p in &s.parked {
+        let _ = writeln!(
+            o,
+            "  #{} shard {} position {}: {}",
+            p.id, p.shard, p.position, p.error
+        );
+    }
+    let _ = writeln!(o, "set-aside rows: {}", s.aside_rows);
+    let how = if s.nats.embedded {
+        "embedded server"
+    } else {
+        "nats.urls"
+    };
+    let state = if s.nats.reachable {
+        "reachable"
+    } else {
+        "not reached"
+    };
+    let _ = writeln!(o, "NATS ({how}): {} {state}", list(&s.nats.urls));
+    if let Some(note) = &s.nats.note {
+        let _ = writeln!(o, "  note: {note}");
+    }
+    let _ = writeln!(
+        o,
+        "{:<6} {:<24} {:>10} {:>10} {:>10}",
+        "shard", "stream", "position", "last", "behind"
+    );
+    let opt = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+    for sh in &s.shards {
+        let _ = writeln!(
+            o,
+            "{:<6} {:<24} {:>10} {:>10} {:>10}",
+            sh.shard,
+            sh.stream,
+            sh.position,
+            opt(sh.last),
+            opt(sh.lag_entries)
+        );
+    }
+    o
+}
+
+fn list(items: &[String]) -> String {
+    if items.is_empty() {
+        "(none)".to_owned()
+    } else {
+        items.join(", ")
+    }
+}
+
+/// A version as `ms.counter` (0 as `-`).
+fn hlc(v: u64) -> String {
+    if v == 0 {
+        "-".to_owned()
+    } else {
+        marmot_core::Hlc(v).to_string()
+    }
+}

@@ -1,0 +1,152 @@
+//! Snapshots for a running node: the store from `[snapshot]`, saving under a NATS lease,
+//! restoring at boot when the streams no longer hold what this node missed, and progress
+//! reporting for long transfers.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use marmot_core::snapshots::{Manifest, Snapshots};
+use marmot_core::sqlite::{CaptureOptions, Db};
+use marmot_core::{LogTransport, NodeId, Shard, SnapshotStore};
+use marmot_storage::{S3Options, SftpOptions, StoreOptions};
+use marmot_transports::nats::lease;
+use marmot_transports::NatsTransport;
+use tracing::{info, warn};
+
+use crate::config::{Config, SnapshotStoreKind};
+use crate::run::RunError;
+
+/// How long a save may hold the lease before another node may take it.
+const LEASE_TTL: Duration = Duration::from_secs(300);
+const LEASE_KEY: &str = "snapshot";
+/// Interval between progress log lines when not attached to a terminal.
+const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// Builds the configured snapshot store.
+pub async fn open_store(config: &Config, transport: &NatsTransport) -> Result<Arc<dyn SnapshotStore>, RunError> {
+    let s = &config.snapshot;
+    let options = match s.store {
+        SnapshotStoreKind::Nats => StoreOptions::Nats(marmot_storage::NatsOptions {
+            jetstream: transport.jetstream().clone(),
+            bucket: s.nats.bucket_or_default(&config.nats.stream_prefix),
+            replicas: s.nats.replicas.max(1) as usize,
+        }),
+        SnapshotStoreKind::S3 => StoreOptions::S3(S3Options {
+            endpoint: s.s3.endpoint.clone(),
+            path: s.s3.path.clone(),
+            bucket: s.s3.bucket.clone(),
+            access_key: s.s3.access_key.clone(),
+            secret: s.s3.secret.clone(),
+            session_token: s.s3.session_token.clone(),
+            use_ssl: s.s3.use_ssl,
+            ..S3Options::default()
+        }),
+        SnapshotStoreKind::Webdav => StoreOptions::WebDav { url: s.webdav.url.clone() },
+        SnapshotStoreKind::Sftp => {
+            StoreOptions::Sftp(SftpOptions { url: s.sftp.url.clone(), host_key: s.sftp.host_key.clone() })
+        }
+        SnapshotStoreKind::File => StoreOptions::File { location: s.file.path.clone() },
+        SnapshotStoreKind::Url => StoreOptions::Url {
+            url: s.url.url.clone(),
+            options: s.url.options.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        },
+    };
+    Ok(marmot_storage::open(options).await?)
+}
+
+/// A directory for temporary snapshot files, next to the database (same file system).
+pub fn work_dir(db_path: &Path) -> PathBuf {
+    db_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Saves a snapshot under the lease. `Ok(None)` when another node is saving right now.
+pub async fn save(config: &Config, transport: &NatsTransport, snapshots: &Snapshots, db: &Db) -> Result<Option<Manifest>, RunError> {
+    let bucket = format!("{}-snapshot-lease", config.nats.stream_prefix);
+    let replicas = config.replication_log.effective_replicas() as usize;
+    let store = lease::lease_bucket(transport.jetstream(), &bucket, LEASE_TTL, replicas).await?;
+    let holder = format!("node-{}", config.node_id);
+    let Some(held) = lease::try_acquire(&store, LEASE_KEY, &holder).await? else {
+        info!("another node is saving a snapshot; skipping");
+        return Ok(None);
+    };
+    let started = Instant::now();
+    let result = snapshots.save(db, &work_dir(&config.db_path), now_ms()).await;
+    if let Err(e) = held.release().await {
+        warn!(error = %e, "could not release the snapshot lease; it expires on its own");
+    }
+    let manifest = result?;
+    info!(ms = started.elapsed().as_millis() as u64, db_bytes = manifest.db_bytes, "snapshot uploaded");
+    Ok(Some(manifest))
+}
+
+/// Whether this node's stored positions are behind what the streams still hold.
+pub async fn needs_restore(db: &Db, transport: &dyn LogTransport) -> Result<Option<Shard>, RunError> {
+    for s in 0..transport.shard_count() {
+        let shard = Shard(s);
+        let bounds = transport.bounds(shard).await?;
+        let done = db.position(shard)?;
+        if !bounds.can_resume_after(done) {
+            warn!(shard = s, position = done.0, first = bounds.first.0,
+                "the stream no longer holds what this node missed; a snapshot is needed");
+            return Ok(Some(shard));
+        }
+    }
+    Ok(None)
+}
+
+/// Restores the newest snapshot into the database at `config.db_path`.
+pub async fn restore(config: &Config, snapshots: &Snapshots) -> Result<Manifest, RunError> {
+    let mut db = Db::open(&config.db_path, NodeId(config.node_id), CaptureOptions::default())?;
+    let mut progress = ProgressReporter::new("restoring snapshot");
+    let manifest = snapshots.restore_newest(&mut db, &work_dir(&config.db_path), &mut |done, total| progress.report(done, total)).await?;
+    progress.finish();
+    Ok(manifest)
+}
+
+/// Prints transfer progress: a live line on a terminal, a log line every few seconds
+/// otherwise.
+pub struct ProgressReporter {
+    what: &'static str,
+    started: Instant,
+    last: Instant,
+    terminal: bool,
+}
+
+impl ProgressReporter {
+    /// A reporter for an operation named `what`.
+    pub fn new(what: &'static str) -> Self {
+        let now = Instant::now();
+        ProgressReporter { what, started: now, last: now, terminal: std::io::stderr().is_terminal() }
+    }
+
+    /// Reports `done` of `total` bytes.
+    pub fn report(&mut self, done: u64, total: u64) {
+        let every = if self.terminal { Duration::from_millis(200) } else { PROGRESS_LOG_EVERY };
+        if self.last.elapsed() < every {
+            return;
+        }
+        self.last = Instant::now();
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        let rate = done as f64 / secs;
+        let left = if rate > 0.0 { (total.saturating_sub(done)) as f64 / rate } else { 0.0 };
+        let mib = |b: f64| b / (1024.0 * 1024.0);
+        if self.terminal {
+            eprint!("\r{}: {:.1}/{:.1} MiB, {:.1} MiB/s, {:.0}s left   ", self.what, mib(done as f64), mib(total as f64), mib(rate), left);
+        } else {
+            info!(what = self.what, done_bytes = done, total_bytes = total, rate_bytes_per_s = rate as u64, seconds_left = left as u64, "progress");
+        }
+    }
+
+    /// Ends the progress line.
+    pub fn finish(&self) {
+        if self.terminal {
+            eprintln!();
+        }
+    }
+}
