@@ -255,8 +255,7 @@ impl Metrics {
         let due = {
             let mut s = self.state();
             self.take_stats(&mut s, engine.stats(), now_ms());
-            s.last_db_sample
-                .map_or(true, |t| t.elapsed() >= DB_SAMPLE_EVERY)
+            !matches!(s.last_db_sample, Some(t) if t.elapsed() < DB_SAMPLE_EVERY)
         };
         if due {
             match sample_db(engine) {
