@@ -4,7 +4,7 @@
 //! must have rejoined as a working replica for the stream to keep its quorum.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use marmot_tests::{
     create_db, query_i64, require_tools, wait_converged, wait_until, Background, NatsServer, Node,
@@ -12,27 +12,29 @@ use marmot_tests::{
 };
 
 const NODES: u64 = 3;
-const TXNS: i64 = 500;
 
 const SCHEMA: &str = "
 CREATE TABLE events(id INTEGER PRIMARY KEY, node INTEGER NOT NULL, seq INTEGER NOT NULL, body TEXT);
 CREATE TABLE shared(k INTEGER PRIMARY KEY, v INTEGER NOT NULL, node INTEGER NOT NULL);
 ";
 
-/// Unique events plus colliding upserts on five shared keys, paced so that the writing
-/// spans the server's death and return.
+/// Unique events plus colliding upserts on five shared keys, paced, until the stop file
+/// appears; prints how many transactions it committed.
 const WRITER: &str = r#"
-import sqlite3, sys, time
-db, node, txns = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+import os, sqlite3, sys, time
+db, node, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 c = sqlite3.connect(db, timeout=30, isolation_level=None)
-for i in range(txns):
+i = 0
+while not os.path.exists(stop) and i < 20000:
     c.execute("BEGIN IMMEDIATE")
     c.execute("INSERT INTO events(id, node, seq, body) VALUES (?, ?, ?, ?)",
               (node * 1000000 + i, node, i, "event %d of node %d" % (i, node)))
     c.execute("INSERT INTO shared(k, v, node) VALUES (?, ?, ?) "
               "ON CONFLICT(k) DO UPDATE SET v = excluded.v, node = excluded.node", (i % 5, i, node))
     c.execute("COMMIT")
+    i += 1
     time.sleep(0.01)
+print("committed", i)
 "#;
 
 fn events_from_others(db: &Path, node: u64) -> i64 {
@@ -40,6 +42,14 @@ fn events_from_others(db: &Path, node: u64) -> i64 {
         db,
         &format!("SELECT count(*) FROM events WHERE node <> {node}"),
     )
+}
+
+/// Waits until node 1 has received `more` events from the others beyond what it has now.
+fn wait_progress(db: &Path, more: i64, what: &str) -> Duration {
+    let start = Instant::now();
+    let from = events_from_others(db, 1);
+    wait_until(what, DEADLINE, || events_from_others(db, 1) >= from + more);
+    start.elapsed()
 }
 
 #[test]
@@ -64,6 +74,7 @@ fn nats_server_restart_with_three_replicas_keeps_replicating() {
     }
     let dbs: Vec<PathBuf> = nodes.iter().map(|n| n.db().to_path_buf()).collect();
 
+    let stop = dir.join("stop-writing");
     let mut writers: Vec<Background> = dbs
         .iter()
         .zip(1..)
@@ -72,37 +83,57 @@ fn nats_server_restart_with_three_replicas_keeps_replicating() {
                 dir.path(),
                 &format!("writer-{id}"),
                 WRITER,
-                &[&db.to_string_lossy(), &id.to_string(), &TXNS.to_string()],
+                &[
+                    &db.to_string_lossy(),
+                    &id.to_string(),
+                    &stop.to_string_lossy(),
+                ],
             )
         })
         .collect();
 
-    wait_until("node 1 receives the others' events", DEADLINE, || {
-        events_from_others(&dbs[0], 1) >= 50
-    });
+    wait_progress(&dbs[0], 50, "node 1 receives the others' events");
     servers[0].kill();
-    let at_kill = events_from_others(&dbs[0], 1);
-    wait_until("replication goes on with one server down", DEADLINE, || {
-        events_from_others(&dbs[0], 1) >= at_kill + 200
-    });
-    assert!(
-        writers.iter_mut().any(Background::is_running),
-        "the writers were still writing while the server was down"
-    );
+    let stalled = wait_progress(&dbs[0], 1, "replication resumes with one server down");
+    wait_progress(&dbs[0], 200, "replication goes on with one server down");
     servers[0].restart();
-
+    wait_progress(
+        &dbs[0],
+        200,
+        "replication goes on after the server's return",
+    );
     for writer in &mut writers {
-        writer.wait_success(Duration::from_secs(120));
+        assert!(
+            writer.is_running(),
+            "the writers kept writing through the server's death and return"
+        );
+    }
+    std::fs::write(&stop, b"").unwrap();
+    eprintln!("node 1 received nothing for {stalled:?} after the server was killed");
+
+    let mut committed = Vec::new();
+    for writer in &mut writers {
+        writer.wait_success(Duration::from_secs(30));
+        let out = writer.output();
+        let n: i64 = out
+            .trim()
+            .strip_prefix("committed ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{out}"));
+        committed.push(n);
     }
     let paths: Vec<&Path> = dbs.iter().map(PathBuf::as_path).collect();
     wait_converged(&paths, DEADLINE);
     for db in &dbs {
-        assert_eq!(
-            query_i64(db, "SELECT count(*) FROM events"),
-            NODES as i64 * TXNS,
-            "{}",
-            db.display()
-        );
+        for (origin, n) in (1..).zip(&committed) {
+            let sql = format!("SELECT count(*) FROM events WHERE node = {origin}");
+            assert_eq!(
+                query_i64(db, &sql),
+                *n,
+                "events of node {origin} on {}",
+                db.display()
+            );
+        }
         assert_eq!(query_i64(db, "SELECT count(*) FROM shared"), 5);
     }
 
