@@ -84,6 +84,8 @@ impl Db {
         if remote_pk != info.pk {
             return Err(mismatch("primary key columns differ".into()));
         }
+        let upsert = upsert_sql(info, &map);
+        let mut aside_any = has_aside(conn, tid)?;
         for row in &tc.rows {
             if crash_after_rows.is_some_and(|n| out.applied + out.skipped >= n) {
                 return Err(Error::InjectedCrash("apply: before commit"));
@@ -99,16 +101,19 @@ impl Db {
             match row.op {
                 Op::Delete => {
                     delete_row(conn, info, &pk)?;
-                    remove_aside(conn, tid, &key)?;
+                    if aside_any {
+                        remove_aside(conn, tid, &key)?;
+                    }
                 }
                 Op::Upsert => {
                     let image: Image = map.iter().copied().zip(row.values.iter().cloned()).collect();
-                    place(conn, info, tid, &key, &pk, v, &image)?;
+                    let target = Placement { tbl: tid, key: &key, pk: &pk, version: v, upsert_sql: &upsert };
+                    place(conn, info, &target, &image, &mut aside_any)?;
                 }
             }
             out.applied += 1;
         }
-        if has_aside(conn, tid)? {
+        if aside_any {
             reconcile_table(conn, info, tid)?;
         }
         Ok(())
@@ -245,24 +250,29 @@ fn read_image(conn: &Connection, t: &TableInfo, pk: &[Value]) -> Result<Option<I
         .ctx(|| format!("reading a row of {:?}", t.name))
 }
 
-fn upsert_row(conn: &Connection, t: &TableInfo, image: &Image) -> Result<()> {
-    let cols: Vec<String> = image.iter().map(|(i, _)| quote(&t.columns[*i])).collect();
-    let params: Vec<String> = (1..=image.len()).map(|n| format!("?{n}")).collect();
+/// The upsert statement for an image carrying the columns `cols` (local indexes), built once
+/// per table and batch rather than per row.
+fn upsert_sql(t: &TableInfo, cols: &[usize]) -> String {
+    let names: Vec<String> = cols.iter().map(|&i| quote(&t.columns[i])).collect();
+    let params: Vec<String> = (1..=cols.len()).map(|n| format!("?{n}")).collect();
     let pk: Vec<String> = t.pk.iter().map(|&i| quote(&t.columns[i])).collect();
-    let sets: Vec<String> = image
+    let sets: Vec<String> = cols
         .iter()
-        .filter(|(i, _)| !t.pk.contains(i))
-        .map(|(i, _)| format!("{0} = excluded.{0}", quote(&t.columns[*i])))
+        .filter(|i| !t.pk.contains(i))
+        .map(|&i| format!("{0} = excluded.{0}", quote(&t.columns[i])))
         .collect();
     let action = if sets.is_empty() { "NOTHING".to_owned() } else { format!("UPDATE SET {}", sets.join(", ")) };
-    let sql = format!(
+    format!(
         "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO {action}",
         quote(&t.name),
-        cols.join(", "),
+        names.join(", "),
         params.join(", "),
         pk.join(", ")
-    );
-    conn.prepare_cached(&sql)
+    )
+}
+
+fn upsert_row(conn: &Connection, t: &TableInfo, sql: &str, image: &Image) -> Result<()> {
+    conn.prepare_cached(sql)
         .and_then(|mut s| s.execute(rusqlite::params_from_iter(image.iter().map(|(_, v)| v))))
         .map(|_| ())
         .ctx(|| format!("writing a row of {:?}", t.name))
@@ -298,10 +308,22 @@ fn conflicts(conn: &Connection, t: &TableInfo, pk: &[Value], image: &Image) -> R
     Ok(out)
 }
 
-/// Puts the winning image of row `pk` (version `v`) in place: into the table, displacing
-/// lower-version holders of its unique values, or aside if a higher version holds one.
-/// Returns whether the row is now in the table.
-fn place(conn: &Connection, t: &TableInfo, tbl: i64, key: &[u8], pk: &[Value], v: Version, image: &Image) -> Result<bool> {
+/// The row a winning image belongs to.
+struct Placement<'a> {
+    tbl: i64,
+    key: &'a [u8],
+    pk: &'a [Value],
+    version: Version,
+    /// [`upsert_sql`] for the image's columns.
+    upsert_sql: &'a str,
+}
+
+/// Puts the winning image of a row in place: into the table, displacing lower-version
+/// holders of its unique values, or aside if a higher version holds one. `aside_any` says
+/// whether the table may have set-aside rows (kept up to date). Returns whether the row is
+/// now in the table.
+fn place(conn: &Connection, t: &TableInfo, p: &Placement<'_>, image: &Image, aside_any: &mut bool) -> Result<bool> {
+    let (tbl, key, pk, v) = (p.tbl, p.key, p.pk, p.version);
     let mut losers = Vec::new();
     for q in conflicts(conn, t, pk, image)? {
         let qkey = pk_key(&q);
@@ -309,6 +331,7 @@ fn place(conn: &Connection, t: &TableInfo, tbl: i64, key: &[u8], pk: &[Value], v
         if qv > v {
             delete_row(conn, t, pk)?;
             put_aside(conn, t, tbl, key, v, image)?;
+            *aside_any = true;
             return Ok(false);
         }
         losers.push((q, qkey, qv));
@@ -316,11 +339,14 @@ fn place(conn: &Connection, t: &TableInfo, tbl: i64, key: &[u8], pk: &[Value], v
     for (q, qkey, qv) in losers {
         if let Some(qimage) = read_image(conn, t, &q)? {
             put_aside(conn, t, tbl, &qkey, qv, &qimage)?;
+            *aside_any = true;
         }
         delete_row(conn, t, &q)?;
     }
-    remove_aside(conn, tbl, key)?;
-    upsert_row(conn, t, image)?;
+    if *aside_any {
+        remove_aside(conn, tbl, key)?;
+    }
+    upsert_row(conn, t, p.upsert_sql, image)?;
     Ok(true)
 }
 
@@ -375,7 +401,10 @@ fn reconcile_table(conn: &Connection, t: &TableInfo, tbl: i64) -> Result<()> {
                 Ok::<_, Error>(acc || qv > row.version)
             })?;
             if !blocked {
-                place(conn, t, tbl, &row.key, &pk, row.version, &image)?;
+                let cols: Vec<usize> = image.iter().map(|(i, _)| *i).collect();
+                let sql = upsert_sql(t, &cols);
+                let target = Placement { tbl, key: &row.key, pk: &pk, version: row.version, upsert_sql: &sql };
+                place(conn, t, &target, &image, &mut true)?;
                 placed_one = true;
                 break;
             }
