@@ -16,7 +16,7 @@ use marmot_core::sqlite::SqliteChangeSource;
 use tracing::debug;
 
 /// Shortest interval between flushes while batches are being acknowledged.
-pub const ACK_FLUSH_EVERY: Duration = Duration::from_millis(50);
+pub const ACK_FLUSH_EVERY: Duration = Duration::from_millis(25);
 /// Interval between flushes when nothing was published meanwhile.
 pub const IDLE_FLUSH_EVERY: Duration = Duration::from_secs(1);
 
@@ -28,10 +28,7 @@ pub struct AckFlush {
 
 impl Default for AckFlush {
     fn default() -> Self {
-        AckFlush {
-            last: Instant::now(),
-            flushed_batches: 0,
-        }
+        AckFlush { last: Instant::now(), flushed_batches: 0 }
     }
 }
 
@@ -40,8 +37,7 @@ impl AckFlush {
     pub async fn maybe_flush(&mut self, engine: &mut Engine<SqliteChangeSource>) {
         let published = engine.stats().batches_published;
         let elapsed = self.last.elapsed();
-        let due = (published > self.flushed_batches && elapsed >= ACK_FLUSH_EVERY)
-            || elapsed >= IDLE_FLUSH_EVERY;
+        let due = (published > self.flushed_batches && elapsed >= ACK_FLUSH_EVERY) || elapsed >= IDLE_FLUSH_EVERY;
         if !due {
             return;
         }

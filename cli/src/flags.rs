@@ -130,12 +130,8 @@ pub enum Command {
 
 /// Parses a non-negative number of seconds, fractions allowed.
 fn parse_seconds(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    Duration::try_from_secs_f64(secs)
-        .map_err(|_| format!("{s:?} is not a non-negative number of seconds"))
+    let secs: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is not a non-negative number of seconds"))
 }
 
 impl Flags {
@@ -240,11 +236,7 @@ mod tests {
             &["marmot", "--config=a.toml"][..],
             &["marmot", "--config", "a.toml"][..],
         ] {
-            assert_eq!(
-                parse(args).config,
-                Some(PathBuf::from("a.toml")),
-                "{args:?}"
-            );
+            assert_eq!(parse(args).config, Some(PathBuf::from("a.toml")), "{args:?}");
         }
     }
 
@@ -271,72 +263,28 @@ mod tests {
 
     #[test]
     fn pprof_is_accepted() {
-        assert_eq!(
-            parse(&["marmot", "-pprof", ":6060"]).pprof.as_deref(),
-            Some(":6060")
-        );
+        assert_eq!(parse(&["marmot", "-pprof", ":6060"]).pprof.as_deref(), Some(":6060"));
     }
 
     #[test]
     fn subcommands_parse_after_flags() {
         let f = parse(&["marmot", "-config", "n.toml", "status"]);
-        assert_eq!(
-            f.command,
-            Some(Command::Status {
-                json: false,
-                timeout: Duration::from_secs(3)
-            })
-        );
-        assert_eq!(
-            parse(&["marmot", "wait"]).command,
-            Some(Command::Wait {
-                timeout: Duration::from_secs(30)
-            })
-        );
+        assert_eq!(f.command, Some(Command::Status { json: false, timeout: Duration::from_secs(3) }));
+        assert_eq!(parse(&["marmot", "wait"]).command, Some(Command::Wait { timeout: Duration::from_secs(30) }));
         assert_eq!(
             parse(&["marmot", "watch"]).command,
-            Some(Command::Watch {
-                table: vec![],
-                json: false,
-                from_now: false
-            })
+            Some(Command::Watch { table: vec![], json: false, from_now: false })
         );
     }
 
     #[test]
     fn subcommand_options_parse_in_both_spellings() {
         let f = parse(&["marmot", "-config", "n.toml", "status", "-json"]);
-        assert_eq!(
-            f.command,
-            Some(Command::Status {
-                json: true,
-                timeout: Duration::from_secs(3)
-            })
-        );
-        let f = parse(&[
-            "marmot",
-            "watch",
-            "--table",
-            "a",
-            "-table=b",
-            "--json",
-            "--from-now",
-        ]);
-        assert_eq!(
-            f.command,
-            Some(Command::Watch {
-                table: vec!["a".into(), "b".into()],
-                json: true,
-                from_now: true
-            })
-        );
+        assert_eq!(f.command, Some(Command::Status { json: true, timeout: Duration::from_secs(3) }));
+        let f = parse(&["marmot", "watch", "--table", "a", "-table=b", "--json", "--from-now"]);
+        assert_eq!(f.command, Some(Command::Watch { table: vec!["a".into(), "b".into()], json: true, from_now: true }));
         let f = parse(&["marmot", "wait", "--timeout", "0.5"]);
-        assert_eq!(
-            f.command,
-            Some(Command::Wait {
-                timeout: Duration::from_millis(500)
-            })
-        );
+        assert_eq!(f.command, Some(Command::Wait { timeout: Duration::from_millis(500) }));
         assert!(Flags::try_from_args(["marmot", "wait", "--timeout", "-1"]).is_err());
     }
 
@@ -349,19 +297,11 @@ mod tests {
 
     #[test]
     fn help_explains_every_flag() {
-        let help = Flags::try_from_args(["marmot", "-help"])
-            .unwrap_err()
-            .to_string();
+        let help = Flags::try_from_args(["marmot", "-help"]).unwrap_err().to_string();
         for flag in ["--config", "--cleanup", "--save-snapshot", "--cluster-addr"] {
             assert!(help.contains(flag), "{flag} missing from help:\n{help}");
         }
-        for flag in [
-            "--cluster-peers",
-            "--leaf-servers",
-            "--pprof",
-            "status",
-            "wait",
-        ] {
+        for flag in ["--cluster-peers", "--leaf-servers", "--pprof", "status", "wait"] {
             assert!(help.contains(flag), "{flag} missing from help:\n{help}");
         }
     }

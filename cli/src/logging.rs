@@ -33,29 +33,19 @@ pub fn filter(config: &LoggingConfig, rust_log: Option<&str>) -> Result<EnvFilte
 }
 
 /// Like [`filter`], with `quiet_level` instead of `info` when not verbose.
-fn filter_with(
-    config: &LoggingConfig,
-    rust_log: Option<&str>,
-    quiet_level: &str,
-) -> Result<EnvFilter, LoggingError> {
+fn filter_with(config: &LoggingConfig, rust_log: Option<&str>, quiet_level: &str) -> Result<EnvFilter, LoggingError> {
     match rust_log.filter(|v| !v.trim().is_empty()) {
-        Some(value) => EnvFilter::try_new(value).map_err(|e| LoggingError::BadFilter {
-            value: value.to_owned(),
-            message: e.to_string(),
-        }),
-        None => Ok(EnvFilter::new(if config.verbose {
-            "debug"
-        } else {
-            quiet_level
-        })),
+        Some(value) => EnvFilter::try_new(value)
+            .map_err(|e| LoggingError::BadFilter { value: value.to_owned(), message: e.to_string() }),
+        None => Ok(EnvFilter::new(if config.verbose { "debug" } else { quiet_level })),
     }
 }
 
-/// Installs the global subscriber. Call once, before anything logs. `quiet` (the
-/// inspection commands) logs warnings and errors only, unless verbose or `RUST_LOG`.
-pub fn init(config: &LoggingConfig, quiet: bool) -> Result<(), LoggingError> {
+/// Installs the global subscriber. Call once, before anything logs. `level` applies
+/// unless `verbose` or `RUST_LOG` say otherwise: `info` for a node, quieter for the
+/// inspection commands.
+pub fn init(config: &LoggingConfig, level: &str) -> Result<(), LoggingError> {
     let rust_log = std::env::var(EnvFilter::DEFAULT_ENV).ok();
-    let level = if quiet { "warn" } else { "info" };
     let filter = filter_with(config, rust_log.as_deref(), level)?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -76,10 +66,7 @@ mod tests {
     #[test]
     fn verbose_selects_debug_and_rust_log_wins() {
         let quiet = LoggingConfig::default();
-        let verbose = LoggingConfig {
-            verbose: true,
-            ..LoggingConfig::default()
-        };
+        let verbose = LoggingConfig { verbose: true, ..LoggingConfig::default() };
         assert_eq!(filter(&quiet, None).unwrap().to_string(), "info");
         assert_eq!(filter(&verbose, None).unwrap().to_string(), "debug");
         assert_eq!(filter(&verbose, Some("warn")).unwrap().to_string(), "warn");

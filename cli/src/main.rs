@@ -6,7 +6,7 @@
 use std::process::ExitCode;
 
 use marmot::config::{self, ConfigError, Loaded};
-use marmot::flags::Flags;
+use marmot::flags::{Command, Flags};
 use marmot::{commands, logging, run};
 
 fn main() -> ExitCode {
@@ -15,9 +15,14 @@ fn main() -> ExitCode {
         Ok(loaded) => loaded,
         Err(err) => return config_error(&err),
     };
-    // The inspection commands print their results on stdout; their logs are quieter.
-    let quiet = flags.command.is_some();
-    if let Err(err) = logging::init(&loaded.config.logging, quiet) {
+    // The inspection commands print their results on stdout and report trouble there:
+    // their logs are quieter (`watch` still says while it waits for NATS).
+    let level = match &flags.command {
+        None => "info",
+        Some(Command::Watch { .. }) => "warn",
+        Some(_) => "error",
+    };
+    if let Err(err) = logging::init(&loaded.config.logging, level) {
         eprintln!("marmot: {err}");
         return ExitCode::from(ConfigError::EXIT_CODE as u8);
     }
@@ -59,9 +64,8 @@ fn log_notices(loaded: &Loaded, flags: &Flags) {
         Some(file) => {
             tracing::info!(config = %file.display(), node_id = loaded.config.node_id, "configuration loaded")
         }
-        None => tracing::info!(
-            node_id = loaded.config.node_id,
-            "no -config given; using defaults and MARMOT_* variables"
-        ),
+        None => {
+            tracing::info!(node_id = loaded.config.node_id, "no -config given; using defaults and MARMOT_* variables")
+        }
     }
 }

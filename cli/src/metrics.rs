@@ -41,9 +41,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request head read from a scraper.
 const REQUEST_BYTES_MAX: usize = 8 * 1024;
 /// Upper bounds of the replication-lag histogram's buckets, in seconds.
-pub const LAG_BUCKETS_S: [f64; 14] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
-];
+pub const LAG_BUCKETS_S: [f64; 14] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 
 /// The process's metrics, once [`start`] enabled them (a node runs one per process, as
 /// Prometheus' Go client keeps one default registry).
@@ -146,9 +144,7 @@ impl Histogram {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// `:3010` → `0.0.0.0:3010` (Go's spelling of "every interface"); others unchanged.
@@ -167,13 +163,7 @@ impl Metrics {
             .filter(|s| !s.is_empty())
             .map(|s| format!("{s}_"))
             .collect();
-        Metrics {
-            inner: Arc::new(Inner {
-                node_id,
-                prefix,
-                state: Mutex::new(State::default()),
-            }),
-        }
+        Metrics { inner: Arc::new(Inner { node_id, prefix, state: Mutex::new(State::default()) }) }
     }
 
     /// Binds `addr` and answers scrapes until the runtime stops. Returns the bound address.
@@ -242,10 +232,7 @@ impl Metrics {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.inner
-            .state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Takes the engine's counters (every step) and, at most every [`DB_SAMPLE_EVERY`],
@@ -298,10 +285,7 @@ impl Metrics {
     async fn collect(&self, transport: &NatsTransport) {
         let client = transport.client();
         let connected = client.connection_state() == async_nats::connection::State::Connected;
-        let connects = client
-            .statistics()
-            .connects
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let connects = client.statistics().connects.load(std::sync::atomic::Ordering::Relaxed);
         {
             let mut s = self.state();
             s.nats_connected = Some(connected);
@@ -322,11 +306,7 @@ impl Metrics {
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let s = self.state();
-        let mut out = Exposition {
-            out: String::new(),
-            prefix: &self.inner.prefix,
-            node: self.inner.node_id,
-        };
+        let mut out = Exposition { out: String::new(), prefix: &self.inner.prefix, node: self.inner.node_id };
         let st = &s.stats;
         out.one(
             "info",
@@ -335,18 +315,8 @@ impl Metrics {
             &[("version", env!("CARGO_PKG_VERSION"))],
             1.0,
         );
-        out.scalar(
-            "published",
-            "counter",
-            "Row changes published (Marmot v1's name).",
-            st.changes_published,
-        );
-        out.scalar(
-            "published_batches_total",
-            "counter",
-            "Batches published and acknowledged.",
-            st.batches_published,
-        );
+        out.scalar("published", "counter", "Row changes published (Marmot v1's name).", st.changes_published);
+        out.scalar("published_batches_total", "counter", "Batches published and acknowledged.", st.batches_published);
         out.scalar(
             "publish_errors_total",
             "counter",
@@ -359,18 +329,8 @@ impl Metrics {
             "Captured local changes not yet published (Marmot v1's name).",
             s.pending_publish,
         );
-        out.scalar(
-            "applied_batches_total",
-            "counter",
-            "Remote batches applied.",
-            st.batches_applied,
-        );
-        out.scalar(
-            "applied_rows_total",
-            "counter",
-            "Remote row changes applied.",
-            st.rows_applied,
-        );
+        out.scalar("applied_batches_total", "counter", "Remote batches applied.", st.batches_applied);
+        out.scalar("applied_rows_total", "counter", "Remote row changes applied.", st.rows_applied);
         out.scalar(
             "skipped_rows_total",
             "counter",
@@ -383,57 +343,29 @@ impl Metrics {
             "Entries parked since start (undecodable or naming a missing table or column).",
             st.batches_parked,
         );
-        out.scalar(
-            "parked_batches",
-            "gauge",
-            "Entries in __marmot__parked now.",
-            s.parked_batches,
-        );
+        out.scalar("parked_batches", "gauge", "Entries in __marmot__parked now.", s.parked_batches);
         out.scalar(
             "aside_rows",
             "gauge",
             "Rows set aside in __marmot__aside (lost a UNIQUE value to a newer write).",
             s.aside_rows,
         );
-        out.histogram("replication_lag_seconds",
-            "Origin commit to apply here, sampled once per receive step from the newest batch applied.", &s.lag);
-        out.per_shard(
-            "stream_position",
-            "Last stream position processed and stored, per shard.",
-            &s.positions,
+        out.histogram(
+            "replication_lag_seconds",
+            "Origin commit to apply here, sampled once per receive step from the newest batch applied.",
+            &s.lag,
         );
-        out.per_shard(
-            "stream_last",
-            "Last position the stream holds, per shard.",
-            &s.stream_last,
-        );
-        out.per_shard(
-            "stream_first",
-            "First position the stream still holds, per shard.",
-            &s.stream_first,
-        );
+        out.per_shard("stream_position", "Last stream position processed and stored, per shard.", &s.positions);
+        out.per_shard("stream_last", "Last position the stream holds, per shard.", &s.stream_last);
+        out.per_shard("stream_first", "First position the stream still holds, per shard.", &s.stream_first);
         let behind: BTreeMap<u32, u64> = s
             .stream_last
             .iter()
-            .map(|(&shard, &last)| {
-                (
-                    shard,
-                    last.saturating_sub(s.positions.get(&shard).copied().unwrap_or(0)),
-                )
-            })
+            .map(|(&shard, &last)| (shard, last.saturating_sub(s.positions.get(&shard).copied().unwrap_or(0))))
             .collect();
-        out.per_shard(
-            "stream_lag_entries",
-            "Entries the stream holds beyond this node's stored position.",
-            &behind,
-        );
+        out.per_shard("stream_lag_entries", "Entries the stream holds beyond this node's stored position.", &behind);
         if let Some(connected) = s.nats_connected {
-            out.scalar(
-                "nats_connected",
-                "gauge",
-                "1 while the NATS connection is up.",
-                u64::from(connected),
-            );
+            out.scalar("nats_connected", "gauge", "1 while the NATS connection is up.", u64::from(connected));
             out.scalar(
                 "nats_reconnects_total",
                 "counter",
@@ -476,24 +408,15 @@ fn sample_db(engine: &Engine<SqliteChangeSource>) -> marmot_core::Result<DbSampl
     let published = db.published_hlc()?.max(engine.source().acknowledged());
     let count = |sql: &str, args: &[i64]| -> marmot_core::Result<u64> {
         db.conn()
-            .query_row(sql, rusqlite::params_from_iter(args), |r| {
-                r.get::<_, i64>(0)
-            })
+            .query_row(sql, rusqlite::params_from_iter(args), |r| r.get::<_, i64>(0))
             .map(|n| n as u64)
             .map_err(|e| marmot_core::Error::Database(format!("{sql}: {e}")))
     };
     Ok(DbSample {
-        pending: count(
-            "SELECT count(*) FROM __marmot__log WHERE hlc > ?1",
-            &[published.0 as i64],
-        )?,
+        pending: count("SELECT count(*) FROM __marmot__log WHERE hlc > ?1", &[published.0 as i64])?,
         parked: db.parked_count()?,
         aside: count("SELECT count(*) FROM __marmot__aside", &[])?,
-        positions: db
-            .positions()?
-            .into_iter()
-            .map(|(s, p)| (s.0, p.0))
-            .collect(),
+        positions: db.positions()?.into_iter().map(|(s, p)| (s.0, p.0)).collect(),
     })
 }
 
@@ -513,11 +436,7 @@ impl Exposition<'_> {
     fn sample(&mut self, full: &str, labels: &[(&str, &str)], v: f64) {
         let mut l = format!("node_id=\"{}\"", self.node);
         for (k, val) in labels {
-            let _ = write!(
-                l,
-                ",{k}=\"{}\"",
-                val.replace('\\', "\\\\").replace('"', "\\\"")
-            );
+            let _ = write!(l, ",{k}=\"{}\"", val.replace('\\', "\\\\").replace('"', "\\\""));
         }
         let _ = writeln!(self.out, "{full}{{{l}}} {v}");
     }
@@ -543,11 +462,7 @@ impl Exposition<'_> {
         let mut cumulative = 0;
         for (bound, n) in LAG_BUCKETS_S.iter().zip(h.counts) {
             cumulative += n;
-            self.sample(
-                &format!("{full}_bucket"),
-                &[("le", &bound.to_string())],
-                cumulative as f64,
-            );
+            self.sample(&format!("{full}_bucket"), &[("le", &bound.to_string())], cumulative as f64);
         }
         self.sample(&format!("{full}_bucket"), &[("le", "+Inf")], h.count as f64);
         self.sample(&format!("{full}_sum"), &[], h.sum);
@@ -561,21 +476,14 @@ mod tests {
     use marmot_core::Hlc;
 
     fn config(namespace: &str, subsystem: &str) -> PrometheusConfig {
-        PrometheusConfig {
-            namespace: namespace.into(),
-            subsystem: subsystem.into(),
-            ..PrometheusConfig::default()
-        }
+        PrometheusConfig { namespace: namespace.into(), subsystem: subsystem.into(), ..PrometheusConfig::default() }
     }
 
     #[test]
     fn names_join_namespace_and_subsystem_like_the_go_client() {
         let text = Metrics::new(7, &config("marmot", "")).render();
         assert!(text.contains("marmot_published{node_id=\"7\"} 0"), "{text}");
-        assert!(
-            text.contains("# TYPE marmot_pending_publish gauge"),
-            "{text}"
-        );
+        assert!(text.contains("# TYPE marmot_pending_publish gauge"), "{text}");
         let text = Metrics::new(7, &config("a", "b")).render();
         assert!(text.contains("a_b_published{node_id=\"7\"} 0"), "{text}");
         let text = Metrics::new(7, &config("", "")).render();
@@ -585,10 +493,7 @@ mod tests {
     #[test]
     fn lag_is_observed_once_per_step_that_applied_batches() {
         let m = Metrics::new(1, &config("marmot", ""));
-        let mut stats = EngineStats {
-            batches_applied: 2,
-            ..EngineStats::default()
-        };
+        let mut stats = EngineStats { batches_applied: 2, ..EngineStats::default() };
         stats.last_applied_hlc = Hlc::from_millis(10_000);
         {
             let mut s = m.state();
@@ -596,18 +501,9 @@ mod tests {
             m.take_stats(&mut s, &stats, 99_999); // nothing new applied: no observation
         }
         let text = m.render();
-        assert!(
-            text.contains("marmot_replication_lag_seconds_count{node_id=\"1\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("marmot_replication_lag_seconds_bucket{node_id=\"1\",le=\"0.05\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("marmot_replication_lag_seconds_bucket{node_id=\"1\",le=\"0.025\"} 0"),
-            "{text}"
-        );
+        assert!(text.contains("marmot_replication_lag_seconds_count{node_id=\"1\"} 1"), "{text}");
+        assert!(text.contains("marmot_replication_lag_seconds_bucket{node_id=\"1\",le=\"0.05\"} 1"), "{text}");
+        assert!(text.contains("marmot_replication_lag_seconds_bucket{node_id=\"1\",le=\"0.025\"} 0"), "{text}");
     }
 
     #[test]
@@ -620,14 +516,8 @@ mod tests {
             s.stream_last.insert(1, 3);
         }
         let text = m.render();
-        assert!(
-            text.contains("marmot_stream_lag_entries{node_id=\"1\",shard=\"0\"} 4"),
-            "{text}"
-        );
-        assert!(
-            text.contains("marmot_stream_lag_entries{node_id=\"1\",shard=\"1\"} 3"),
-            "{text}"
-        );
+        assert!(text.contains("marmot_stream_lag_entries{node_id=\"1\",shard=\"0\"} 4"), "{text}");
+        assert!(text.contains("marmot_stream_lag_entries{node_id=\"1\",shard=\"1\"} 3"), "{text}");
     }
 
     #[test]
@@ -641,9 +531,7 @@ mod tests {
         let m = Metrics::new(3, &config("marmot", ""));
         let addr = m.serve("127.0.0.1:0").await.unwrap();
         let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
         let mut body = String::new();
         s.read_to_string(&mut body).await.unwrap();
         assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");

@@ -8,9 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use support::{
-    alive, capture_installed, children_named, insert_books, wait_until, NodeFiles, DEADLINE,
-};
+use support::{alive, capture_installed, children_named, insert_books, wait_until, NodeFiles, DEADLINE};
 
 const ROWS: i64 = 300;
 
@@ -19,18 +17,9 @@ fn sigterm_publishes_pending_rows_stops_the_embedded_server_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let a = NodeFiles::new(dir.path(), 1, None, false);
     let mut node = a.start();
-    wait_until(
-        "capture to be installed",
-        || capture_installed(&a.db),
-        || a.log_text(),
-    );
+    wait_until("capture to be installed", || capture_installed(&a.db), || a.log_text());
     let servers = children_named(node.pid(), "nats-server");
-    assert_eq!(
-        servers.len(),
-        1,
-        "one embedded nats-server child: {servers:?}\n{}",
-        a.log_text()
-    );
+    assert_eq!(servers.len(), 1, "one embedded nats-server child: {servers:?}\n{}", a.log_text());
 
     // Many transactions, then SIGTERM at once: most are still pending when it arrives.
     for i in 0..ROWS / 10 {
@@ -38,37 +27,18 @@ fn sigterm_publishes_pending_rows_stops_the_embedded_server_and_exits_zero() {
     }
     node.terminate();
     let status = node.wait_exit();
-    assert!(
-        status.success(),
-        "marmot exited with {status}\n{}",
-        a.log_text()
-    );
-    wait_until(
-        "the embedded nats-server to be gone",
-        || !alive(servers[0]),
-        || a.log_text(),
-    );
+    assert!(status.success(), "marmot exited with {status}\n{}", a.log_text());
+    wait_until("the embedded nats-server to be gone", || !alive(servers[0]), || a.log_text());
 
     // Recorded as published in the database…
     let conn = rusqlite::Connection::open(&a.db).unwrap();
-    let pending: i64 = conn
-        .query_row(
-            "SELECT pending_changes FROM __marmot__replication",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let pending: i64 = conn.query_row("SELECT pending_changes FROM __marmot__replication", [], |r| r.get(0)).unwrap();
     assert_eq!(pending, 0, "changes left unpublished\n{}", a.log_text());
 
     // …and really in the stream: run the same server again on its store and read it back.
     let conf = a.dir.join("nats").join("marmot-node-1.conf");
-    let mut server = Command::new("nats-server")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut server =
+        Command::new("nats-server").arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let ids = read_ids_with_watch(&a, ROWS as usize);
     let _ = server.kill();
     let _ = server.wait();
@@ -100,9 +70,7 @@ fn read_ids_with_watch(node: &NodeFiles, want: usize) -> std::collections::BTree
     let mut ids = std::collections::BTreeSet::new();
     let end = Instant::now() + DEADLINE;
     while ids.len() < want {
-        let left = end
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
+        let left = end.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
         match rx.recv_timeout(left) {
             Ok(line) => {
                 let v: serde_json::Value = serde_json::from_str(&line).unwrap();

@@ -25,14 +25,10 @@ use crate::flags::Command;
 /// command failed (its message is on stderr).
 pub fn run(command: &Command, config: &Config) -> ExitCode {
     let result = match command {
-        Command::Status { json, timeout } => {
-            runtime().and_then(|rt| rt.block_on(status::run(config, *json, *timeout)))
+        Command::Status { json, timeout } => runtime().and_then(|rt| rt.block_on(status::run(config, *json, *timeout))),
+        Command::Watch { table, json, from_now } => {
+            runtime().and_then(|rt| rt.block_on(watch::run(config, table, *json, *from_now)))
         }
-        Command::Watch {
-            table,
-            json,
-            from_now,
-        } => runtime().and_then(|rt| rt.block_on(watch::run(config, table, *json, *from_now))),
         Command::Wait { timeout } => wait::run(config, *timeout),
     };
     match result {
@@ -57,21 +53,16 @@ pub(crate) fn open_readonly(path: &Path) -> Result<Connection, String> {
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags)
         .map_err(|e| format!("cannot open {} read-only: {e}", path.display()))?;
-    conn.busy_timeout(Duration::from_secs(5))
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(conn)
 }
 
 /// Whether Marmot's tables exist (a node has run on this database).
 pub(crate) fn capture_installed(conn: &Connection) -> Result<bool, String> {
-    conn.query_row(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '__marmot__state'",
-        [],
-        |_| Ok(()),
-    )
-    .optional()
-    .map(|found| found.is_some())
-    .map_err(|e| format!("reading the schema: {e}"))
+    conn.query_row("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '__marmot__state'", [], |_| Ok(()))
+        .optional()
+        .map(|found| found.is_some())
+        .map_err(|e| format!("reading the schema: {e}"))
 }
 
 /// The highest durably published local version, and the highest local version captured
@@ -104,11 +95,7 @@ impl NatsTarget {
             return NatsTarget::Configured(config.nats.urls.clone());
         }
         let conf = embedded_config_path(config);
-        match std::fs::read_to_string(&conf)
-            .ok()
-            .as_deref()
-            .and_then(client_listen)
-        {
+        match std::fs::read_to_string(&conf).ok().as_deref().and_then(client_listen) {
             Some(addr) => NatsTarget::Embedded(format!("nats://{}", local_url(&addr))),
             None => NatsTarget::EmbeddedUnknown(conf),
         }
@@ -132,9 +119,7 @@ fn embedded_config_path(config: &Config) -> PathBuf {
         .filter(|p| !p.as_os_str().is_empty())
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    data_dir
-        .join("nats")
-        .join(format!("{}.conf", config.server_name()))
+    data_dir.join("nats").join(format!("{}.conf", config.server_name()))
 }
 
 /// The top-level `listen: "host:port"` of a generated nats-server configuration.
@@ -179,7 +164,8 @@ mod tests {
 
     #[test]
     fn embedded_client_address_is_read_from_the_generated_config() {
-        let conf = "server_name: \"marmot-node-1\"\nlisten: \"127.0.0.1:40000\"\ncluster {\n  listen: \"0.0.0.0:4221\"\n}\n";
+        let conf =
+            "server_name: \"marmot-node-1\"\nlisten: \"127.0.0.1:40000\"\ncluster {\n  listen: \"0.0.0.0:4221\"\n}\n";
         assert_eq!(client_listen(conf).as_deref(), Some("127.0.0.1:40000"));
         assert_eq!(local_url("0.0.0.0:4222"), "127.0.0.1:4222");
         assert_eq!(local_url(":4222"), "127.0.0.1:4222");

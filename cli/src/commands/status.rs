@@ -126,33 +126,17 @@ pub fn read_database(config: &Config) -> Result<Status, String> {
         db_path: config.db_path.display().to_string(),
         capture_installed: installed,
         tables: schema.tables.iter().map(|t| t.name.clone()).collect(),
-        skipped: schema
-            .skipped
-            .iter()
-            .map(|s| Skipped {
-                name: s.name.clone(),
-                reason: s.reason.clone(),
-            })
-            .collect(),
+        skipped: schema.skipped.iter().map(|s| Skipped { name: s.name.clone(), reason: s.reason.clone() }).collect(),
         pending_changes: 0,
         last_local_hlc: 0,
         published_hlc: 0,
         parked_batches: 0,
         parked: Vec::new(),
         aside_rows: 0,
-        nats: NatsStatus {
-            urls: Vec::new(),
-            embedded: config.embedded_nats(),
-            reachable: false,
-            note: None,
-        },
+        nats: NatsStatus { urls: Vec::new(), embedded: config.embedded_nats(), reachable: false, note: None },
         shards: Vec::new(),
     };
-    let positions = if installed {
-        read_bookkeeping(&conn, &mut status)?
-    } else {
-        Default::default()
-    };
+    let positions = if installed { read_bookkeeping(&conn, &mut status)? } else { Default::default() };
     status.shards = (0..config.replication_log.shards)
         .map(|shard| ShardStatus {
             shard,
@@ -166,25 +150,16 @@ pub fn read_database(config: &Config) -> Result<Status, String> {
     Ok(status)
 }
 
-fn read_bookkeeping(
-    conn: &Connection,
-    status: &mut Status,
-) -> Result<std::collections::BTreeMap<u32, u64>, String> {
+fn read_bookkeeping(conn: &Connection, status: &mut Status) -> Result<std::collections::BTreeMap<u32, u64>, String> {
     let sql_err = |what: &str, e: rusqlite::Error| format!("reading {what}: {e}");
     let (published, local) = published_and_local(conn)?;
     status.published_hlc = published;
     status.last_local_hlc = local;
     let count = |sql: &str, what: &str| {
-        conn.query_row(sql, [], |r| r.get::<_, i64>(0))
-            .map(|n| n as u64)
-            .map_err(|e| sql_err(what, e))
+        conn.query_row(sql, [], |r| r.get::<_, i64>(0)).map(|n| n as u64).map_err(|e| sql_err(what, e))
     };
     status.pending_changes = conn
-        .query_row(
-            "SELECT count(*) FROM __marmot__log WHERE hlc > ?1",
-            [published as i64],
-            |r| r.get::<_, i64>(0),
-        )
+        .query_row("SELECT count(*) FROM __marmot__log WHERE hlc > ?1", [published as i64], |r| r.get::<_, i64>(0))
         .map(|n| n as u64)
         .map_err(|e| sql_err("__marmot__log", e))?;
     status.parked_batches = count("SELECT count(*) FROM __marmot__parked", "__marmot__parked")?;
@@ -194,12 +169,7 @@ fn read_bookkeeping(
         .map_err(|e| sql_err("__marmot__parked", e))?;
     status.parked = stmt
         .query_map([PARKED_LISTED_MAX as i64], |r| {
-            Ok(Parked {
-                id: r.get(0)?,
-                shard: r.get(1)?,
-                position: r.get::<_, i64>(2)? as u64,
-                error: r.get(3)?,
-            })
+            Ok(Parked { id: r.get(0)?, shard: r.get(1)?, position: r.get::<_, i64>(2)? as u64, error: r.get(3)? })
         })
         .and_then(|rows| rows.collect())
         .map_err(|e| sql_err("__marmot__parked", e))?;
@@ -207,9 +177,7 @@ fn read_bookkeeping(
         .prepare("SELECT shard, position FROM __marmot__positions")
         .map_err(|e| sql_err("__marmot__positions", e))?;
     let positions = stmt
-        .query_map([], |r| {
-            Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)? as u64))
-        })
+        .query_map([], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)? as u64)))
         .and_then(|rows| rows.collect())
         .map_err(|e| sql_err("__marmot__positions", e))?;
     Ok(positions)
@@ -226,13 +194,18 @@ async fn read_streams(config: &Config, status: &mut Status, timeout: Duration) {
         ));
         return;
     }
+    if let NatsTarget::Embedded(url) = &target {
+        if !listening(url, timeout).await {
+            status.nats.note =
+                Some(format!("the embedded nats-server at {url} is not running (it runs while marmot does)"));
+            return;
+        }
+    }
     let transport = match connect(config, target.urls(), "status", Some(timeout)).await {
         Ok(t) => t,
         Err(e) => {
             let hint = match target {
-                NatsTarget::Embedded(_) => {
-                    " (is marmot running? its embedded server stops with it)"
-                }
+                NatsTarget::Embedded(_) => " (is marmot running? its embedded server stops with it)",
                 _ => "",
             };
             status.nats.note = Some(format!("{e}{hint}"));
@@ -254,15 +227,19 @@ async fn read_streams(config: &Config, status: &mut Status, timeout: Duration) {
     }
 }
 
+/// Whether something accepts TCP connections at `nats://host:port`.
+async fn listening(url: &str, timeout: Duration) -> bool {
+    let addr = url.trim_start_matches("nats://").to_owned();
+    let probe = tokio::net::TcpStream::connect(addr);
+    matches!(tokio::time::timeout(timeout, probe).await, Ok(Ok(_)))
+}
+
 /// The human-readable form.
 pub fn render(s: &Status) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "node {}  ({})", s.node_id, s.db_path);
     if !s.capture_installed {
-        let _ = writeln!(
-            o,
-            "capture: not installed (marmot has not run on this database yet)"
-        );
+        let _ = writeln!(o, "capture: not installed (marmot has not run on this database yet)");
     }
     let _ = writeln!(o, "tables replicated: {}", list(&s.tables));
     for t in &s.skipped {
@@ -277,32 +254,16 @@ pub fn render(s: &Status) -> String {
     );
     let _ = writeln!(o, "parked batches: {}", s.parked_batches);
     for p in &s.parked {
-        let _ = writeln!(
-            o,
-            "  #{} shard {} position {}: {}",
-            p.id, p.shard, p.position, p.error
-        );
+        let _ = writeln!(o, "  #{} shard {} position {}: {}", p.id, p.shard, p.position, p.error);
     }
     let _ = writeln!(o, "set-aside rows: {}", s.aside_rows);
-    let how = if s.nats.embedded {
-        "embedded server"
-    } else {
-        "nats.urls"
-    };
-    let state = if s.nats.reachable {
-        "reachable"
-    } else {
-        "not reached"
-    };
+    let how = if s.nats.embedded { "embedded server" } else { "nats.urls" };
+    let state = if s.nats.reachable { "reachable" } else { "not reached" };
     let _ = writeln!(o, "NATS ({how}): {} {state}", list(&s.nats.urls));
     if let Some(note) = &s.nats.note {
         let _ = writeln!(o, "  note: {note}");
     }
-    let _ = writeln!(
-        o,
-        "{:<6} {:<24} {:>10} {:>10} {:>10}",
-        "shard", "stream", "position", "last", "behind"
-    );
+    let _ = writeln!(o, "{:<6} {:<24} {:>10} {:>10} {:>10}", "shard", "stream", "position", "last", "behind");
     let opt = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
     for sh in &s.shards {
         let _ = writeln!(

@@ -5,7 +5,7 @@
 //! It reads the database read-only: the target is the highest local version captured when
 //! it starts (`last_local_hlc` of `__marmot__replication`), and it polls `published_hlc`
 //! every [`POLL_EVERY`] until that reaches the target. The running node records
-//! acknowledgements within about 50 ms of publishing (see `ack_flush`). It does not need
+//! acknowledgements within about 25 ms of publishing (see `ack_flush`). It does not need
 //! NATS itself: "published" is what the node recorded after JetStream acknowledged.
 
 use std::time::{Duration, Instant};
@@ -31,11 +31,7 @@ pub fn run(config: &Config, timeout: Duration) -> Result<(), String> {
     while published < target {
         if !timeout.is_zero() && started.elapsed() >= timeout {
             let pending: i64 = conn
-                .query_row(
-                    "SELECT count(*) FROM __marmot__log WHERE hlc > ?1",
-                    [published as i64],
-                    |r| r.get(0),
-                )
+                .query_row("SELECT count(*) FROM __marmot__log WHERE hlc > ?1", [published as i64], |r| r.get(0))
                 .map_err(|e| format!("reading __marmot__log: {e}"))?;
             return Err(format!(
                 "timed out after {timeout:?}: {pending} local change(s) still pending publication \
@@ -62,17 +58,10 @@ mod tests {
     fn database(dir: &std::path::Path) -> (Config, Db) {
         let path = dir.join("app.db");
         let app = rusqlite::Connection::open(&path).unwrap();
-        app.execute_batch(
-            "PRAGMA journal_mode=WAL; CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);",
-        )
-        .unwrap();
+        app.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);").unwrap();
         let db = Db::open(&path, NodeId(1), CaptureOptions::default()).unwrap();
         app.execute("INSERT INTO t VALUES (1, 'a')", []).unwrap();
-        let config = Config {
-            db_path: path,
-            node_id: 1,
-            ..Config::default()
-        };
+        let config = Config { db_path: path, node_id: 1, ..Config::default() };
         (config, db)
     }
 
@@ -82,18 +71,13 @@ mod tests {
         let (config, db) = database(dir.path());
         let app = rusqlite::Connection::open(&config.db_path).unwrap();
         let view = |c: &rusqlite::Connection| -> (i64, i64, i64) {
-            c.query_row(
-                "SELECT last_local_hlc, published_hlc, pending_changes FROM __marmot__replication",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
+            c.query_row("SELECT last_local_hlc, published_hlc, pending_changes FROM __marmot__replication", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
             .unwrap()
         };
         let (local, published, pending) = view(&app);
-        assert!(
-            local > 0 && published == 0 && pending == 1,
-            "{local} {published} {pending}"
-        );
+        assert!(local > 0 && published == 0 && pending == 1, "{local} {published} {pending}");
         let err = run(&config, Duration::from_millis(120)).unwrap_err();
         assert!(err.contains("1 local change(s) still pending"), "{err}");
         db.acknowledge(marmot_core::Hlc(local as u64)).unwrap();
@@ -105,17 +89,8 @@ mod tests {
     fn database_without_capture_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("plain.db");
-        rusqlite::Connection::open(&path)
-            .unwrap()
-            .execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY);")
-            .unwrap();
-        let config = Config {
-            db_path: path,
-            node_id: 1,
-            ..Config::default()
-        };
-        assert!(run(&config, Duration::ZERO)
-            .unwrap_err()
-            .contains("no Marmot capture"));
+        rusqlite::Connection::open(&path).unwrap().execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY);").unwrap();
+        let config = Config { db_path: path, node_id: 1, ..Config::default() };
+        assert!(run(&config, Duration::ZERO).unwrap_err().contains("no Marmot capture"));
     }
 }

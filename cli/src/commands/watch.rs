@@ -29,12 +29,7 @@ struct ShardTail {
 }
 
 /// Tails the streams until Ctrl-C / SIGTERM, or until stdout is closed.
-pub async fn run(
-    config: &Config,
-    tables: &[String],
-    json: bool,
-    from_now: bool,
-) -> Result<(), String> {
+pub async fn run(config: &Config, tables: &[String], json: bool, from_now: bool) -> Result<(), String> {
     let target = NatsTarget::of(config);
     if let NatsTarget::EmbeddedUnknown(conf) = &target {
         return Err(format!(
@@ -48,24 +43,12 @@ pub async fn run(
     for s in 0..transport.shard_count() {
         let shard = Shard(s);
         let b = transport.bounds(shard).await.map_err(|e| e.to_string())?;
-        let after = if from_now {
-            b.last
-        } else {
-            Position(b.first.0.saturating_sub(1))
-        };
-        let sub = transport
-            .subscribe(shard, after)
-            .await
-            .map_err(|e| e.to_string())?;
-        tails.push(ShardTail {
-            shard,
-            sub,
-            reassembler: Reassembler::default(),
-        });
+        let after = if from_now { b.last } else { Position(b.first.0.saturating_sub(1)) };
+        let sub = transport.subscribe(shard, after).await.map_err(|e| e.to_string())?;
+        tails.push(ShardTail { shard, sub, reassembler: Reassembler::default() });
     }
     let stop = async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         let term = async {
             match term.as_mut() {
                 Some(t) => t.recv().await,
@@ -89,25 +72,14 @@ async fn tail(tails: &mut [ShardTail], tables: &[String], json: bool) -> Result<
         let mut seen = 0;
         let n = tails.len();
         for (i, t) in tails.iter_mut().enumerate() {
-            let wait = if seen == 0 && i + 1 == n {
-                IDLE_WAIT
-            } else {
-                Duration::ZERO
-            };
-            let entries = t
-                .sub
-                .next_entries(ENTRIES_PER_READ_MAX, wait)
-                .await
-                .map_err(|e| e.to_string())?;
+            let wait = if seen == 0 && i + 1 == n { IDLE_WAIT } else { Duration::ZERO };
+            let entries = t.sub.next_entries(ENTRIES_PER_READ_MAX, wait).await.map_err(|e| e.to_string())?;
             seen += entries.len();
             for entry in entries {
                 match t.reassembler.feed(entry.position, &entry.payload) {
                     Assembled::Incomplete => {}
                     Assembled::Bad { error, .. } => {
-                        eprintln!(
-                            "shard {} position {}: undecodable entry: {error}",
-                            t.shard, entry.position
-                        );
+                        eprintln!("shard {} position {}: undecodable entry: {error}", t.shard, entry.position);
                     }
                     Assembled::Batch(batch) => {
                         for line in lines(t.shard, entry.position, &batch, tables, json) {
@@ -123,46 +95,22 @@ async fn tail(tails: &mut [ShardTail], tables: &[String], json: bool) -> Result<
 }
 
 /// One line per row change of `batch` in the selected tables.
-pub fn lines(
-    shard: Shard,
-    position: Position,
-    batch: &Batch,
-    tables: &[String],
-    json: bool,
-) -> Vec<String> {
+pub fn lines(shard: Shard, position: Position, batch: &Batch, tables: &[String], json: bool) -> Vec<String> {
     let mut out = Vec::new();
-    for tc in batch
-        .tables
-        .iter()
-        .filter(|tc| tables.is_empty() || tables.contains(&tc.table))
-    {
+    for tc in batch.tables.iter().filter(|tc| tables.is_empty() || tables.contains(&tc.table)) {
         for row in &tc.rows {
             let op = match row.op {
                 Op::Upsert => "upsert",
                 Op::Delete => "delete",
             };
-            let key: Vec<(&str, &Value)> = tc
-                .pk
-                .iter()
-                .map(|&i| (tc.columns[i].as_str(), &row.values[i]))
-                .collect();
+            let key: Vec<(&str, &Value)> = tc.pk.iter().map(|&i| (tc.columns[i].as_str(), &row.values[i])).collect();
             let values: Vec<(&str, &Value)> = match row.op {
-                Op::Upsert => tc
-                    .columns
-                    .iter()
-                    .map(String::as_str)
-                    .zip(&row.values)
-                    .collect(),
+                Op::Upsert => tc.columns.iter().map(String::as_str).zip(&row.values).collect(),
                 Op::Delete => Vec::new(),
             };
             if json {
                 let obj = |pairs: &[(&str, &Value)]| -> Json {
-                    Json::Object(
-                        pairs
-                            .iter()
-                            .map(|(k, v)| (k.to_string(), json_value(v)))
-                            .collect::<Map<_, _>>(),
-                    )
+                    Json::Object(pairs.iter().map(|(k, v)| (k.to_string(), json_value(v))).collect::<Map<_, _>>())
                 };
                 let mut line = json!({
                     "shard": shard.0,
@@ -180,11 +128,7 @@ pub fn lines(
                 out.push(line.to_string());
             } else {
                 let text = |pairs: &[(&str, &Value)]| -> String {
-                    pairs
-                        .iter()
-                        .map(|(k, v)| format!("{k}={}", sql_literal(v)))
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    pairs.iter().map(|(k, v)| format!("{k}={}", sql_literal(v))).collect::<Vec<_>>().join(", ")
                 };
                 let mut line = format!(
                     "shard {shard} @{position} origin {} version {} {} {op} key ({})",
@@ -248,11 +192,7 @@ mod tests {
                         RowChange {
                             hlc: Hlc((5 << 16) | 1),
                             op: Op::Upsert,
-                            values: vec![
-                                Value::Integer(1),
-                                Value::Text("O'Neil".into()),
-                                Value::Blob(vec![0xab]),
-                            ],
+                            values: vec![Value::Integer(1), Value::Text("O'Neil".into()), Value::Blob(vec![0xab])],
                         },
                         RowChange {
                             hlc: Hlc(6 << 16),
@@ -261,12 +201,7 @@ mod tests {
                         },
                     ],
                 },
-                TableChanges {
-                    table: "other".into(),
-                    columns: vec!["k".into()],
-                    pk: vec![0],
-                    rows: vec![],
-                },
+                TableChanges { table: "other".into(), columns: vec!["k".into()], pk: vec![0], rows: vec![] },
             ],
         }
     }
@@ -291,16 +226,11 @@ mod tests {
     fn text_lines_quote_like_sql_and_tables_filter() {
         let lines = lines(Shard(0), Position(3), &batch(), &["books".into()], false);
         assert!(
-            lines[0]
-                .contains("books upsert key (id=1) values (id=1, title='O''Neil', cover=X'AB')"),
+            lines[0].contains("books upsert key (id=1) values (id=1, title='O''Neil', cover=X'AB')"),
             "{}",
             lines[0]
         );
-        assert!(
-            lines[1].ends_with("books delete key (id=9)"),
-            "{}",
-            lines[1]
-        );
+        assert!(lines[1].ends_with("books delete key (id=9)"), "{}", lines[1]);
         assert!(super::lines(Shard(0), Position(3), &batch(), &["nope".into()], false).is_empty());
     }
 }

