@@ -70,19 +70,12 @@ pub enum StoreOptions {
 impl fmt::Debug for StoreOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            StoreOptions::File { location } => {
-                f.debug_struct("File").field("location", &redact_url(location)).finish()
-            }
+            StoreOptions::File { location } => f.debug_struct("File").field("location", &redact_url(location)).finish(),
             StoreOptions::S3(s3) => f.debug_tuple("S3").field(s3).finish(),
-            StoreOptions::WebDav { url } => {
-                f.debug_struct("WebDav").field("url", &redact_url(url)).finish()
-            }
+            StoreOptions::WebDav { url } => f.debug_struct("WebDav").field("url", &redact_url(url)).finish(),
             StoreOptions::Url { url, options } => {
                 let keys: Vec<&str> = options.iter().map(|(k, _)| k.as_str()).collect();
-                f.debug_struct("Url")
-                    .field("url", &redact_url(url))
-                    .field("option_keys", &keys)
-                    .finish()
+                f.debug_struct("Url").field("url", &redact_url(url)).field("option_keys", &keys).finish()
             }
             StoreOptions::Nats(n) => f.debug_tuple("Nats").field(n).finish(),
             StoreOptions::Sftp(s) => f.debug_tuple("Sftp").field(s).finish(),

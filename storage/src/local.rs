@@ -32,10 +32,9 @@ impl LocalSink {
         let unique: u64 = rand::random();
         let file_name = to.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let temp = to.with_file_name(format!(".{file_name}.download-{unique:016x}"));
-        let file = tokio::fs::File::create(&temp).await.map_err(|source| Error::Io {
-            context: format!("create {}", temp.display()),
-            source,
-        })?;
+        let file = tokio::fs::File::create(&temp)
+            .await
+            .map_err(|source| Error::Io { context: format!("create {}", temp.display()), source })?;
         Ok(LocalSink { file: Some(file), committed: false, temp, to: to.to_path_buf() })
     }
 
@@ -47,10 +46,10 @@ impl LocalSink {
     /// Appends `bytes`.
     pub(crate) async fn write(&mut self, bytes: &[u8]) -> Result<()> {
         let temp = self.temp.clone();
-        self.file().write_all(bytes).await.map_err(|source| Error::Io {
-            context: format!("write {}", temp.display()),
-            source,
-        })
+        self.file()
+            .write_all(bytes)
+            .await
+            .map_err(|source| Error::Io { context: format!("write {}", temp.display()), source })
     }
 
     /// Syncs the temporary file and renames it to the destination.
@@ -60,9 +59,7 @@ impl LocalSink {
         file.flush().await.map_err(io(format!("flush {}", self.temp.display())))?;
         file.sync_all().await.map_err(io(format!("sync {}", self.temp.display())))?;
         drop(file);
-        tokio::fs::rename(&self.temp, &self.to)
-            .await
-            .map_err(io(format!("rename to {}", self.to.display())))?;
+        tokio::fs::rename(&self.temp, &self.to).await.map_err(io(format!("rename to {}", self.to.display())))?;
         self.committed = true;
         Ok(())
     }

@@ -14,12 +14,14 @@
 
 use std::fmt;
 use std::path::Path;
+use std::time::Duration;
 
 use async_nats::jetstream::object_store::{self, DeleteErrorKind, GetErrorKind, ObjectStore};
 use async_nats::jetstream::{self, stream::StorageType};
 use async_trait::async_trait;
 use futures::StreamExt;
 use marmot_core::{Error, ObjectInfo, Result, SnapshotStore};
+use tokio::io::AsyncReadExt;
 
 use crate::local::{open_source, LocalSink};
 use crate::names::check_name;
@@ -27,6 +29,11 @@ use crate::store_error;
 
 /// Bytes per object chunk (one JetStream message each).
 pub const CHUNK_BYTES: usize = 128 * 1024;
+
+/// While a download receives nothing, how often it checks whether the object was replaced.
+pub const GET_STALL_CHECK: Duration = Duration::from_secs(1);
+/// How long a download may receive nothing before it fails.
+pub const GET_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The NATS object store's settings: Marmot v1's `[snapshot.nats]`, and the connection.
 #[derive(Clone)]
@@ -80,12 +87,51 @@ impl NatsSnapshotStore {
                     num_replicas: options.replicas.max(1),
                     ..Default::default()
                 };
-                options.jetstream.create_object_store(config).await.map_err(|e| {
-                    store_error(format!("nats object store {name:?}: create bucket: {e}"), true)
-                })?
+                options
+                    .jetstream
+                    .create_object_store(config)
+                    .await
+                    .map_err(|e| store_error(format!("nats object store {name:?}: create bucket: {e}"), true))?
             }
         };
         Ok(NatsSnapshotStore { bucket, name })
+    }
+
+    /// Copies `object` into `sink`. When a put replaces the object meanwhile, its old
+    /// chunks are purged and the reader would wait forever: while no chunk arrives, the
+    /// object's current version is checked every [`GET_STALL_CHECK`], and the download
+    /// fails (retryably) when it changed or after [`GET_IDLE_TIMEOUT`] without data.
+    async fn copy_watching_replacement(
+        &self,
+        name: &str,
+        object: &mut object_store::Object,
+        sink: &mut LocalSink,
+    ) -> Result<()> {
+        let nuid = object.info().nuid.clone();
+        let mut buf = vec![0u8; CHUNK_BYTES];
+        let mut idle = Duration::ZERO;
+        loop {
+            match tokio::time::timeout(GET_STALL_CHECK, object.read(&mut buf)).await {
+                Ok(Ok(0)) => return Ok(()),
+                Ok(Ok(n)) => {
+                    idle = Duration::ZERO;
+                    sink.write(&buf[..n]).await?;
+                }
+                Ok(Err(e)) => return Err(self.error("get", name, e, true)),
+                Err(_) => {
+                    idle += GET_STALL_CHECK;
+                    let current = self.bucket.info(name).await.ok().filter(|i| !i.deleted);
+                    if current.is_none_or(|i| i.nuid != nuid) {
+                        let why = "the object was replaced or deleted during the download";
+                        return Err(self.error("get", name, why, true));
+                    }
+                    if idle >= GET_IDLE_TIMEOUT {
+                        let why = format!("no data for {idle:?}");
+                        return Err(self.error("get", name, why, true));
+                    }
+                }
+            }
+        }
     }
 
     fn error(&self, op: &str, name: &str, e: impl fmt::Display, retryable: bool) -> Error {
@@ -127,15 +173,11 @@ impl SnapshotStore for NatsSnapshotStore {
         check_name(name)?;
         let mut object = self.bucket.get(name).await.map_err(|e| match e.kind() {
             GetErrorKind::NotFound => Error::NotFound(format!("{name} in {self}")),
-            GetErrorKind::InvalidName | GetErrorKind::BucketLink => {
-                self.error("get", name, e, false)
-            }
+            GetErrorKind::InvalidName | GetErrorKind::BucketLink => self.error("get", name, e, false),
             _ => self.error("get", name, e, true),
         })?;
         let mut sink = LocalSink::create(to).await?;
-        tokio::io::copy(&mut object, sink.file())
-            .await
-            .map_err(|e| self.error("get", name, e, true))?;
+        self.copy_watching_replacement(name, &mut object, &mut sink).await?;
         sink.commit().await
     }
 

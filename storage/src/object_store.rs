@@ -25,8 +25,7 @@ use ::object_store::local::LocalFileSystem;
 use ::object_store::path::Path as ObjectPath;
 use ::object_store::prefix::PrefixStore;
 use ::object_store::{
-    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
-    WriteMultipart,
+    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart,
 };
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -114,10 +113,8 @@ impl ObjectSnapshotStore {
                 .ok_or_else(|| store_error(format!("invalid file URL {location:?}"), false))?,
             None => std::path::PathBuf::from(location),
         };
-        std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
-            context: format!("create snapshot directory {}", dir.display()),
-            source,
-        })?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|source| Error::Io { context: format!("create snapshot directory {}", dir.display()), source })?;
         let describe = format!("directory {}", dir.display());
         let store = LocalFileSystem::new_with_prefix(&dir)
             .map_err(|e| store_error(format!("{describe}: {e}"), false))?
@@ -155,11 +152,8 @@ impl ObjectSnapshotStore {
         }
         let prefix = o.path.trim_matches('/');
         let describe = format!("s3://{}/{} at {}", o.bucket, prefix, endpoint_shown);
-        let scrubber =
-            Scrubber::new([o.secret.as_str(), o.session_token.as_str(), o.access_key.as_str()]);
-        let store = builder
-            .build()
-            .map_err(|e| store_error(scrubber.scrub(&format!("{describe}: {e}")), false))?;
+        let scrubber = Scrubber::new([o.secret.as_str(), o.session_token.as_str(), o.access_key.as_str()]);
+        let store = builder.build().map_err(|e| store_error(scrubber.scrub(&format!("{describe}: {e}")), false))?;
         Ok(Self::wrap(with_prefix(Arc::new(store), prefix), describe, scrubber))
     }
 
@@ -168,7 +162,8 @@ impl ObjectSnapshotStore {
     /// `https://host/path/snapshots/path/`, reached with HTTP basic authentication.
     pub fn webdav(url: &str) -> Result<ObjectSnapshotStore> {
         let dav = WebDavUploader::parse(url, CONNECT_TIMEOUT, READ_IDLE_TIMEOUT)?;
-        let options = client_options().with_default_headers(dav.auth_headers());
+        let options =
+            client_options().with_default_headers(dav.auth_headers()).with_allow_http(dav.root().scheme() == "http");
         let store = HttpBuilder::new()
             .with_url(dav.root().as_str())
             .with_client_options(options)
@@ -279,14 +274,10 @@ impl SnapshotStore for ObjectSnapshotStore {
         }
         // Smaller than one part: a single request, at most one part in memory.
         let mut bytes = Vec::with_capacity(size as usize);
-        file.read_to_end(&mut bytes).await.map_err(|source| Error::Io {
-            context: format!("read {}", from.display()),
-            source,
-        })?;
-        self.store
-            .put(&path, PutPayload::from(bytes))
+        file.read_to_end(&mut bytes)
             .await
-            .map_err(|e| self.error("put", name, e))?;
+            .map_err(|source| Error::Io { context: format!("read {}", from.display()), source })?;
+        self.store.put(&path, PutPayload::from(bytes)).await.map_err(|e| self.error("put", name, e))?;
         Ok(())
     }
 
@@ -313,7 +304,14 @@ impl SnapshotStore for ObjectSnapshotStore {
                 Err(::object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
                 Err(e) => return Err(self.error("list", "", e)),
             };
-            let name = meta.location.as_ref().to_string();
+            let mut name = meta.location.as_ref().to_string();
+            if let Some(dav) = &self.webdav {
+                // object_store's HTTP store names listed objects by their path on the
+                // server, not relative to the store's URL.
+                if let Some(relative) = name.strip_prefix(dav.root_path()) {
+                    name = relative.to_string();
+                }
+            }
             if !is_upload_name(&name) {
                 out.push(ObjectInfo { name, size_bytes: meta.size });
             }
@@ -331,8 +329,7 @@ impl SnapshotStore for ObjectSnapshotStore {
 }
 
 fn object_path(name: &str) -> Result<ObjectPath> {
-    ObjectPath::parse(name)
-        .map_err(|e| store_error(format!("invalid object name {name:?}: {e}"), false))
+    ObjectPath::parse(name).map_err(|e| store_error(format!("invalid object name {name:?}: {e}"), false))
 }
 
 fn with_prefix(store: Arc<dyn ObjectStore>, prefix: &str) -> Arc<dyn ObjectStore> {
@@ -352,16 +349,11 @@ fn client_options() -> ClientOptions {
 }
 
 fn retry_config() -> RetryConfig {
-    RetryConfig {
-        backoff: BackoffConfig::default(),
-        max_retries: RETRIES_MAX,
-        retry_timeout: RETRY_WINDOW,
-    }
+    RetryConfig { backoff: BackoffConfig::default(), max_retries: RETRIES_MAX, retry_timeout: RETRY_WINDOW }
 }
 
 /// Whether an `object_store` configuration key holds a credential.
 fn is_secret_option(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
-    ["secret", "token", "key", "password", "sas", "credential"].iter().any(|s| k.contains(s))
-        && !k.ends_with("key_id")
+    ["secret", "token", "key", "password", "sas", "credential"].iter().any(|s| k.contains(s)) && !k.ends_with("key_id")
 }

@@ -52,10 +52,7 @@ pub struct SftpOptions {
 
 impl fmt::Debug for SftpOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SftpOptions")
-            .field("url", &redact_url(&self.url))
-            .field("host_key", &self.host_key)
-            .finish()
+        f.debug_struct("SftpOptions").field("url", &redact_url(&self.url)).field("host_key", &self.host_key).finish()
     }
 }
 
@@ -137,10 +134,7 @@ struct PinnedHostKey {
 impl russh::client::Handler for PinnedHostKey {
     type Error = russh::Error;
 
-    async fn check_server_key(
-        &mut self,
-        key: &PublicKeyOrCertificate,
-    ) -> std::result::Result<bool, Self::Error> {
+    async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> std::result::Result<bool, Self::Error> {
         let (fingerprint, pair) = presented(key);
         let ok = self.accepted.iter().any(|k| match (k, &pair) {
             (PinnedKey::Fingerprint(f), _) => *f == fingerprint,
@@ -189,8 +183,7 @@ impl SftpSnapshotStore {
     /// Parses the options without connecting; the first call connects.
     pub fn new(options: &SftpOptions) -> Result<SftpSnapshotStore> {
         let shown = redact_url(&options.url);
-        let url = Url::parse(&options.url)
-            .map_err(|e| store_error(format!("invalid SFTP URL {shown}: {e}"), false))?;
+        let url = Url::parse(&options.url).map_err(|e| store_error(format!("invalid SFTP URL {shown}: {e}"), false))?;
         if url.scheme() != "sftp" {
             return Err(store_error(format!("SFTP URL {shown} must start with sftp://"), false));
         }
@@ -243,24 +236,21 @@ impl SftpSnapshotStore {
                 return Ok(c.clone());
             }
         }
-        let c = Arc::new(tokio::time::timeout(CONNECT_TIMEOUT, self.open_connection()).await.map_err(
-            |_| self.fail("connect", format!("timed out after {CONNECT_TIMEOUT:?}"), true),
-        )??);
+        let c = Arc::new(
+            tokio::time::timeout(CONNECT_TIMEOUT, self.open_connection())
+                .await
+                .map_err(|_| self.fail("connect", format!("timed out after {CONNECT_TIMEOUT:?}"), true))??,
+        );
         *slot = Some(c.clone());
         Ok(c)
     }
 
     async fn open_connection(&self) -> Result<Connection> {
-        let config = Arc::new(russh::client::Config {
-            keepalive_interval: Some(Duration::from_secs(15)),
-            ..Default::default()
-        });
+        let config =
+            Arc::new(russh::client::Config { keepalive_interval: Some(Duration::from_secs(15)), ..Default::default() });
         let presented = Arc::new(SyncMutex::new(None));
-        let handler =
-            PinnedHostKey { accepted: self.accepted.clone(), presented: presented.clone() };
-        let mut ssh = match russh::client::connect(config, (self.host.as_str(), self.port), handler)
-            .await
-        {
+        let handler = PinnedHostKey { accepted: self.accepted.clone(), presented: presented.clone() };
+        let mut ssh = match russh::client::connect(config, (self.host.as_str(), self.port), handler).await {
             Ok(ssh) => ssh,
             Err(russh::Error::UnknownKey) => {
                 let seen = presented.lock().expect("host key record").take().unwrap_or_default();
@@ -286,18 +276,10 @@ impl SftpSnapshotStore {
                 false,
             ));
         }
-        let channel = ssh
-            .channel_open_session()
-            .await
-            .map_err(|e| self.fail("open session", e.to_string(), true))?;
-        channel
-            .request_subsystem(true, "sftp")
-            .await
-            .map_err(|e| self.fail("start sftp", e.to_string(), true))?;
-        let config = russh_sftp::client::Config {
-            request_timeout_secs: REQUEST_TIMEOUT.as_secs(),
-            ..Default::default()
-        };
+        let channel = ssh.channel_open_session().await.map_err(|e| self.fail("open session", e.to_string(), true))?;
+        channel.request_subsystem(true, "sftp").await.map_err(|e| self.fail("start sftp", e.to_string(), true))?;
+        let config =
+            russh_sftp::client::Config { request_timeout_secs: REQUEST_TIMEOUT.as_secs(), ..Default::default() };
         let sftp = SftpSession::new_with_config(channel.into_stream(), config)
             .await
             .map_err(|e| self.fail("start sftp", e.to_string(), true))?;
@@ -312,9 +294,7 @@ impl SftpSnapshotStore {
     async fn sftp_error(&self, c: &Arc<Connection>, op: &str, name: &str, e: SftpError) -> Error {
         let retryable = match &e {
             SftpError::Status(s) => match s.status_code {
-                StatusCode::NoSuchFile => {
-                    return Error::NotFound(format!("{name} in {}", self.describe))
-                }
+                StatusCode::NoSuchFile => return Error::NotFound(format!("{name} in {}", self.describe)),
                 StatusCode::PermissionDenied | StatusCode::OpUnsupported => false,
                 _ => true,
             },
@@ -339,11 +319,7 @@ impl SftpSnapshotStore {
 
     /// Creates the root and `name`'s parent directories when missing.
     async fn make_dirs(&self, c: &Arc<Connection>, name: &str) -> Result<()> {
-        let mut dir = if self.root.starts_with('/') || self.root.is_empty() {
-            String::new()
-        } else {
-            ".".to_string()
-        };
+        let mut dir = if self.root.starts_with('/') || self.root.is_empty() { String::new() } else { ".".to_string() };
         let root_segments = self.root.split('/').filter(|s| !s.is_empty() && *s != ".");
         let name_segments = name.split('/').collect::<Vec<_>>();
         let parents = name_segments[..name_segments.len() - 1].iter().copied();
@@ -493,10 +469,9 @@ mod tests {
 
     #[test]
     fn host_key_forms_are_parsed() {
-        let keys = parse_host_keys(
-            "[127.0.0.1]:2222 ssh-ed25519 AAAAC3Nza comment\n# note\nSHA256:abcDEF+/=\nssh-rsa AAAAB3",
-        )
-        .unwrap();
+        let keys =
+            parse_host_keys("[127.0.0.1]:2222 ssh-ed25519 AAAAC3Nza comment\n# note\nSHA256:abcDEF+/=\nssh-rsa AAAAB3")
+                .unwrap();
         assert_eq!(
             keys,
             vec![

@@ -32,6 +32,8 @@ pub(crate) struct WebDavUploader {
     dir: Vec<String>,
     /// `base` + `dir` + `/`: where objects live.
     root: Url,
+    /// See [`WebDavUploader::root_path`].
+    root_path: String,
     authorization: Option<HeaderValue>,
     scrubber: Scrubber,
 }
@@ -40,8 +42,7 @@ impl WebDavUploader {
     /// Parses `https://host/path?dir=/snapshots/path&login=USER&secret=PASS`.
     pub(crate) fn parse(url: &str, connect: Duration, idle: Duration) -> Result<WebDavUploader> {
         let shown = redact_url(url);
-        let mut base = Url::parse(url)
-            .map_err(|e| store_error(format!("invalid WebDAV URL {shown}: {e}"), false))?;
+        let mut base = Url::parse(url).map_err(|e| store_error(format!("invalid WebDAV URL {shown}: {e}"), false))?;
         if !matches!(base.scheme(), "http" | "https") {
             return Err(store_error(format!("WebDAV URL {shown} must be http(s)://"), false));
         }
@@ -65,8 +66,7 @@ impl WebDavUploader {
             let path = format!("{}/", base.path());
             base.set_path(&path);
         }
-        let dir: Vec<String> =
-            dir.split('/').filter(|s| !s.is_empty()).map(str::to_string).collect();
+        let dir: Vec<String> = dir.split('/').filter(|s| !s.is_empty()).map(str::to_string).collect();
         let mut root = base.clone();
         root.path_segments_mut()
             .map_err(|_| store_error(format!("WebDAV URL {shown} cannot hold a path"), false))?
@@ -75,8 +75,7 @@ impl WebDavUploader {
             .push("");
         let authorization = (!login.is_empty()).then(|| {
             let token = base64::engine::general_purpose::STANDARD.encode(format!("{login}:{secret}"));
-            let mut value = HeaderValue::from_str(&format!("Basic {token}"))
-                .expect("base64 is a valid header value");
+            let mut value = HeaderValue::from_str(&format!("Basic {token}")).expect("base64 is a valid header value");
             value.set_sensitive(true);
             value
         });
@@ -86,12 +85,19 @@ impl WebDavUploader {
             .build()
             .map_err(|e| store_error(format!("WebDAV client for {shown}: {e}"), false))?;
         let scrubber = Scrubber::new([secret.as_str()]);
-        Ok(WebDavUploader { client, base, dir, root, authorization, scrubber })
+        let root_path = percent_decode(root.path().trim_start_matches('/'));
+        Ok(WebDavUploader { client, base, dir, root, root_path, authorization, scrubber })
     }
 
     /// Where objects live, without credentials.
     pub(crate) fn root(&self) -> &Url {
         &self.root
+    }
+
+    /// The path of [`root`](Self::root) without the leading `/`, decoded, as
+    /// `object_store` names listed objects (`marmot/snapshots/`).
+    pub(crate) fn root_path(&self) -> &str {
+        &self.root_path
     }
 
     /// The `Authorization` header for every request of `object_store`'s HTTP store.
@@ -118,12 +124,7 @@ impl WebDavUploader {
         let temp = self.url_for(&upload_name(name));
         let target = self.url_for(name);
         let body = reqwest::Body::wrap_stream(ReaderStream::with_capacity(file, BODY_CHUNK_BYTES));
-        let put = self
-            .request(Method::PUT, &temp)
-            .header(header::CONTENT_LENGTH, size)
-            .body(body)
-            .send()
-            .await;
+        let put = self.request(Method::PUT, &temp).header(header::CONTENT_LENGTH, size).body(body).send().await;
         self.check("PUT", name, put)?;
         let moved = self
             .request(Method::from_bytes(b"MOVE").expect("MOVE is a valid method"), &temp)
@@ -171,12 +172,7 @@ impl WebDavUploader {
 
     /// Maps a response to success or a store error: 401/403 and other 4xx are final,
     /// 5xx and connection failures retryable.
-    fn check(
-        &self,
-        op: &str,
-        name: &str,
-        response: reqwest::Result<reqwest::Response>,
-    ) -> Result<()> {
+    fn check(&self, op: &str, name: &str, response: reqwest::Result<reqwest::Response>) -> Result<()> {
         let (message, retryable) = match response {
             Ok(r) if r.status().is_success() => return Ok(()),
             Ok(r) if matches!(r.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {

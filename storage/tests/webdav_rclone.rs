@@ -34,10 +34,7 @@ async fn webdav_passes_the_snapshot_store_conformance_suite() {
     let served = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();
     let dav = start_webdav(served.path(), logs.path());
-    let url = format!(
-        "http://127.0.0.1:{}/?dir=/marmot/snapshots&login=marmot&secret={PASSWORD}",
-        dav.port
-    );
+    let url = format!("http://127.0.0.1:{}/?dir=/marmot/snapshots&login=marmot&secret={PASSWORD}", dav.port);
     let store = open(StoreOptions::WebDav { url: url.clone() }).await.expect("open WebDAV");
     snapshot_store_conformance(store.clone()).await;
 

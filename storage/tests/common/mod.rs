@@ -89,10 +89,7 @@ pub fn require_binary(name: &str, install: &str) -> PathBuf {
 
 /// Runs a command to completion and returns its stdout; panics on failure.
 pub fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("run {program}: {e}"));
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("run {program}: {e}"));
     assert!(out.status.success(), "{program} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
