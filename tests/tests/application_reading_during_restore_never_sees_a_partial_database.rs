@@ -12,7 +12,8 @@ use marmot_tests::{
     create_db, require_tools, wait_converged, wait_until, Background, NatsServer, Node, TestDir, DEADLINE,
 };
 use snapshot_common::{
-    file_store_config, position, rows, save_snapshot, write_pairs, write_published_rounds, MAX_ENTRIES, SCHEMA,
+    file_store_config, position, rows, save_snapshot, wait_stream_beyond, write_pairs, write_published_rounds,
+    MAX_ENTRIES, SCHEMA,
 };
 
 /// Reads `t` in a loop until the stop file appears; exits 1 on a broken invariant.
@@ -81,7 +82,7 @@ fn application_reading_during_restore_never_sees_a_partial_database() {
 
     let at_stop = position(&dbs[0]);
     write_published_rounds(&dbs[0], 1, 1_000, ROUNDS_PER_NODE, PER_ROUND, BODY_BYTES);
-    assert!(position(&dbs[0]) - at_stop > 2 * MAX_ENTRIES as i64);
+    wait_stream_beyond(&dbs[0], at_stop);
     save_snapshot(dir.path(), &dir.join("node-1.toml"), &store);
     let expected = rows(&dbs[0]);
 

@@ -65,6 +65,14 @@ pub fn position(db: &Path) -> i64 {
     marmot_tests::query_i64(db, "SELECT max(position) FROM __marmot__positions")
 }
 
+/// Waits until `db` has processed more than [`MAX_ENTRIES`] + 2 stream entries past
+/// `from`: the stream no longer holds what a node stopped at `from` missed.
+pub fn wait_stream_beyond(db: &Path, from: i64) {
+    marmot_tests::wait_until("the stream moved beyond what it keeps", marmot_tests::DEADLINE, || {
+        position(db) - from > MAX_ENTRIES as i64 + 2
+    });
+}
+
 /// The complete snapshots in the directory store (a `.json` manifest beside its
 /// `.db.zst`), oldest first, as paths of the `.db.zst` files.
 pub fn snapshots_in(store: &Path) -> Vec<PathBuf> {
