@@ -10,10 +10,14 @@ use marmot_storage::{open, S3Options, StoreOptions};
 const SECRET: &str = "moto-secret-key-do-not-print";
 
 fn start_moto(dir: &std::path::Path) -> Server {
+    start_moto_with_env(dir, &[])
+}
+
+fn start_moto_with_env(dir: &std::path::Path, env: &[(&str, &str)]) -> Server {
     let moto = require_binary("moto_server", "pip install 'moto[server]'");
     let port = free_port();
     let args = ["-H", "127.0.0.1", "-p", &port.to_string()].map(String::from);
-    Server::start(&moto, &args, port, dir)
+    Server::start_with_env(&moto, &args, env, port, dir)
 }
 
 async fn create_bucket(port: u16, bucket: &str) {
@@ -86,4 +90,24 @@ async fn missing_bucket_name_is_a_configuration_error() {
     let e = open(StoreOptions::S3(options)).await.err().expect("no bucket");
     assert!(!e.is_retryable());
     assert!(e.to_string().contains("bucket"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_s3_credentials_are_a_final_error_without_the_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    // moto checks credentials after this many unauthenticated requests (the bucket's).
+    let moto = start_moto_with_env(dir.path(), &[("INITIAL_NO_AUTH_ACTION_COUNT", "1")]);
+    create_bucket(moto.port, "guarded").await;
+    let store = open(StoreOptions::S3(s3_options(moto.port, "guarded", "p"))).await.unwrap();
+    let from = dir.path().join("source");
+    std::fs::write(&from, b"x").unwrap();
+    for e in [
+        store.put("a.zst", &from).await.unwrap_err(),
+        store.list().await.unwrap_err(),
+        store.get("a.zst", &dir.path().join("out")).await.unwrap_err(),
+    ] {
+        let text = format!("{e} {e:?}");
+        assert!(!text.contains(SECRET), "the secret never appears: {text}");
+        assert!(!e.is_retryable(), "refused credentials are not retryable: {text}");
+    }
 }

@@ -23,11 +23,17 @@ impl Server {
     /// Starts `program args…` with output to `log_dir/<name>.log` and waits until `port`
     /// accepts connections.
     pub fn start(program: &Path, args: &[String], port: u16, log_dir: &Path) -> Server {
+        Server::start_with_env(program, args, &[], port, log_dir)
+    }
+
+    /// [`Server::start`] with extra environment variables.
+    pub fn start_with_env(program: &Path, args: &[String], env: &[(&str, &str)], port: u16, log_dir: &Path) -> Server {
         let name = program.file_name().unwrap().to_string_lossy().into_owned();
         let log = log_dir.join(format!("{name}-{port}.log"));
         let out = std::fs::File::create(&log).expect("create server log");
         let child = Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
