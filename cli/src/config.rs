@@ -272,7 +272,7 @@ pub struct SnapshotSftpConfig {
     /// `sftp://user:password@host:port/path`.
     pub url: String,
     /// New: the server's host key, as a known-hosts line or a `SHA256:…` fingerprint.
-    /// When absent the host key is not pinned.
+    /// Required: an unknown host key is never accepted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host_key: Option<String>,
 }
