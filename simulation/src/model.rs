@@ -18,8 +18,11 @@ pub struct Write {
     pub image: Option<Vec<Value>>,
 }
 
+/// A sortable, exact key for one value: storage class, then value.
+pub type ValueKey = (u8, i64, u64, Vec<u8>);
+
 /// Orders values the way the canonical dump does (by storage class, then value).
-pub fn value_key(v: &Value) -> (u8, i64, u64, Vec<u8>) {
+pub fn value_key(v: &Value) -> ValueKey {
     match v {
         Value::Null => (0, 0, 0, vec![]),
         Value::Integer(i) => (1, *i, 0, vec![]),
@@ -38,7 +41,7 @@ pub type Dump = BTreeMap<String, Vec<Vec<Value>>>;
 pub fn expected(writes: &[Write], tables: &[(&str, Vec<usize>, Vec<usize>)]) -> Dump {
     let mut out = Dump::new();
     for (table, pk_cols, unique_cols) in tables {
-        let mut winners: BTreeMap<Vec<(u8, i64, u64, Vec<u8>)>, &Write> = BTreeMap::new();
+        let mut winners: BTreeMap<Vec<ValueKey>, &Write> = BTreeMap::new();
         for w in writes.iter().filter(|w| w.table == *table) {
             let k: Vec<_> = w.pk.iter().map(value_key).collect();
             match winners.get(&k) {
@@ -49,12 +52,12 @@ pub fn expected(writes: &[Write], tables: &[(&str, Vec<usize>, Vec<usize>)]) -> 
             }
         }
         let mut live: Vec<&Write> = winners.values().copied().filter(|w| w.image.is_some()).collect();
-        live.sort_by(|a, b| b.version.cmp(&a.version));
-        let mut held: Vec<(usize, (u8, i64, u64, Vec<u8>))> = Vec::new();
+        live.sort_by_key(|w| std::cmp::Reverse(w.version));
+        let mut held: Vec<(usize, ValueKey)> = Vec::new();
         let mut rows: Vec<Vec<Value>> = Vec::new();
         for w in live {
             let image = w.image.as_ref().expect("live rows have images");
-            let claims: Vec<(usize, (u8, i64, u64, Vec<u8>))> = unique_cols
+            let claims: Vec<(usize, ValueKey)> = unique_cols
                 .iter()
                 .filter(|&&c| !image[c].is_null())
                 .map(|&c| (c, value_key(&image[c])))
