@@ -7,7 +7,8 @@
 //!
 //! For each size: a WAL database of random-ish rows (half incompressible bytes, half
 //! text) is generated (not timed), then
-//! - `cp`: `std::fs::copy` of the database file (warm page cache, no fsync, like `cp`);
+//! - `cp`: `std::fs::copy` of the database file (warm page cache, no fsync, like `cp`),
+//!   and again followed by an fsync of the copy (a restore's writes are durable);
 //! - save: `Snapshots::save` to a local-directory store (`VACUUM INTO`, strip, zstd,
 //!   checksum, put into the store);
 //! - restore: `Snapshots::restore_newest` into a live database (download from the store,
@@ -56,23 +57,33 @@ fn main() {
         results.push(run_size(dir.path(), mib));
     }
     println!();
-    println!("summary (warm page cache; restore ratio = cp time / restore time, target >= 0.50)");
+    println!("summary (warm page cache; ratio = cp time / restore time, target >= 0.50)");
     println!(
-        "{:>9} {:>8} {:>9} {:>9} {:>11} {:>8} {:>11} {:>11} {:>7}",
-        "db MiB", "cp s", "save s", "restore s", "restore/cp", "zst MiB", "save HWM", "restore HWM", "ratio"
+        "{:>9} {:>8} {:>10} {:>9} {:>9} {:>8} {:>11} {:>11} {:>7} {:>13}",
+        "db MiB",
+        "cp s",
+        "cp+sync s",
+        "save s",
+        "restore s",
+        "zst MiB",
+        "save HWM",
+        "restore HWM",
+        "ratio",
+        "ratio (sync)"
     );
     for r in &results {
         println!(
-            "{:>9.0} {:>8.2} {:>9.2} {:>9.2} {:>11.2} {:>8.0} {:>7} MiB {:>7} MiB {:>7.2}",
+            "{:>9.0} {:>8.2} {:>10.2} {:>9.2} {:>9.2} {:>8.0} {:>7} MiB {:>7} MiB {:>7.2} {:>13.2}",
             r.db_bytes as f64 / MIB as f64,
             r.cp.as_secs_f64(),
+            r.cp_sync.as_secs_f64(),
             r.save.as_secs_f64(),
             r.restore.as_secs_f64(),
-            r.restore.as_secs_f64() / r.cp.as_secs_f64(),
             r.compressed_bytes as f64 / MIB as f64,
             r.save_hwm_kib / 1024,
             r.restore_hwm_kib / 1024,
             r.cp.as_secs_f64() / r.restore.as_secs_f64(),
+            r.cp_sync.as_secs_f64() / r.restore.as_secs_f64(),
         );
     }
     if let [small, .., large] = results.as_slice() {
@@ -93,6 +104,7 @@ struct SizeResult {
     db_bytes: u64,
     compressed_bytes: u64,
     cp: Duration,
+    cp_sync: Duration,
     save: Duration,
     restore: Duration,
     save_hwm_kib: u64,
@@ -113,6 +125,13 @@ fn run_size(dir: &Path, mib: u64) -> SizeResult {
     let cp = t.elapsed();
     println!("cp:      {:6.2} s  {:7.0} MiB/s", cp.as_secs_f64(), rate(db_bytes, cp));
     std::fs::remove_file(&copy).expect("remove the copy");
+    // The same with the copy made durable, as a restore's writes are.
+    let t = Instant::now();
+    std::fs::copy(&db, &copy).expect("copy");
+    std::fs::File::open(&copy).and_then(|f| f.sync_all()).expect("fsync the copy");
+    let cp_sync = t.elapsed();
+    println!("cp+fsync:{:6.2} s  {:7.0} MiB/s", cp_sync.as_secs_f64(), rate(db_bytes, cp_sync));
+    std::fs::remove_file(&copy).expect("remove the copy");
 
     let store = dir.join("store");
     let save = run_child(&["save", path(&db), path(&store), path(dir)]);
@@ -131,11 +150,12 @@ fn run_size(dir: &Path, mib: u64) -> SizeResult {
     let restore = run_child(&["restore", path(&target), path(&store), path(dir)]);
     let restore_time = Duration::from_secs_f64(restore.get("seconds"));
     println!(
-        "restore: {:6.2} s  {:7.0} MiB/s  peak RSS {} MiB  ({:.2}x cp speed)",
+        "restore: {:6.2} s  {:7.0} MiB/s  peak RSS {} MiB  ({:.2}x cp speed, {:.2}x cp+fsync speed)",
         restore_time.as_secs_f64(),
         rate(db_bytes, restore_time),
         restore.get("hwm_kib") as u64 / 1024,
-        cp.as_secs_f64() / restore_time.as_secs_f64()
+        cp.as_secs_f64() / restore_time.as_secs_f64(),
+        cp_sync.as_secs_f64() / restore_time.as_secs_f64()
     );
     let rows = Connection::open(&target)
         .and_then(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0)))
@@ -162,6 +182,7 @@ fn run_size(dir: &Path, mib: u64) -> SizeResult {
         db_bytes,
         compressed_bytes: save.get("compressed_bytes") as u64,
         cp,
+        cp_sync,
         save: save_time,
         restore: restore_time,
         save_hwm_kib: save.get("hwm_kib") as u64,
