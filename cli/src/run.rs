@@ -132,24 +132,33 @@ async fn run_node(config: Config, flags: Flags) -> Result<(), RunError> {
         let transport = Arc::new(connect(nats_options(&config, urls), &stop).await?);
         let _collector = crate::metrics::spawn_collector(&transport);
         let snapshots = match config.snapshot.enabled {
-            true => Some(Snapshots::new(snapshot::open_store(&config, &transport).await?, config.snapshot.keep as usize)),
+            true => Some(Arc::new(Snapshots::new(
+                snapshot::open_store(&config, &transport).await?,
+                config.snapshot.keep as usize,
+            ))),
             false => None,
         };
         if flags.save_snapshot {
-            return save_snapshot_once(&config, &transport, snapshots.as_ref()).await;
+            return save_snapshot_once(&config, &transport, snapshots.as_deref()).await;
         }
         let dirty = Arc::new(AtomicBool::new(true));
         let _watcher = watch_database(&config.db_path, dirty.clone());
-        let snap = SnapshotContext { transport: &transport, snapshots: snapshots.as_ref() };
+        let snap = SnapshotContext {
+            config: Arc::new(config.clone()),
+            transport: transport.clone(),
+            snapshots: snapshots.clone(),
+            running: std::sync::Mutex::new(None),
+        };
         loop {
-            restore_if_behind(&config, &transport, snapshots.as_ref(), flags.force_restore).await?;
+            restore_if_behind(&config, &transport, snapshots.as_deref(), flags.force_restore).await?;
             let mut engine = open_engine(&config, transport.clone())?;
             let outcome = node_loop(&config, &mut engine, &stop, &dirty, &snap).await?;
             shutdown_publish(&mut engine).await;
             match outcome {
                 LoopEnd::Stopped => break,
                 LoopEnd::SleepTimeout => {
-                    snap.save(&config, engine.db()).await;
+                    snap.start_save();
+                    snap.wait().await;
                     break;
                 }
                 LoopEnd::Behind => info!("fell behind the streams; restoring a snapshot"),
@@ -164,26 +173,44 @@ async fn run_node(config: Config, flags: Flags) -> Result<(), RunError> {
     result
 }
 
-/// What the node loop needs to save snapshots.
-struct SnapshotContext<'a> {
-    transport: &'a Arc<NatsTransport>,
-    snapshots: Option<&'a Snapshots>,
+/// Snapshot saves in the background, one at a time, so replication never waits for one.
+struct SnapshotContext {
+    config: Arc<Config>,
+    transport: Arc<NatsTransport>,
+    snapshots: Option<Arc<Snapshots>>,
+    running: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-impl SnapshotContext<'_> {
-    /// Saves a snapshot when enabled; failures are logged, replication goes on.
-    async fn save(&self, config: &Config, db: &Db) {
-        let Some(snapshots) = self.snapshots else { return };
-        if let Err(e) = snapshot::save(config, self.transport, snapshots, db).await {
-            warn!(error = %e, "snapshot not saved; replication continues");
+impl SnapshotContext {
+    /// Starts a save when snapshots are enabled and none is running; failures are logged
+    /// and replication goes on.
+    fn start_save(&self) {
+        let Some(snapshots) = self.snapshots.clone() else { return };
+        let mut running = self.running.lock().expect("snapshot task mutex");
+        if running.as_ref().is_some_and(|h| !h.is_finished()) {
+            debug!("a snapshot save is still running; not starting another");
+            return;
+        }
+        let (config, transport) = (self.config.clone(), self.transport.clone());
+        *running = Some(tokio::spawn(async move {
+            if let Err(e) = snapshot::save(&config, &transport, &snapshots).await {
+                warn!(error = %e, "snapshot not saved; replication continues");
+            }
+        }));
+    }
+
+    /// Waits for a running save to end.
+    async fn wait(&self) {
+        let handle = self.running.lock().expect("snapshot task mutex").take();
+        if let Some(h) = handle {
+            let _ = h.await;
         }
     }
 }
 
 async fn save_snapshot_once(config: &Config, transport: &NatsTransport, snapshots: Option<&Snapshots>) -> Result<(), RunError> {
     let snapshots = snapshots.ok_or("-save-snapshot: snapshots are disabled ([snapshot] enabled = false)")?;
-    let db = Db::open(&config.db_path, NodeId(config.node_id), CaptureOptions::default())?;
-    match snapshot::save(config, transport, snapshots, &db).await? {
+    match snapshot::save(config, transport, snapshots).await? {
         Some(m) => info!(object = %m.object, "snapshot saved; exiting"),
         None => return Err("another node holds the snapshot lease; try again later".into()),
     }
@@ -332,7 +359,7 @@ async fn node_loop(
     engine: &mut Engine<SqliteChangeSource>,
     stop: &AtomicBool,
     dirty: &AtomicBool,
-    snap: &SnapshotContext<'_>,
+    snap: &SnapshotContext,
 ) -> Result<LoopEnd, RunError> {
     let now = Instant::now();
     let mut t = Timers {
@@ -383,7 +410,7 @@ async fn node_loop(
             t.entries_since_snapshot = 0;
             t.last_snapshot = Instant::now();
             engine.flush().await?;
-            snap.save(config, engine.db()).await;
+            snap.start_save();
         }
         if t.last_maintain.elapsed() >= config.cleanup_interval() {
             t.last_maintain = Instant::now();

@@ -65,8 +65,9 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Saves a snapshot under the lease. `Ok(None)` when another node is saving right now.
-pub async fn save(config: &Config, transport: &NatsTransport, snapshots: &Snapshots, db: &Db) -> Result<Option<Manifest>, RunError> {
+/// Saves a snapshot under the lease, through its own database connection, with the copy
+/// and compression on a blocking thread. `Ok(None)` when another node is saving right now.
+pub async fn save(config: &Config, transport: &NatsTransport, snapshots: &Snapshots) -> Result<Option<Manifest>, RunError> {
     let bucket = format!("{}-snapshot-lease", config.nats.stream_prefix);
     let replicas = config.replication_log.effective_replicas() as usize;
     let store = lease::lease_bucket(transport.jetstream(), &bucket, LEASE_TTL, replicas).await?;
@@ -76,13 +77,23 @@ pub async fn save(config: &Config, transport: &NatsTransport, snapshots: &Snapsh
         return Ok(None);
     };
     let started = Instant::now();
-    let result = snapshots.save(db, &work_dir(&config.db_path), now_ms()).await;
+    let result = save_held(config, snapshots).await;
     if let Err(e) = held.release().await {
         warn!(error = %e, "could not release the snapshot lease; it expires on its own");
     }
     let manifest = result?;
     info!(ms = started.elapsed().as_millis() as u64, db_bytes = manifest.db_bytes, "snapshot uploaded");
     Ok(Some(manifest))
+}
+
+async fn save_held(config: &Config, snapshots: &Snapshots) -> Result<Manifest, RunError> {
+    let (path, node, now) = (config.db_path.clone(), NodeId(config.node_id), now_ms());
+    let saved = tokio::task::spawn_blocking(move || {
+        let db = Db::open(&path, node, CaptureOptions::default())?;
+        Snapshots::write_file(&db, &work_dir(&path), now)
+    })
+    .await??;
+    Ok(snapshots.upload_file(node, now, saved).await?)
 }
 
 /// Whether this node's stored positions are behind what the streams still hold.

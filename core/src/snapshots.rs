@@ -50,6 +50,10 @@ impl Manifest {
     }
 }
 
+fn stem(node: NodeId, now_ms: u64) -> String {
+    format!("{STEM_PREFIX}{now_ms:016}-{node}")
+}
+
 /// Saves to and restores from one store.
 pub struct Snapshots {
     store: Arc<dyn SnapshotStore>,
@@ -65,14 +69,26 @@ impl Snapshots {
     /// Saves `db` (using `work_dir` for temporary files), uploads it with its manifest and
     /// deletes snapshots beyond the newest `keep`.
     pub async fn save(&self, db: &Db, work_dir: &Path, now_ms: u64) -> Result<Manifest> {
-        let stem = format!("{STEM_PREFIX}{now_ms:016}-{}", db.node());
-        let file = work_dir.join(format!("{stem}.db.zst"));
+        let saved = Snapshots::write_file(db, work_dir, now_ms)?;
+        self.upload_file(db.node(), now_ms, saved).await
+    }
+
+    /// The blocking half of [`save`](Self::save): writes the compressed snapshot file of
+    /// `db` into `work_dir`. Run it off the async threads; then [`upload_file`](Self::upload_file).
+    pub fn write_file(db: &Db, work_dir: &Path, now_ms: u64) -> Result<crate::sqlite::SnapshotFile> {
+        let file = work_dir.join(format!("{}.db.zst", stem(db.node(), now_ms)));
         let saved = db.save_snapshot(work_dir, &file);
-        let result = match saved {
-            Ok(saved) => self.upload(&stem, db.node(), now_ms, &saved).await,
-            Err(e) => Err(e),
-        };
-        let _ = std::fs::remove_file(&file);
+        if saved.is_err() {
+            let _ = std::fs::remove_file(&file);
+        }
+        saved
+    }
+
+    /// The async half of [`save`](Self::save): uploads a file from
+    /// [`write_file`](Self::write_file) with its manifest, deletes it locally, prunes.
+    pub async fn upload_file(&self, node: NodeId, now_ms: u64, saved: crate::sqlite::SnapshotFile) -> Result<Manifest> {
+        let result = self.upload(&stem(node, now_ms), node, now_ms, &saved).await;
+        let _ = std::fs::remove_file(&saved.path);
         let manifest = result?;
         self.prune().await?;
         Ok(manifest)

@@ -101,6 +101,9 @@ pub struct ObjectSnapshotStore {
     scrubber: Scrubber,
     /// WebDAV only: the streaming upload that `object_store`'s HTTP store lacks.
     webdav: Option<WebDavUploader>,
+    /// Local directory only: downloads are plain file copies (object_store streams a
+    /// local file in small chunks, several times slower).
+    local_dir: Option<std::path::PathBuf>,
 }
 
 impl ObjectSnapshotStore {
@@ -119,7 +122,9 @@ impl ObjectSnapshotStore {
         let store = LocalFileSystem::new_with_prefix(&dir)
             .map_err(|e| store_error(format!("{describe}: {e}"), false))?
             .with_automatic_cleanup(true);
-        Ok(Self::wrap(Arc::new(store), describe, Scrubber::default()))
+        let mut wrapped = Self::wrap(Arc::new(store), describe, Scrubber::default());
+        wrapped.local_dir = Some(dir);
+        Ok(wrapped)
     }
 
     /// S3 or an S3-compatible server.
@@ -200,7 +205,7 @@ impl ObjectSnapshotStore {
     }
 
     fn wrap(store: Arc<dyn ObjectStore>, describe: String, scrubber: Scrubber) -> Self {
-        ObjectSnapshotStore { store, describe, scrubber, webdav: None }
+        ObjectSnapshotStore { store, describe, scrubber, webdav: None, local_dir: None }
     }
 
     /// Maps an `object_store` error of operation `op` on `name` into the core error.
@@ -286,6 +291,9 @@ impl SnapshotStore for ObjectSnapshotStore {
     async fn get(&self, name: &str, to: &Path) -> Result<()> {
         check_name(name)?;
         let path = object_path(name)?;
+        if let Some(dir) = &self.local_dir {
+            return copy_local(&dir.join(path.as_ref()), to, name, &self.describe).await;
+        }
         let result = self.store.get(&path).await.map_err(|e| self.error("get", name, e))?;
         let mut stream = result.into_stream();
         let mut sink = LocalSink::create(to).await?;
@@ -408,4 +416,27 @@ mod tests {
         .unwrap();
         assert!(!format!("{url} {url:?}").contains("url-s3cret"));
     }
+}
+
+/// Copies a stored file to `to` through a temporary name, so `to` never holds a partial
+/// object.
+async fn copy_local(from: &Path, to: &Path, name: &str, describe: &str) -> Result<()> {
+    let tmp = to.with_file_name(format!(
+        ".{}.download",
+        to.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
+    ));
+    match tokio::fs::copy(from, &tmp).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(Error::NotFound(format!("{name} in {describe}")));
+        }
+        Err(source) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(Error::Io { context: format!("copy {name} from {describe}"), source });
+        }
+    }
+    tokio::fs::rename(&tmp, to)
+        .await
+        .map_err(|source| Error::Io { context: format!("move {} into place", to.display()), source })
 }
