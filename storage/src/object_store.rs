@@ -374,6 +374,29 @@ fn is_secret_option(key: &str) -> bool {
     ["secret", "token", "key", "password", "sas", "credential"].iter().any(|s| k.contains(s)) && !k.ends_with("key_id")
 }
 
+/// Copies a stored file to `to` through a temporary name, so `to` never holds a partial
+/// object.
+async fn copy_local(from: &Path, to: &Path, name: &str, describe: &str) -> Result<()> {
+    let tmp = to.with_file_name(format!(
+        ".{}.download",
+        to.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
+    ));
+    match tokio::fs::copy(from, &tmp).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(Error::NotFound(format!("{name} in {describe}")));
+        }
+        Err(source) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(Error::Io { context: format!("copy {name} from {describe}"), source });
+        }
+    }
+    tokio::fs::rename(&tmp, to)
+        .await
+        .map_err(|source| Error::Io { context: format!("move {} into place", to.display()), source })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,25 +441,3 @@ mod tests {
     }
 }
 
-/// Copies a stored file to `to` through a temporary name, so `to` never holds a partial
-/// object.
-async fn copy_local(from: &Path, to: &Path, name: &str, describe: &str) -> Result<()> {
-    let tmp = to.with_file_name(format!(
-        ".{}.download",
-        to.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
-    ));
-    match tokio::fs::copy(from, &tmp).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(Error::NotFound(format!("{name} in {describe}")));
-        }
-        Err(source) => {
-            let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(Error::Io { context: format!("copy {name} from {describe}"), source });
-        }
-    }
-    tokio::fs::rename(&tmp, to)
-        .await
-        .map_err(|source| Error::Io { context: format!("move {} into place", to.display()), source })
-}
