@@ -144,7 +144,8 @@ fn lag(dbs: &[PathBuf], first: usize) -> (f64, f64, usize) {
         let deadline = Instant::now() + DEADLINE;
         while lags.len() < total && Instant::now() < deadline {
             let mut s = c.prepare_cached("SELECT id, t FROM bench WHERE id > ?1 ORDER BY id").unwrap();
-            let rows: Vec<(i64, i64)> = s.query_map([last], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect();
+            let rows: Vec<(i64, i64)> =
+                s.query_map([last], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect();
             let now = now_us();
             for (id, t) in rows {
                 last = last.max(id);
@@ -163,8 +164,11 @@ fn lag(dbs: &[PathBuf], first: usize) -> (f64, f64, usize) {
             std::thread::sleep(d);
         }
         let tx = c.transaction().unwrap();
-        tx.execute("INSERT INTO bench(id, payload, n, t) VALUES (?1, ?2, ?3, ?4)", ((first + k) as i64, payload(k), k as i64, now_us()))
-            .unwrap();
+        tx.execute(
+            "INSERT INTO bench(id, payload, n, t) VALUES (?1, ?2, ?3, ?4)",
+            ((first + k) as i64, payload(k), k as i64, now_us()),
+        )
+        .unwrap();
         tx.commit().unwrap();
     }
     let mut lags = reader.join().unwrap();

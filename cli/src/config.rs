@@ -219,10 +219,7 @@ pub struct SnapshotNatsConfig {
 
 impl Default for SnapshotNatsConfig {
     fn default() -> Self {
-        SnapshotNatsConfig {
-            replicas: 1,
-            bucket: String::new(),
-        }
+        SnapshotNatsConfig { replicas: 1, bucket: String::new() }
     }
 }
 
@@ -295,13 +292,7 @@ pub struct ReplicationLogConfig {
 
 impl Default for ReplicationLogConfig {
     fn default() -> Self {
-        ReplicationLogConfig {
-            shards: 1,
-            max_entries: 1024,
-            replicas: 1,
-            compress: true,
-            update_existing: false,
-        }
+        ReplicationLogConfig { shards: 1, max_entries: 1024, replicas: 1, compress: true, update_existing: false }
     }
 }
 
@@ -311,11 +302,7 @@ pub const MAX_STREAM_REPLICAS: u32 = 5;
 impl ReplicationLogConfig {
     /// The replica count to use: `replicas`, or `shards/2 + 1` when below 1; capped at 5.
     pub fn effective_replicas(&self) -> u32 {
-        let wanted = if self.replicas < 1 {
-            i64::from(self.shards / 2 + 1)
-        } else {
-            self.replicas
-        };
+        let wanted = if self.replicas < 1 { i64::from(self.shards / 2 + 1) } else { self.replicas };
         wanted.clamp(1, i64::from(MAX_STREAM_REPLICAS)) as u32
     }
 }
@@ -420,12 +407,7 @@ pub struct PrometheusConfig {
 
 impl Default for PrometheusConfig {
     fn default() -> Self {
-        PrometheusConfig {
-            enable: false,
-            bind: ":3010".into(),
-            namespace: "marmot".into(),
-            subsystem: String::new(),
-        }
+        PrometheusConfig { enable: false, bind: ":3010".into(), namespace: "marmot".into(), subsystem: String::new() }
     }
 }
 

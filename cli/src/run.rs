@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use marmot_core::engine::{Engine, EngineConfig};
+use marmot_core::snapshots::Snapshots;
 use marmot_core::sqlite::{CaptureOptions, Db, SqliteChangeSource};
 use marmot_core::wire::EncodeOptions;
 use marmot_core::{Error, LogTransport, NodeId, Shard};
-use marmot_core::snapshots::Snapshots;
 use marmot_transports::{EmbeddedOptions, EmbeddedServer, NatsOptions, NatsTransport};
 use tracing::{debug, info, warn};
 
@@ -208,7 +208,11 @@ impl SnapshotContext {
     }
 }
 
-async fn save_snapshot_once(config: &Config, transport: &NatsTransport, snapshots: Option<&Snapshots>) -> Result<(), RunError> {
+async fn save_snapshot_once(
+    config: &Config,
+    transport: &NatsTransport,
+    snapshots: Option<&Snapshots>,
+) -> Result<(), RunError> {
     let snapshots = snapshots.ok_or("-save-snapshot: snapshots are disabled ([snapshot] enabled = false)")?;
     match snapshot::save(config, transport, snapshots).await? {
         Some(m) => info!(object = %m.object, "snapshot saved; exiting"),
@@ -220,7 +224,12 @@ async fn save_snapshot_once(config: &Config, transport: &NatsTransport, snapshot
 /// Restores the newest snapshot when the streams no longer hold what this node missed.
 /// Local changes not yet published are published first; if that fails the restore is
 /// refused unless `force`.
-async fn restore_if_behind(config: &Config, transport: &Arc<NatsTransport>, snapshots: Option<&Snapshots>, force: bool) -> Result<(), RunError> {
+async fn restore_if_behind(
+    config: &Config,
+    transport: &Arc<NatsTransport>,
+    snapshots: Option<&Snapshots>,
+    force: bool,
+) -> Result<(), RunError> {
     let node = NodeId(config.node_id);
     let db = Db::open(&config.db_path, node, CaptureOptions::default())?;
     if snapshot::needs_restore(&db, transport.as_ref()).await?.is_none() {
@@ -316,9 +325,10 @@ fn watch_database(db_path: &Path, dirty: Arc<AtomicBool>) -> Option<notify::Reco
     let name = db_path.file_name()?.to_os_string();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event {
-            let ours = event.paths.iter().any(|p| {
-                p.file_name().is_some_and(|f| f.to_string_lossy().starts_with(&*name.to_string_lossy()))
-            });
+            let ours = event
+                .paths
+                .iter()
+                .any(|p| p.file_name().is_some_and(|f| f.to_string_lossy().starts_with(&*name.to_string_lossy())));
             if ours {
                 dirty.store(true, Ordering::Release);
             }
@@ -371,7 +381,8 @@ async fn node_loop(
         last_snapshot: now,
         entries_since_snapshot: 0,
     };
-    let snapshot_every_entries = (config.replication_log.max_entries / u64::from(config.replication_log.shards.max(1))).max(1);
+    let snapshot_every_entries =
+        (config.replication_log.max_entries / u64::from(config.replication_log.shards.max(1))).max(1);
     let mut acks = crate::ack_flush::AckFlush::default();
     let local_check = config.polling_interval().unwrap_or(LOCAL_CHECK_FALLBACK);
     let shards = engine.transport().shard_count();

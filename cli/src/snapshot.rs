@@ -67,7 +67,11 @@ fn now_ms() -> u64 {
 
 /// Saves a snapshot under the lease, through its own database connection, with the copy
 /// and compression on a blocking thread. `Ok(None)` when another node is saving right now.
-pub async fn save(config: &Config, transport: &NatsTransport, snapshots: &Snapshots) -> Result<Option<Manifest>, RunError> {
+pub async fn save(
+    config: &Config,
+    transport: &NatsTransport,
+    snapshots: &Snapshots,
+) -> Result<Option<Manifest>, RunError> {
     let bucket = format!("{}-snapshot-lease", config.nats.stream_prefix);
     let replicas = config.replication_log.effective_replicas() as usize;
     let store = lease::lease_bucket(transport.jetstream(), &bucket, LEASE_TTL, replicas).await?;
@@ -103,8 +107,12 @@ pub async fn needs_restore(db: &Db, transport: &dyn LogTransport) -> Result<Opti
         let bounds = transport.bounds(shard).await?;
         let done = db.position(shard)?;
         if !bounds.can_resume_after(done) {
-            warn!(shard = s, position = done.0, first = bounds.first.0,
-                "the stream no longer holds what this node missed; a snapshot is needed");
+            warn!(
+                shard = s,
+                position = done.0,
+                first = bounds.first.0,
+                "the stream no longer holds what this node missed; a snapshot is needed"
+            );
             return Ok(Some(shard));
         }
     }
@@ -115,7 +123,9 @@ pub async fn needs_restore(db: &Db, transport: &dyn LogTransport) -> Result<Opti
 pub async fn restore(config: &Config, snapshots: &Snapshots) -> Result<Manifest, RunError> {
     let mut db = Db::open(&config.db_path, NodeId(config.node_id), CaptureOptions::default())?;
     let mut progress = ProgressReporter::new("restoring snapshot");
-    let manifest = snapshots.restore_newest(&mut db, &work_dir(&config.db_path), &mut |done, total| progress.report(done, total)).await?;
+    let manifest = snapshots
+        .restore_newest(&mut db, &work_dir(&config.db_path), &mut |done, total| progress.report(done, total))
+        .await?;
     progress.finish();
     Ok(manifest)
 }
@@ -148,9 +158,23 @@ impl ProgressReporter {
         let left = if rate > 0.0 { (total.saturating_sub(done)) as f64 / rate } else { 0.0 };
         let mib = |b: f64| b / (1024.0 * 1024.0);
         if self.terminal {
-            eprint!("\r{}: {:.1}/{:.1} MiB, {:.1} MiB/s, {:.0}s left   ", self.what, mib(done as f64), mib(total as f64), mib(rate), left);
+            eprint!(
+                "\r{}: {:.1}/{:.1} MiB, {:.1} MiB/s, {:.0}s left   ",
+                self.what,
+                mib(done as f64),
+                mib(total as f64),
+                mib(rate),
+                left
+            );
         } else {
-            info!(what = self.what, done_bytes = done, total_bytes = total, rate_bytes_per_s = rate as u64, seconds_left = left as u64, "progress");
+            info!(
+                what = self.what,
+                done_bytes = done,
+                total_bytes = total,
+                rate_bytes_per_s = rate as u64,
+                seconds_left = left as u64,
+                "progress"
+            );
         }
     }
 

@@ -10,9 +10,7 @@ struct Case {
 
 impl Case {
     fn new() -> Case {
-        Case {
-            dir: tempfile::tempdir().expect("temp dir"),
-        }
+        Case { dir: tempfile::tempdir().expect("temp dir") }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -23,20 +21,15 @@ impl Case {
     fn wal_db(&self) -> PathBuf {
         let path = self.path("app.db");
         let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY);")
-            .unwrap();
-        conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0))
-            .unwrap();
+        conn.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY);").unwrap();
+        conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0)).unwrap();
         path
     }
 
     /// Writes `node.toml`: `node_id = 1`, `db_path` = a valid database, then `extra`.
     fn config(&self, extra: &str) -> PathBuf {
         let db = self.wal_db();
-        let text = format!(
-            "node_id = 1\ndb_path = {:?}\n{extra}",
-            db.display().to_string()
-        );
+        let text = format!("node_id = 1\ndb_path = {:?}\n{extra}", db.display().to_string());
         self.config_text(&text)
     }
 
@@ -77,10 +70,7 @@ fn unknown_key_is_refused_naming_key_and_file() {
     let case = Case::new();
     let file = case.config("[snapshot]\nfoo = 1\n");
     let out = run_with(&file);
-    assert_refused(
-        &out,
-        &["unknown key \"snapshot.foo\"", file.to_str().unwrap()],
-    );
+    assert_refused(&out, &["unknown key \"snapshot.foo\"", file.to_str().unwrap()]);
 }
 
 #[test]
@@ -88,24 +78,14 @@ fn wrong_type_is_refused_naming_key_file_and_line() {
     let case = Case::new();
     let file = case.config("[replication_log]\nshards = \"four\"\n");
     let out = run_with(&file);
-    assert_refused(
-        &out,
-        &[
-            "\"replication_log.shards\"",
-            file.to_str().unwrap(),
-            "line 4",
-        ],
-    );
+    assert_refused(&out, &["\"replication_log.shards\"", file.to_str().unwrap(), "line 4"]);
 }
 
 #[test]
 fn node_id_zero_is_refused() {
     let case = Case::new();
     let db = case.wal_db();
-    let file = case.config_text(&format!(
-        "node_id = 0\ndb_path = {:?}\n",
-        db.to_str().unwrap()
-    ));
+    let file = case.config_text(&format!("node_id = 0\ndb_path = {:?}\n", db.to_str().unwrap()));
     let out = run_with(&file);
     assert_refused(&out, &["\"node_id\"", file.to_str().unwrap()]);
 }
@@ -144,10 +124,7 @@ fn bad_databases_are_refused_naming_db_path_and_file() {
     let text = case.path("text.db");
     std::fs::write(&text, "not a database ".repeat(20)).unwrap();
     let journal = case.path("journal.db");
-    rusqlite::Connection::open(&journal)
-        .unwrap()
-        .execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY);")
-        .unwrap();
+    rusqlite::Connection::open(&journal).unwrap().execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY);").unwrap();
     let cases = [
         (case.path("missing.db"), "does not exist"),
         (empty, "empty"),
@@ -155,20 +132,9 @@ fn bad_databases_are_refused_naming_db_path_and_file() {
         (journal, "PRAGMA journal_mode=WAL"),
     ];
     for (db, problem) in cases {
-        let file = case.config_text(&format!(
-            "node_id = 1\ndb_path = {:?}\n",
-            db.to_str().unwrap()
-        ));
+        let file = case.config_text(&format!("node_id = 1\ndb_path = {:?}\n", db.to_str().unwrap()));
         let out = run_with(&file);
-        assert_refused(
-            &out,
-            &[
-                "db_path",
-                db.to_str().unwrap(),
-                file.to_str().unwrap(),
-                problem,
-            ],
-        );
+        assert_refused(&out, &["db_path", db.to_str().unwrap(), file.to_str().unwrap(), problem]);
     }
 }
 
@@ -176,14 +142,8 @@ fn bad_databases_are_refused_naming_db_path_and_file() {
 fn bad_environment_override_is_refused_naming_the_variable() {
     let case = Case::new();
     let file = case.config("");
-    let out = marmot(
-        &["-config", file.to_str().unwrap()],
-        &[("MARMOT_REPLICATION_LOG_SHARDS", "many")],
-    );
-    assert_refused(
-        &out,
-        &["MARMOT_REPLICATION_LOG_SHARDS", "replication_log.shards"],
-    );
+    let out = marmot(&["-config", file.to_str().unwrap()], &[("MARMOT_REPLICATION_LOG_SHARDS", "many")]);
+    assert_refused(&out, &["MARMOT_REPLICATION_LOG_SHARDS", "replication_log.shards"]);
 }
 
 #[test]
@@ -211,13 +171,7 @@ fn help_lists_the_flags_and_unknown_flags_fail() {
     let out = marmot(&["-help"], &[]);
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in [
-        "--config",
-        "--cleanup",
-        "--save-snapshot",
-        "--cluster-peers",
-        "status",
-    ] {
+    for flag in ["--config", "--cleanup", "--save-snapshot", "--cluster-peers", "status"] {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
     let out = marmot(&["-bogus"], &[]);

@@ -34,12 +34,9 @@ enum Mode {
 
 fn open_app(path: &Path) -> Connection {
     let conn = Connection::open(path).expect("open");
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-        .expect("WAL");
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).expect("WAL");
     assert_eq!(mode, "wal");
-    conn.execute_batch("PRAGMA synchronous=NORMAL")
-        .expect("synchronous");
+    conn.execute_batch("PRAGMA synchronous=NORMAL").expect("synchronous");
     conn
 }
 
@@ -58,15 +55,8 @@ fn insert_for(conn: &Connection, rows_per_tx: usize, run: Duration, next: &mut i
             *next += 1;
             let name = format!("item number {id}");
             let category = ["tools", "garden", "kitchen", "books"][(id % 4) as usize];
-            stmt.execute((
-                id,
-                name,
-                category,
-                id % 1000,
-                id as f64 * 0.25,
-                "a short note about the item",
-            ))
-            .expect("insert");
+            stmt.execute((id, name, category, id % 1000, id as f64 * 0.25, "a short note about the item"))
+                .expect("insert");
         }
         conn.execute_batch("COMMIT").expect("commit");
         rows += rows_per_tx as u64;
@@ -100,13 +90,9 @@ fn trial(mode: Mode, rows_per_tx: usize) -> Rate {
     let (start, cpu_start) = (Instant::now(), thread_cpu_ns());
     let rows = insert_for(&app, rows_per_tx, TRIAL, &mut next);
     let wall = rows as f64 / start.elapsed().as_secs_f64();
-    let cpu = cpu_start
-        .zip(thread_cpu_ns())
-        .map(|(a, b)| rows as f64 * 1e9 / (b - a).max(1) as f64);
+    let cpu = cpu_start.zip(thread_cpu_ns()).map(|(a, b)| rows as f64 * 1e9 / (b - a).max(1) as f64);
     if mode == Mode::Captured {
-        let logged: i64 = app
-            .query_row("SELECT count(*) FROM __marmot__log", [], |r| r.get(0))
-            .expect("log");
+        let logged: i64 = app.query_row("SELECT count(*) FROM __marmot__log", [], |r| r.get(0)).expect("log");
         assert_eq!(logged, next - 1, "every insert was captured");
     }
     Rate { wall, cpu }

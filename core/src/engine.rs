@@ -155,10 +155,8 @@ impl<S: ChangeSource> Engine<S> {
         let shard = shard_of(pending.batch.origin, self.transport.shard_count());
         let parts = wire::encode_batch(&pending.batch, self.config.encode);
         let transport = &self.transport;
-        let results = futures::future::join_all(
-            parts.iter().map(|p| transport.publish(shard, &p.id, p.payload.clone())),
-        )
-        .await;
+        let results =
+            futures::future::join_all(parts.iter().map(|p| transport.publish(shard, &p.id, p.payload.clone()))).await;
         if let Some(e) = results.into_iter().find_map(|r| r.err()) {
             self.stats.publish_errors += 1;
             return Err(e);
@@ -216,7 +214,9 @@ impl<S: ChangeSource> Engine<S> {
         match assembled {
             Assembled::Incomplete => Ok(()),
             Assembled::Bad { error, bytes } => self.park(shard, safe, &error, &bytes),
-            Assembled::Batch(batch) if batch.origin == self.db.node() && position > self.db.own_replay_through(shard)? => {
+            Assembled::Batch(batch)
+                if batch.origin == self.db.node() && position > self.db.own_replay_through(shard)? =>
+            {
                 // Our own changes coming back: nothing to apply, no write to wait for.
                 self.deferred_positions.insert(shard, safe);
                 Ok(())

@@ -94,7 +94,13 @@ impl Snapshots {
         Ok(manifest)
     }
 
-    async fn upload(&self, stem: &str, node: NodeId, now_ms: u64, saved: &crate::sqlite::SnapshotFile) -> Result<Manifest> {
+    async fn upload(
+        &self,
+        stem: &str,
+        node: NodeId,
+        now_ms: u64,
+        saved: &crate::sqlite::SnapshotFile,
+    ) -> Result<Manifest> {
         let object = format!("{stem}.db.zst");
         self.store.put(&object, &saved.path).await?;
         let manifest = Manifest {
@@ -134,13 +140,16 @@ impl Snapshots {
             let tmp = work_dir.join(format!("{}.manifest", stem.replace('/', "_")));
             let got = self.store.get(&format!("{stem}.json"), &tmp).await;
             let parsed = got.and_then(|_| {
-                let bytes = std::fs::read(&tmp).map_err(|source| Error::Io { context: "reading a manifest".into(), source })?;
+                let bytes =
+                    std::fs::read(&tmp).map_err(|source| Error::Io { context: "reading a manifest".into(), source })?;
                 serde_json::from_slice::<Manifest>(&bytes).map_err(|e| Error::Corrupt(format!("manifest {stem}: {e}")))
             });
             let _ = std::fs::remove_file(&tmp);
             match parsed {
                 Ok(m) if m.format == MANIFEST_FORMAT => out.push(m),
-                Ok(m) => warn!(manifest = %stem, format = m.format, "skipping a snapshot of an unknown manifest format"),
+                Ok(m) => {
+                    warn!(manifest = %stem, format = m.format, "skipping a snapshot of an unknown manifest format")
+                }
                 Err(e) => warn!(manifest = %stem, error = %e, "skipping an unreadable snapshot manifest"),
             }
         }

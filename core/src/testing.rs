@@ -107,8 +107,7 @@ async fn concurrent_publishes_are_all_stored(t: Arc<dyn LogTransport>) {
         async move { t.publish(Shard(0), &format!("c-{i}"), payload(i)).await }
     });
     let results = futures::future::join_all(futs).await;
-    let mut positions: Vec<Position> =
-        results.into_iter().map(|r| r.expect("pipelined publish")).collect();
+    let mut positions: Vec<Position> = results.into_iter().map(|r| r.expect("pipelined publish")).collect();
     positions.sort();
     positions.dedup();
     assert_eq!(positions.len() as u64, n, "concurrent publishes get distinct positions");
@@ -122,10 +121,7 @@ async fn subscription_tails_new_entries_and_waits_bounded(t: Arc<dyn LogTranspor
     let started = std::time::Instant::now();
     let none = sub.next_entries(10, Duration::from_millis(300)).await.unwrap();
     assert!(none.is_empty(), "nothing published: nothing delivered");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "next_entries returns after about `wait` when idle"
-    );
+    assert!(started.elapsed() < Duration::from_secs(5), "next_entries returns after about `wait` when idle");
     let publisher = t.clone();
     let task = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -194,10 +190,7 @@ pub async fn snapshot_store_conformance(store: Arc<dyn SnapshotStore>) {
     for o in &left {
         store.delete(&o.name).await.expect("delete at the end");
     }
-    assert!(
-        store.list().await.expect("list").is_empty(),
-        "deleting every name empties the store"
-    );
+    assert!(store.list().await.expect("list").is_empty(), "deleting every name empties the store");
 }
 
 /// A directory for the suite's local files, removed on drop. (`tempfile` is a
@@ -208,10 +201,7 @@ impl ScratchDir {
     fn new() -> ScratchDir {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "marmot-snapshot-conformance-{}-{n}",
-            std::process::id()
-        ));
+        let path = std::env::temp_dir().join(format!("marmot-snapshot-conformance-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).expect("create the scratch directory");
         ScratchDir(path)
@@ -251,24 +241,16 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
 
 async fn fetch(store: &dyn SnapshotStore, dir: &ScratchDir, name: &str) -> Vec<u8> {
     let to = dir.path("fetched");
-    store
-        .get(name, &to)
-        .await
-        .unwrap_or_else(|e| panic!("get {name:?}: {e}"));
+    store.get(name, &to).await.unwrap_or_else(|e| panic!("get {name:?}: {e}"));
     std::fs::read(&to).expect("read the fetched file")
 }
 
 fn sizes(list: &[ObjectInfo]) -> std::collections::BTreeMap<String, u64> {
-    list.iter()
-        .map(|o| (o.name.clone(), o.size_bytes))
-        .collect()
+    list.iter().map(|o| (o.name.clone(), o.size_bytes)).collect()
 }
 
 async fn get_of_missing_name_is_not_found(store: &dyn SnapshotStore, dir: &ScratchDir) {
-    assert!(
-        store.list().await.expect("list").is_empty(),
-        "the suite needs an empty store"
-    );
+    assert!(store.list().await.expect("list").is_empty(), "the suite needs an empty store");
     for name in ["missing.zst", "snapshots/missing/0001.zst"] {
         match store.get(name, &dir.path("missing")).await {
             Err(Error::NotFound(_)) => {}
@@ -281,82 +263,38 @@ async fn get_of_missing_name_is_not_found(store: &dyn SnapshotStore, dir: &Scrat
 async fn large_file_round_trips_byte_for_byte(store: &dyn SnapshotStore, dir: &ScratchDir) {
     let bytes = pattern(SNAPSHOT_LARGE_BYTES, 1);
     let from = dir.file("large", &bytes);
-    store
-        .put("large.zst", &from)
-        .await
-        .expect("put of a multi-MB file");
+    store.put("large.zst", &from).await.expect("put of a multi-MB file");
     let to = dir.file("fetched", b"older, longer or shorter content is replaced");
-    store
-        .get("large.zst", &to)
-        .await
-        .expect("get of a multi-MB file");
+    store.get("large.zst", &to).await.expect("get of a multi-MB file");
     let got = std::fs::read(&to).expect("read the fetched file");
-    assert_eq!(
-        got.len(),
-        bytes.len(),
-        "a multi-MB object round trips with its size"
-    );
+    assert_eq!(got.len(), bytes.len(), "a multi-MB object round trips with its size");
     assert!(got == bytes, "a multi-MB object round trips byte for byte");
     let listed = sizes(&store.list().await.expect("list"));
-    assert_eq!(
-        listed.get("large.zst"),
-        Some(&(bytes.len() as u64)),
-        "list gives the size"
-    );
+    assert_eq!(listed.get("large.zst"), Some(&(bytes.len() as u64)), "list gives the size");
     store.delete("large.zst").await.expect("delete");
 }
 
 async fn put_replaces_an_existing_object(store: &dyn SnapshotStore, dir: &ScratchDir) {
     let first = pattern(300_000, 2);
     let second = pattern(1_000, 3);
-    store
-        .put("replace.zst", &dir.file("first", &first))
-        .await
-        .expect("first put");
-    store
-        .put("replace.zst", &dir.file("second", &second))
-        .await
-        .expect("second put");
-    assert!(
-        fetch(store, dir, "replace.zst").await == second,
-        "put replaces the content"
-    );
+    store.put("replace.zst", &dir.file("first", &first)).await.expect("first put");
+    store.put("replace.zst", &dir.file("second", &second)).await.expect("second put");
+    assert!(fetch(store, dir, "replace.zst").await == second, "put replaces the content");
     let listed = sizes(&store.list().await.expect("list"));
-    assert_eq!(
-        listed.len(),
-        1,
-        "a replaced object is listed once: {listed:?}"
-    );
-    assert_eq!(
-        listed.get("replace.zst"),
-        Some(&1_000),
-        "list shows the new size"
-    );
+    assert_eq!(listed.len(), 1, "a replaced object is listed once: {listed:?}");
+    assert_eq!(listed.get("replace.zst"), Some(&1_000), "list shows the new size");
     store.delete("replace.zst").await.expect("delete");
 }
 
 async fn names_with_a_path_prefix_work(store: &dyn SnapshotStore, dir: &ScratchDir) {
     let name = "snapshots/node-1/0001.zst";
     let bytes = pattern(70_000, 4);
-    store
-        .put(name, &dir.file("prefixed", &bytes))
-        .await
-        .expect("put under a path prefix");
-    assert!(
-        fetch(store, dir, name).await == bytes,
-        "a prefixed name round trips"
-    );
+    store.put(name, &dir.file("prefixed", &bytes)).await.expect("put under a path prefix");
+    assert!(fetch(store, dir, name).await == bytes, "a prefixed name round trips");
     let listed = sizes(&store.list().await.expect("list"));
-    assert_eq!(
-        listed.get(name),
-        Some(&70_000),
-        "list gives the full prefixed name: {listed:?}"
-    );
+    assert_eq!(listed.get(name), Some(&70_000), "list gives the full prefixed name: {listed:?}");
     store.delete(name).await.expect("delete a prefixed name");
-    assert!(
-        store.list().await.expect("list").is_empty(),
-        "deleting the prefixed name"
-    );
+    assert!(store.list().await.expect("list").is_empty(), "deleting the prefixed name");
 }
 
 async fn list_shows_every_name_with_its_size(store: &dyn SnapshotStore, dir: &ScratchDir) {
@@ -371,91 +309,44 @@ async fn list_shows_every_name_with_its_size(store: &dyn SnapshotStore, dir: &Sc
     .map(|(n, s)| (n.to_string(), s))
     .collect();
     for (i, (name, size)) in want.iter().enumerate() {
-        let from = dir.file(
-            &format!("list-{i}"),
-            &pattern(*size as usize, 10 + i as u64),
-        );
-        store
-            .put(name, &from)
-            .await
-            .unwrap_or_else(|e| panic!("put {name:?}: {e}"));
+        let from = dir.file(&format!("list-{i}"), &pattern(*size as usize, 10 + i as u64));
+        store.put(name, &from).await.unwrap_or_else(|e| panic!("put {name:?}: {e}"));
     }
     let listed = sizes(&store.list().await.expect("list"));
-    assert_eq!(
-        listed, want,
-        "list shows exactly the stored names with their sizes"
-    );
-    assert!(
-        fetch(store, dir, "snapshots/node-1/0002.zst")
-            .await
-            .is_empty(),
-        "empty object"
-    );
+    assert_eq!(listed, want, "list shows exactly the stored names with their sizes");
+    assert!(fetch(store, dir, "snapshots/node-1/0002.zst").await.is_empty(), "empty object");
 }
 
-async fn delete_removes_and_delete_of_missing_succeeds(
-    store: &dyn SnapshotStore,
-    dir: &ScratchDir,
-) {
+async fn delete_removes_and_delete_of_missing_succeeds(store: &dyn SnapshotStore, dir: &ScratchDir) {
     store.delete("b.zst").await.expect("delete");
-    store
-        .delete("snapshots/node-2/0001.zst")
-        .await
-        .expect("delete a prefixed name");
+    store.delete("snapshots/node-2/0001.zst").await.expect("delete a prefixed name");
     let listed = sizes(&store.list().await.expect("list"));
-    assert!(
-        !listed.contains_key("b.zst"),
-        "a deleted name is not listed"
-    );
-    assert!(
-        listed.contains_key("a.zst"),
-        "delete removes only the name given"
-    );
+    assert!(!listed.contains_key("b.zst"), "a deleted name is not listed");
+    assert!(listed.contains_key("a.zst"), "delete removes only the name given");
     match store.get("b.zst", &dir.path("deleted")).await {
         Err(Error::NotFound(_)) => {}
         other => panic!("get of a deleted name must fail with NotFound, got {other:?}"),
     }
-    store
-        .delete("b.zst")
-        .await
-        .expect("deleting a deleted name succeeds");
-    store
-        .delete("never-stored.zst")
-        .await
-        .expect("deleting a missing name succeeds");
-    store
-        .delete("no/such/dir/x.zst")
-        .await
-        .expect("deleting under a missing prefix succeeds");
+    store.delete("b.zst").await.expect("deleting a deleted name succeeds");
+    store.delete("never-stored.zst").await.expect("deleting a missing name succeeds");
+    store.delete("no/such/dir/x.zst").await.expect("deleting under a missing prefix succeeds");
     for name in listed.keys() {
         store.delete(name).await.expect("delete");
     }
-    assert!(
-        store.list().await.expect("list").is_empty(),
-        "deleting every name empties the store"
-    );
+    assert!(store.list().await.expect("list").is_empty(), "deleting every name empties the store");
 }
 
 async fn failed_put_leaves_nothing_under_the_name(store: &dyn SnapshotStore, dir: &ScratchDir) {
     let missing = dir.path("no-such-local-file");
-    assert!(
-        store.put("failed.zst", &missing).await.is_err(),
-        "put of a missing file fails"
-    );
-    assert!(
-        store.list().await.expect("list").is_empty(),
-        "a failed put stores nothing"
-    );
+    assert!(store.put("failed.zst", &missing).await.is_err(), "put of a missing file fails");
+    assert!(store.list().await.expect("list").is_empty(), "a failed put stores nothing");
 }
 
 async fn no_partial_object_is_visible_during_put(store: &dyn SnapshotStore, dir: &ScratchDir) {
     let old = pattern(200_000, 20);
     let new = pattern(SNAPSHOT_LARGE_BYTES, 21);
     let name = "snapshots/atomic.zst";
-    store
-        .put(name, &dir.file("old", &old))
-        .await
-        .expect("put the old version");
+    store.put(name, &dir.file("old", &old)).await.expect("put the old version");
     let from = dir.file("new", &new);
     let done = std::sync::atomic::AtomicBool::new(false);
     let writer = async {
@@ -478,10 +369,7 @@ async fn no_partial_object_is_visible_during_put(store: &dyn SnapshotStore, dir:
             match store.get(name, &to).await {
                 Ok(()) => {
                     let got = std::fs::read(&to).expect("read");
-                    assert!(
-                        got == old || got == new,
-                        "get never returns a partial object"
-                    );
+                    assert!(got == old || got == new, "get never returns a partial object");
                     seen += 1;
                 }
                 // A replaced object may vanish under a reader (NATS purges old chunks).
@@ -494,9 +382,6 @@ async fn no_partial_object_is_visible_during_put(store: &dyn SnapshotStore, dir:
     };
     let (put, _seen) = futures::join!(writer, reader);
     put.expect("put of the new version");
-    assert!(
-        fetch(store, dir, name).await == new,
-        "after put returns, get gives the new version"
-    );
+    assert!(fetch(store, dir, name).await == new, "after put returns, get gives the new version");
     store.delete(name).await.expect("delete");
 }

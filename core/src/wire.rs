@@ -159,11 +159,7 @@ pub fn encode_body(batch: &Batch) -> Vec<u8> {
                 table: t.table.clone(),
                 columns: t.columns.clone(),
                 pk: t.pk.iter().map(|&i| i as u32).collect(),
-                rows: t
-                    .rows
-                    .iter()
-                    .map(|r| (r.hlc.0, matches!(r.op, Op::Delete) as u8, r.values.clone()))
-                    .collect(),
+                rows: t.rows.iter().map(|r| (r.hlc.0, matches!(r.op, Op::Delete) as u8, r.values.clone())).collect(),
             })
             .collect(),
     };
@@ -172,8 +168,7 @@ pub fn encode_body(batch: &Batch) -> Vec<u8> {
 
 /// Decodes a batch body produced by [`encode_body`].
 pub fn decode_body(body: &[u8]) -> Result<Batch> {
-    let wire: WireBatch =
-        ciborium::from_reader(body).map_err(|e| Error::Corrupt(format!("batch body: {e}")))?;
+    let wire: WireBatch = ciborium::from_reader(body).map_err(|e| Error::Corrupt(format!("batch body: {e}")))?;
     let mut tables = Vec::with_capacity(wire.tables.len());
     for t in wire.tables {
         let width = t.columns.len();
@@ -213,8 +208,7 @@ pub fn encode_batch(batch: &Batch, opts: EncodeOptions) -> Vec<EncodedPart> {
     }
     let batch_id = xxhash_rust::xxh3::xxh3_64(&body);
     let chunk_len = opts.part_bytes_max.max(1);
-    let chunks: Vec<&[u8]> =
-        if body.is_empty() { vec![&body[..]] } else { body.chunks(chunk_len).collect() };
+    let chunks: Vec<&[u8]> = if body.is_empty() { vec![&body[..]] } else { body.chunks(chunk_len).collect() };
     let count = chunks.len() as u32;
     chunks
         .into_iter()
@@ -259,18 +253,12 @@ pub fn decode_part(payload: &[u8]) -> Result<(PartHeader, Vec<u8>)> {
         return Err(Error::Corrupt(format!("unknown flags {flags:#04x}")));
     }
     let WirePart(origin, batch_id, part_index, part_count, chunk) =
-        ciborium::from_reader(&payload[HEADER_LEN..])
-            .map_err(|e| Error::Corrupt(format!("part header: {e}")))?;
+        ciborium::from_reader(&payload[HEADER_LEN..]).map_err(|e| Error::Corrupt(format!("part header: {e}")))?;
     if part_count == 0 || part_index >= part_count || part_count > PARTS_MAX {
         return Err(Error::Corrupt(format!("part {part_index} of {part_count}")));
     }
-    let header = PartHeader {
-        origin: NodeId(origin),
-        batch_id,
-        part_index,
-        part_count,
-        compressed: flags & FLAG_ZSTD != 0,
-    };
+    let header =
+        PartHeader { origin: NodeId(origin), batch_id, part_index, part_count, compressed: flags & FLAG_ZSTD != 0 };
     Ok((header, chunk))
 }
 
@@ -278,8 +266,7 @@ pub fn decode_part(payload: &[u8]) -> Result<(PartHeader, Vec<u8>)> {
 pub fn decode_chunks(compressed: bool, body: &[u8]) -> Result<Batch> {
     if compressed {
         let mut out = Vec::new();
-        zstd::stream::copy_decode(body, &mut out)
-            .map_err(|e| Error::Corrupt(format!("zstd: {e}")))?;
+        zstd::stream::copy_decode(body, &mut out).map_err(|e| Error::Corrupt(format!("zstd: {e}")))?;
         decode_body(&out)
     } else {
         decode_body(body)

@@ -83,12 +83,7 @@ fn integers_and_reals_keep_their_storage_class() {
             rows: vec![RowChange {
                 hlc: Hlc(1),
                 op: Op::Upsert,
-                values: vec![
-                    Value::Integer(1),
-                    Value::Real(1.0),
-                    Value::Real(-0.0),
-                    Value::Integer(i64::MIN),
-                ],
+                values: vec![Value::Integer(1), Value::Real(1.0), Value::Real(-0.0), Value::Integer(i64::MIN)],
             }],
         }],
     };

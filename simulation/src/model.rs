@@ -57,11 +57,8 @@ pub fn expected(writes: &[Write], tables: &[(&str, Vec<usize>, Vec<usize>)]) -> 
         let mut rows: Vec<Vec<Value>> = Vec::new();
         for w in live {
             let image = w.image.as_ref().expect("live rows have images");
-            let claims: Vec<(usize, ValueKey)> = unique_cols
-                .iter()
-                .filter(|&&c| !image[c].is_null())
-                .map(|&c| (c, value_key(&image[c])))
-                .collect();
+            let claims: Vec<(usize, ValueKey)> =
+                unique_cols.iter().filter(|&&c| !image[c].is_null()).map(|&c| (c, value_key(&image[c]))).collect();
             if claims.iter().any(|c| held.contains(c)) {
                 continue;
             }

@@ -14,8 +14,14 @@ pub fn value() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<i64>().prop_map(Value::Integer),
         (-3i64..3).prop_map(Value::Integer),
-        prop_oneof![Just(-0.0f64), Just(f64::INFINITY), Just(f64::MIN), Just(0.1), any::<f64>().prop_filter("no NaN", |f| !f.is_nan())]
-            .prop_map(Value::Real),
+        prop_oneof![
+            Just(-0.0f64),
+            Just(f64::INFINITY),
+            Just(f64::MIN),
+            Just(0.1),
+            any::<f64>().prop_filter("no NaN", |f| !f.is_nan())
+        ]
+        .prop_map(Value::Real),
         prop_oneof![Just(String::new()), Just("ü 日本 \"q\"".to_owned()), "[a-z]{0,6}"].prop_map(Value::Text),
         prop::collection::vec(any::<u8>(), 0..8).prop_map(Value::Blob),
     ]
@@ -144,7 +150,14 @@ fn action() -> impl Strategy<Value = Action> {
 }
 
 fn fault_mix() -> impl Strategy<Value = FaultMix> {
-    (0u64..4, prop_oneof![Just(0.0), 0.0..0.2], prop_oneof![Just(0.0), 0.0..0.2], prop_oneof![Just(0.0), 0.0..0.2], prop_oneof![Just(1 << 20), 16usize..400], any::<bool>())
+    (
+        0u64..4,
+        prop_oneof![Just(0.0), 0.0..0.2],
+        prop_oneof![Just(0.0), 0.0..0.2],
+        prop_oneof![Just(0.0), 0.0..0.2],
+        prop_oneof![Just(1 << 20), 16usize..400],
+        any::<bool>(),
+    )
         .prop_map(|(delay, redeliver, fail, lost, part, compress)| FaultMix {
             delay_ticks_max: delay,
             redeliver_probability: redeliver,
@@ -157,7 +170,13 @@ fn fault_mix() -> impl Strategy<Value = FaultMix> {
 
 /// The strategy every scenario comes from.
 pub fn scenario(actions_max: usize) -> impl Strategy<Value = Scenario> {
-    (2usize..=5, 1u32..=3, prop::collection::vec(0u64..50, 5), fault_mix(), prop::collection::vec(action(), 1..actions_max))
+    (
+        2usize..=5,
+        1u32..=3,
+        prop::collection::vec(0u64..50, 5),
+        fault_mix(),
+        prop::collection::vec(action(), 1..actions_max),
+    )
         .prop_map(|(nodes, shards, skew_ms, faults, actions)| Scenario { nodes, shards, skew_ms, faults, actions })
 }
 

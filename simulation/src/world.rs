@@ -30,7 +30,12 @@ INSERT INTO __marmot__simtime VALUES (1700000000000);
 
 /// (table, primary-key columns, unique columns) of [`SCHEMA`], for the oracle.
 pub fn tables() -> Vec<(&'static str, Vec<usize>, Vec<usize>)> {
-    vec![("groups", vec![0], vec![]), ("items", vec![0], vec![]), ("order", vec![0, 1], vec![]), ("users", vec![0], vec![1])]
+    vec![
+        ("groups", vec![0], vec![]),
+        ("items", vec![0], vec![]),
+        ("order", vec![0, 1], vec![]),
+        ("users", vec![0], vec![1]),
+    ]
 }
 
 const TIME_SQL: &str = "(SELECT ms FROM __marmot__simtime)";
@@ -139,15 +144,26 @@ impl World {
         match action {
             Action::Write { node, ops } => self.write(node % n, ops),
             Action::Group { node, size } => self.group(node % n, *size),
-            Action::Publish { node } => self.engine_op(node % n, |e| block_on(e.publish_once()).map(|c| format!("published {c}"))),
+            Action::Publish { node } => {
+                self.engine_op(node % n, |e| block_on(e.publish_once()).map(|c| format!("published {c}")))
+            }
             Action::Receive { node, shard } => {
                 let shard = Shard(shard % self.scenario.shards);
-                self.engine_op(node % n, |e| block_on(e.receive_once(shard, std::time::Duration::ZERO)).map(|c| format!("received {c} from {shard}")))
+                self.engine_op(node % n, |e| {
+                    block_on(e.receive_once(shard, std::time::Duration::ZERO))
+                        .map(|c| format!("received {c} from {shard}"))
+                })
             }
-            Action::Maintain { node } => self.engine_op(node % n, |e| block_on(e.maintain()).map(|_| "maintained".into())),
+            Action::Maintain { node } => {
+                self.engine_op(node % n, |e| block_on(e.maintain()).map(|_| "maintained".into()))
+            }
             Action::Crash { node } => self.crash(node % n, "crash"),
-            Action::CrashBeforeAck { node } => self.arm(node % n, Faults { crash_before_ack: true, crash_after_rows: None }),
-            Action::CrashMidApply { node, rows } => self.arm(node % n, Faults { crash_before_ack: false, crash_after_rows: Some(*rows as u64) }),
+            Action::CrashBeforeAck { node } => {
+                self.arm(node % n, Faults { crash_before_ack: true, crash_after_rows: None })
+            }
+            Action::CrashMidApply { node, rows } => {
+                self.arm(node % n, Faults { crash_before_ack: false, crash_after_rows: Some(*rows as u64) })
+            }
             Action::Partition { node, on } => {
                 self.log.set_partitioned(node % n, *on);
                 self.trace.push(format!("partition {} {on}", node % n));
@@ -235,7 +251,8 @@ impl World {
         let ncols = stmt.column_count();
         let rows: Vec<(u64, i64, Vec<Value>, String)> = stmt
             .query_map([node.log_seen as i64], |r| {
-                let values = (3..ncols - 1).map(|c| r.get_ref(c).map(Value::from)).collect::<rusqlite::Result<Vec<_>>>()?;
+                let values =
+                    (3..ncols - 1).map(|c| r.get_ref(c).map(Value::from)).collect::<rusqlite::Result<Vec<_>>>()?;
                 Ok((r.get::<_, i64>(0)? as u64, r.get(2)?, values, r.get(ncols - 1)?))
             })
             .and_then(|rows| rows.collect())
@@ -244,7 +261,10 @@ impl World {
         let tables = tables();
         for (hlc, op, values, table) in rows {
             node.log_seen = node.log_seen.max(hlc);
-            let (_, pk_cols, _) = tables.iter().find(|t| t.0 == table).ok_or_else(|| Failure(format!("captured unknown table {table}")))?;
+            let (_, pk_cols, _) = tables
+                .iter()
+                .find(|t| t.0 == table)
+                .ok_or_else(|| Failure(format!("captured unknown table {table}")))?;
             let width = table_width(&table);
             let image: Vec<Value> = values.into_iter().take(width).collect();
             let pk = pk_cols.iter().map(|&c| image[c].clone()).collect();
@@ -258,7 +278,8 @@ impl World {
         for s in 0..self.scenario.shards {
             let mut min = u64::MAX;
             for n in &self.nodes {
-                let p = n.engine.as_ref().expect("engine").db().position(Shard(s)).map_err(|e| Failure(e.to_string()))?;
+                let p =
+                    n.engine.as_ref().expect("engine").db().position(Shard(s)).map_err(|e| Failure(e.to_string()))?;
                 min = min.min(p.0);
             }
             self.log.truncate(Shard(s), Position(min + 1));
@@ -311,7 +332,9 @@ impl World {
             .or_else(|e| if matches!(e, rusqlite::Error::QueryReturnedNoRows) { Ok(None) } else { Err(e) })
             .map_err(|e| Failure(format!("atomicity check: {e}")))?;
         match bad {
-            Some((grp, size, n)) => Err(Failure(format!("node {i} shows {n} of the {size} rows of group {grp}: a partial transaction"))),
+            Some((grp, size, n)) => {
+                Err(Failure(format!("node {i} shows {n} of the {size} rows of group {grp}: a partial transaction")))
+            }
             None => Ok(()),
         }
     }
@@ -408,4 +431,3 @@ pub fn run_scenario(scenario: Scenario, seed: u64) -> Result<World, (Failure, Ve
         Err(f) => Err((f, world.trace.clone())),
     }
 }
-

@@ -440,4 +440,3 @@ mod tests {
         assert!(!format!("{url} {url:?}").contains("url-s3cret"));
     }
 }
-

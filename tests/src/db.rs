@@ -14,19 +14,15 @@ const BLOB_DUMP_BYTES_MAX: usize = 64;
 /// Creates `path` as a WAL database with `schema` (SQL statements).
 pub fn create_db(path: &Path, schema: &str) {
     let conn = Connection::open(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-        .expect("switch to WAL");
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).expect("switch to WAL");
     assert_eq!(mode, "wal", "journal mode of {}", path.display());
-    conn.execute_batch(schema)
-        .unwrap_or_else(|e| panic!("schema of {}: {e}\n{schema}", path.display()));
+    conn.execute_batch(schema).unwrap_or_else(|e| panic!("schema of {}: {e}\n{schema}", path.display()));
 }
 
 /// A connection to `path` that waits up to 10 s for locks.
 pub fn open(path: &Path) -> Connection {
     let conn = Connection::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    conn.busy_timeout(Duration::from_secs(10))
-        .expect("busy timeout");
+    conn.busy_timeout(Duration::from_secs(10)).expect("busy timeout");
     conn
 }
 
@@ -47,10 +43,7 @@ pub fn user_tables(conn: &Connection) -> Vec<String> {
              AND name NOT LIKE '\\_\\_marmot\\_\\_%' ESCAPE '\\' ORDER BY name",
         )
         .expect("list tables");
-    let names = stmt
-        .query_map([], |r| r.get(0))
-        .and_then(|rows| rows.collect())
-        .expect("list tables");
+    let names = stmt.query_map([], |r| r.get(0)).and_then(|rows| rows.collect()).expect("list tables");
     names
 }
 
@@ -75,9 +68,7 @@ fn dump_with(conn: &Connection, path: &Path, tables: &[&str]) -> String {
     let mut out = String::new();
     for table in tables {
         let sql = format!("SELECT * FROM \"{}\"", table.replace('"', "\"\""));
-        let mut stmt = tx
-            .prepare(&sql)
-            .unwrap_or_else(|e| panic!("{sql} on {}: {e}", path.display()));
+        let mut stmt = tx.prepare(&sql).unwrap_or_else(|e| panic!("{sql} on {}: {e}", path.display()));
         let width = stmt.column_count();
         let mut rows: Vec<String> = stmt
             .query_map([], |r| {
@@ -122,7 +113,5 @@ fn render(out: &mut String, value: ValueRef<'_>) {
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }

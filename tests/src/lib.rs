@@ -47,11 +47,7 @@ pub fn marmot_bin() -> PathBuf {
             let target = std::env::var_os("CARGO_TARGET_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| workspace_root().join("target"));
-            let target = if target.is_relative() {
-                workspace_root().join(target)
-            } else {
-                target
-            };
+            let target = if target.is_relative() { workspace_root().join(target) } else { target };
             target.join("debug").join("marmot")
         }
     };
@@ -66,10 +62,7 @@ pub fn marmot_bin() -> PathBuf {
 
 /// The Cargo workspace root (the parent of this crate).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ lives inside the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ lives inside the workspace").to_path_buf()
 }
 
 /// Fails the test with an install hint when a tool the tests run is not on `PATH`.
@@ -81,10 +74,7 @@ pub fn require_tools() {
         ("python3", "apt-get install python3"),
     ] {
         let found = std::env::split_paths(&path).any(|d| d.join(tool).is_file());
-        assert!(
-            found,
-            "the end-to-end tests run `{tool}`, which is not on PATH: {hint}"
-        );
+        assert!(found, "the end-to-end tests run `{tool}`, which is not on PATH: {hint}");
     }
 }
 
@@ -96,10 +86,7 @@ pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
         if condition() {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting until {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting until {what}");
         std::thread::sleep(POLL_INTERVAL);
     }
 }
@@ -113,10 +100,7 @@ pub fn wait_converged(dbs: &[&Path], timeout: Duration) -> String {
         last.windows(2).all(|w| w[0] == w[1])
     });
     if !converged {
-        panic!(
-            "databases did not converge within {timeout:?}:\n{}",
-            describe_difference(dbs, &last)
-        );
+        panic!("databases did not converge within {timeout:?}:\n{}", describe_difference(dbs, &last));
     }
     last.swap_remove(0)
 }
@@ -143,11 +127,7 @@ fn describe_difference(dbs: &[&Path], dumps: &[String]) -> String {
         }
         let a: Vec<&str> = dumps[0].lines().collect();
         let b: Vec<&str> = d.lines().collect();
-        let at = a
-            .iter()
-            .zip(&b)
-            .position(|(x, y)| x != y)
-            .unwrap_or(a.len().min(b.len()));
+        let at = a.iter().zip(&b).position(|(x, y)| x != y).unwrap_or(a.len().min(b.len()));
         out += &format!(
             "{} ({} lines) vs {} ({} lines), first difference at line {at}:\n  < {}\n  > {}\n",
             dbs[0].display(),
@@ -171,15 +151,9 @@ pub struct TestDir {
 impl TestDir {
     /// A fresh directory whose name starts with `marmot-e2e-<name>`.
     pub fn new(name: &str) -> TestDir {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("marmot-e2e-{name}-"))
-            .tempdir()
-            .expect("create a temp dir");
+        let dir = tempfile::Builder::new().prefix(&format!("marmot-e2e-{name}-")).tempdir().expect("create a temp dir");
         let path = dir.path().to_path_buf();
-        TestDir {
-            dir: Some(dir),
-            path,
-        }
+        TestDir { dir: Some(dir), path }
     }
 
     /// The directory.

@@ -37,17 +37,8 @@ impl NatsServer {
         let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let mut servers: Vec<NatsServer> = (0..n)
             .map(|i| {
-                let routes = cluster_ports
-                    .iter()
-                    .copied()
-                    .filter(|&p| p != cluster_ports[i])
-                    .collect();
-                NatsServer::new(
-                    dir,
-                    &format!("{name}-{}", i + 1),
-                    Some(cluster_ports[i]),
-                    routes,
-                )
+                let routes = cluster_ports.iter().copied().filter(|&p| p != cluster_ports[i]).collect();
+                NatsServer::new(dir, &format!("{name}-{}", i + 1), Some(cluster_ports[i]), routes)
             })
             .collect();
         for server in &mut servers {
@@ -85,11 +76,7 @@ impl NatsServer {
             .arg("-sd")
             .arg(&self.store_dir);
         if let Some(port) = self.cluster_port {
-            let routes: Vec<String> = self
-                .routes
-                .iter()
-                .map(|p| format!("nats://127.0.0.1:{p}"))
-                .collect();
+            let routes: Vec<String> = self.routes.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
             cmd.args(["--cluster_name", "e2e"])
                 .arg("--cluster")
                 .arg(format!("nats://127.0.0.1:{port}"))

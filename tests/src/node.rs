@@ -103,14 +103,9 @@ impl Node {
 
     fn spawn(&mut self) {
         assert!(self.child.is_none(), "{} is already running", self.name);
-        self.log_offset = std::fs::metadata(&self.log)
-            .map(|m| m.len() as usize)
-            .unwrap_or(0);
+        self.log_offset = std::fs::metadata(&self.log).map(|m| m.len() as usize).unwrap_or(0);
         let mut cmd = Command::new(marmot_bin());
-        cmd.arg("-config")
-            .arg(&self.config_path)
-            .args(&self.args)
-            .env_remove("RUST_LOG");
+        cmd.arg("-config").arg(&self.config_path).args(&self.args).env_remove("RUST_LOG");
         self.child = Some(spawn_logged(&mut cmd, &self.log, None));
     }
 
@@ -142,11 +137,7 @@ impl Node {
             None => panic!("{} is stopped", self.name),
         };
         if let Some(status) = status {
-            panic!(
-                "{} exited ({status}); its log:\n{}",
-                self.name,
-                log_tail(&self.log, LOG_TAIL_LINES)
-            );
+            panic!("{} exited ({status}); its log:\n{}", self.name, log_tail(&self.log, LOG_TAIL_LINES));
         }
     }
 
@@ -174,10 +165,7 @@ impl Node {
 
     /// SIGTERMs the process and waits up to `timeout` for it to exit; returns its status.
     pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
-        let mut child = self
-            .child
-            .take()
-            .unwrap_or_else(|| panic!("{} is stopped", self.name));
+        let mut child = self.child.take().unwrap_or_else(|| panic!("{} is stopped", self.name));
         signal(&child, libc::SIGTERM);
         match wait_exit(&mut child, timeout) {
             Some(status) => status,

@@ -19,15 +19,12 @@ pub(crate) fn spawn_logged(cmd: &mut Command, log: &Path, stdin: Option<&Path>) 
         .unwrap_or_else(|e| panic!("open {}: {e}", log.display()));
     let err = out.try_clone().expect("clone a log file handle");
     let input = match stdin {
-        Some(path) => Stdio::from(
-            std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display())),
-        ),
+        Some(path) => Stdio::from(std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()))),
         None => Stdio::null(),
     };
     cmd.stdin(input).stdout(out).stderr(err);
     die_with_parent(cmd);
-    cmd.spawn()
-        .unwrap_or_else(|e| panic!("start {:?}: {e}", cmd.get_program()))
+    cmd.spawn().unwrap_or_else(|e| panic!("start {:?}: {e}", cmd.get_program()))
 }
 
 #[cfg(target_os = "linux")]
@@ -37,14 +34,7 @@ fn die_with_parent(cmd: &mut Command) {
     // nothing.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             if libc::getppid() != parent {
@@ -121,11 +111,7 @@ impl Background {
         let mut cmd = Command::new("python3");
         cmd.arg("-c").arg(script).args(args);
         let child = spawn_logged(&mut cmd, &log, None);
-        Background {
-            name: name.to_owned(),
-            log,
-            child: Some(child),
-        }
+        Background { name: name.to_owned(), log, child: Some(child) }
     }
 
     /// Runs the `sqlite3` CLI on `db` with the script `sql` on its standard input; it stops
@@ -137,11 +123,7 @@ impl Background {
         let mut cmd = Command::new("sqlite3");
         cmd.arg("-bail").arg(db);
         let child = spawn_logged(&mut cmd, &log, Some(&script));
-        Background {
-            name: name.to_owned(),
-            log,
-            child: Some(child),
-        }
+        Background { name: name.to_owned(), log, child: Some(child) }
     }
 
     /// Whether the process is still running.

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use marmot_tests::{
-    create_db, query_i64, require_tools, wait_converged, wait_until, Background, NatsServer, Node,
-    NodeConfig, TestDir, DEADLINE,
+    create_db, query_i64, require_tools, wait_converged, wait_until, Background, NatsServer, Node, NodeConfig, TestDir,
+    DEADLINE,
 };
 
 const NODES: u64 = 3;
@@ -38,10 +38,7 @@ print("committed", i)
 "#;
 
 fn events_from_others(db: &Path, node: u64) -> i64 {
-    query_i64(
-        db,
-        &format!("SELECT count(*) FROM events WHERE node <> {node}"),
-    )
+    query_i64(db, &format!("SELECT count(*) FROM events WHERE node <> {node}"))
 }
 
 /// Waits until node 1 has received `more` events from the others beyond what it has now.
@@ -62,10 +59,7 @@ fn nats_server_restart_with_three_replicas_keeps_replicating() {
         .map(|id| {
             let db = dir.join(format!("node-{id}.db"));
             create_db(&db, SCHEMA);
-            let config = NodeConfig {
-                replicas: 3,
-                ..NodeConfig::new(id, &db).with_urls(urls.clone())
-            };
+            let config = NodeConfig { replicas: 3, ..NodeConfig::new(id, &db).with_urls(urls.clone()) };
             Node::start(dir.path(), &config, &[])
         })
         .collect();
@@ -83,11 +77,7 @@ fn nats_server_restart_with_three_replicas_keeps_replicating() {
                 dir.path(),
                 &format!("writer-{id}"),
                 WRITER,
-                &[
-                    &db.to_string_lossy(),
-                    &id.to_string(),
-                    &stop.to_string_lossy(),
-                ],
+                &[&db.to_string_lossy(), &id.to_string(), &stop.to_string_lossy()],
             )
         })
         .collect();
@@ -97,16 +87,9 @@ fn nats_server_restart_with_three_replicas_keeps_replicating() {
     let stalled = wait_progress(&dbs[0], 1, "replication resumes with one server down");
     wait_progress(&dbs[0], 200, "replication goes on with one server down");
     servers[0].restart();
-    wait_progress(
-        &dbs[0],
-        200,
-        "replication goes on after the server's return",
-    );
+    wait_progress(&dbs[0], 200, "replication goes on after the server's return");
     for writer in &mut writers {
-        assert!(
-            writer.is_running(),
-            "the writers kept writing through the server's death and return"
-        );
+        assert!(writer.is_running(), "the writers kept writing through the server's death and return");
     }
     std::fs::write(&stop, b"").unwrap();
     eprintln!("node 1 received nothing for {stalled:?} after the server was killed");
@@ -115,11 +98,8 @@ fn nats_server_restart_with_three_replicas_keeps_replicating() {
     for writer in &mut writers {
         writer.wait_success(Duration::from_secs(30));
         let out = writer.output();
-        let n: i64 = out
-            .trim()
-            .strip_prefix("committed ")
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("{out}"));
+        let n: i64 =
+            out.trim().strip_prefix("committed ").and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{out}"));
         committed.push(n);
     }
     let paths: Vec<&Path> = dbs.iter().map(PathBuf::as_path).collect();
@@ -127,12 +107,7 @@ fn nats_server_restart_with_three_replicas_keeps_replicating() {
     for db in &dbs {
         for (origin, n) in (1..).zip(&committed) {
             let sql = format!("SELECT count(*) FROM events WHERE node = {origin}");
-            assert_eq!(
-                query_i64(db, &sql),
-                *n,
-                "events of node {origin} on {}",
-                db.display()
-            );
+            assert_eq!(query_i64(db, &sql), *n, "events of node {origin} on {}", db.display());
         }
         assert_eq!(query_i64(db, "SELECT count(*) FROM shared"), 5);
     }
@@ -147,11 +122,9 @@ fn nats_server_restart_with_three_replicas_keeps_replicating() {
     );
     last.wait_success(Duration::from_secs(30));
     for db in &dbs[..2] {
-        wait_until(
-            "the write after the second kill reaches every node",
-            DEADLINE,
-            || query_i64(db, "SELECT count(*) FROM events WHERE id = 999999999") == 1,
-        );
+        wait_until("the write after the second kill reaches every node", DEADLINE, || {
+            query_i64(db, "SELECT count(*) FROM events WHERE id = 999999999") == 1
+        });
     }
     wait_converged(&paths, DEADLINE);
     for node in &mut nodes {

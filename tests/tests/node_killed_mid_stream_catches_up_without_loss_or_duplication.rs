@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use marmot_tests::{
-    create_db, dump_tables, open, query_i64, require_tools, wait_until, Background, NatsServer,
-    Node, NodeConfig, TestDir, DEADLINE,
+    create_db, dump_tables, open, query_i64, require_tools, wait_until, Background, NatsServer, Node, NodeConfig,
+    TestDir, DEADLINE,
 };
 
 const ROWS: i64 = 2000;
@@ -48,16 +48,9 @@ for i in range(1, int(sys.argv[2]) + 1):
 fn items_checking_atomicity(db: &Path) -> i64 {
     let conn = open(db);
     let tx = conn.unchecked_transaction().unwrap();
-    let items: i64 = tx
-        .query_row("SELECT count(*) FROM items", [], |r| r.get(0))
-        .unwrap();
-    let tally: i64 = tx
-        .query_row("SELECT n FROM tally WHERE id = 1", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(
-        items, tally,
-        "node 2 shows part of a transaction: {items} items but tally {tally}"
-    );
+    let items: i64 = tx.query_row("SELECT count(*) FROM items", [], |r| r.get(0)).unwrap();
+    let tally: i64 = tx.query_row("SELECT n FROM tally WHERE id = 1", [], |r| r.get(0)).unwrap();
+    assert_eq!(items, tally, "node 2 shows part of a transaction: {items} items but tally {tally}");
     items
 }
 
@@ -75,51 +68,31 @@ fn node_killed_mid_stream_catches_up_without_loss_or_duplication() {
     node1.wait_replicating(DEADLINE);
     node2.wait_replicating(DEADLINE);
 
-    let mut writer = Background::python(
-        dir.path(),
-        "writer",
-        WRITER,
-        &[&db1.to_string_lossy(), &ROWS.to_string()],
-    );
+    let mut writer = Background::python(dir.path(), "writer", WRITER, &[&db1.to_string_lossy(), &ROWS.to_string()]);
 
     // Kill node 2 while it is applying, then let the writer get well ahead.
-    wait_until("node 2 applied a few hundred rows", DEADLINE, || {
-        items_checking_atomicity(&db2) >= 300
-    });
+    wait_until("node 2 applied a few hundred rows", DEADLINE, || items_checking_atomicity(&db2) >= 300);
     node2.kill();
     let at_kill = items_checking_atomicity(&db2);
-    assert!(
-        at_kill < ROWS,
-        "node 2 was killed mid-stream ({at_kill} of {ROWS} rows)"
-    );
-    wait_until(
-        "node 1 wrote 500 more rows while node 2 is down",
-        DEADLINE,
-        || query_i64(&db1, "SELECT count(*) FROM items") >= (at_kill + 500).min(ROWS),
-    );
+    assert!(at_kill < ROWS, "node 2 was killed mid-stream ({at_kill} of {ROWS} rows)");
+    wait_until("node 1 wrote 500 more rows while node 2 is down", DEADLINE, || {
+        query_i64(&db1, "SELECT count(*) FROM items") >= (at_kill + 500).min(ROWS)
+    });
     node2.restart();
     node2.wait_replicating(DEADLINE);
 
     // Kill the publisher too, while the writer keeps writing into its database.
-    wait_until(
-        "node 2 caught up past where it was killed",
-        DEADLINE,
-        || items_checking_atomicity(&db2) > at_kill,
-    );
+    wait_until("node 2 caught up past where it was killed", DEADLINE, || items_checking_atomicity(&db2) > at_kill);
     node1.kill();
     let published_before = query_i64(&db1, "SELECT count(*) FROM items");
-    wait_until(
-        "node 1's database gets 200 rows while its marmot is down",
-        DEADLINE,
-        || query_i64(&db1, "SELECT count(*) FROM items") >= (published_before + 200).min(ROWS),
-    );
+    wait_until("node 1's database gets 200 rows while its marmot is down", DEADLINE, || {
+        query_i64(&db1, "SELECT count(*) FROM items") >= (published_before + 200).min(ROWS)
+    });
     node1.restart();
     node1.wait_replicating(DEADLINE);
 
     writer.wait_success(Duration::from_secs(120));
-    wait_until("node 2 has every row", DEADLINE, || {
-        items_checking_atomicity(&db2) == ROWS
-    });
+    wait_until("node 2 has every row", DEADLINE, || items_checking_atomicity(&db2) == ROWS);
     let tables = ["items", "tally"];
     wait_until("node 2's items and tally equal node 1's", DEADLINE, || {
         dump_tables(&db1, &tables) == dump_tables(&db2, &tables)
@@ -134,20 +107,10 @@ fn node_killed_mid_stream_catches_up_without_loss_or_duplication() {
     );
     // Each item was inserted on node 2 exactly once: a batch applied twice, or partly
     // applied and then replayed, would have fired the trigger again.
+    assert_eq!(query_i64(&db2, "SELECT count(*) FROM audit"), ROWS, "inserts seen on node 2");
+    assert_eq!(query_i64(&db2, "SELECT count(DISTINCT item_id) FROM audit"), ROWS);
     assert_eq!(
-        query_i64(&db2, "SELECT count(*) FROM audit"),
-        ROWS,
-        "inserts seen on node 2"
-    );
-    assert_eq!(
-        query_i64(&db2, "SELECT count(DISTINCT item_id) FROM audit"),
-        ROWS
-    );
-    assert_eq!(
-        query_i64(
-            &db2,
-            "SELECT count(*) FROM audit a LEFT JOIN items i ON i.id = a.item_id WHERE i.id IS NULL"
-        ),
+        query_i64(&db2, "SELECT count(*) FROM audit a LEFT JOIN items i ON i.id = a.item_id WHERE i.id IS NULL"),
         0
     );
     node1.assert_running();
@@ -156,12 +119,7 @@ fn node_killed_mid_stream_catches_up_without_loss_or_duplication() {
     // and not again without a schema change: the side-car's connections must not take
     // each other's installs for schema changes and re-install in a loop.
     let log = node2.log_since_start();
-    let (_, running) = log
-        .split_once("replicating shards=")
-        .expect("node 2 logged its start");
+    let (_, running) = log.split_once("replicating shards=").expect("node 2 logged its start");
     let reinstalls = running.matches("table not replicated").count();
-    assert_eq!(
-        reinstalls, 0,
-        "node 2 re-installed capture {reinstalls} times while running"
-    );
+    assert_eq!(reinstalls, 0, "node 2 re-installed capture {reinstalls} times while running");
 }

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use marmot_tests::{
-    create_db, free_cluster_port, query_i64, require_tools, wait_converged, Background, Node,
-    NodeConfig, TestDir, DEADLINE,
+    create_db, free_cluster_port, query_i64, require_tools, wait_converged, Background, Node, NodeConfig, TestDir,
+    DEADLINE,
 };
 
 const NODES: u64 = 3;
@@ -65,29 +65,17 @@ fn cli_script(writer: &str, seed: u64) -> String {
             let k = rng.below(KEYS) + 1;
             let v = sql_value(&mut rng);
             let _ = match rng.below(5) {
-                0 | 1 => writeln!(
-                    sql,
-                    "INSERT OR REPLACE INTO kv(id, v, tag) VALUES ({k}, {v}, '{writer}');"
-                ),
-                2 => writeln!(
-                    sql,
-                    "UPDATE kv SET v = {v}, tag = '{writer}' WHERE id = {k};"
-                ),
+                0 | 1 => writeln!(sql, "INSERT OR REPLACE INTO kv(id, v, tag) VALUES ({k}, {v}, '{writer}');"),
+                2 => writeln!(sql, "UPDATE kv SET v = {v}, tag = '{writer}' WHERE id = {k};"),
                 3 => writeln!(
                     sql,
                     "INSERT INTO named(name, v, n) VALUES ('key-{k}', {v}, 1) \
                      ON CONFLICT(name) DO UPDATE SET v = excluded.v, n = n + 1;"
                 ),
-                _ => writeln!(
-                    sql,
-                    "DELETE FROM kv WHERE id = {k}; DELETE FROM named WHERE name = 'key-{k}';"
-                ),
+                _ => writeln!(sql, "DELETE FROM kv WHERE id = {k}; DELETE FROM named WHERE name = 'key-{k}';"),
             };
         }
-        let _ = writeln!(
-            sql,
-            "INSERT INTO marks(writer, seq) VALUES ('{writer}', {seq});\nCOMMIT;"
-        );
+        let _ = writeln!(sql, "INSERT INTO marks(writer, seq) VALUES ('{writer}', {seq});\nCOMMIT;");
     }
     sql
 }
@@ -132,17 +120,10 @@ fn three_nodes_embedded_cluster_converge_with_colliding_writes() {
             let db = node_dir.join("app.db");
             create_db(&db, SCHEMA);
             let me = cluster_ports[id as usize - 1];
-            let peers: Vec<String> = cluster_ports
-                .iter()
-                .filter(|&&p| p != me)
-                .map(|p| format!("nats://127.0.0.1:{p}/"))
-                .collect();
-            let args = [
-                "-cluster-addr".to_owned(),
-                format!("127.0.0.1:{me}"),
-                "-cluster-peers".to_owned(),
-                peers.join(","),
-            ];
+            let peers: Vec<String> =
+                cluster_ports.iter().filter(|&&p| p != me).map(|p| format!("nats://127.0.0.1:{p}/")).collect();
+            let args =
+                ["-cluster-addr".to_owned(), format!("127.0.0.1:{me}"), "-cluster-peers".to_owned(), peers.join(",")];
             Node::start(&node_dir, &NodeConfig::new(id, &db), &args)
         })
         .collect();
@@ -155,24 +136,13 @@ fn three_nodes_embedded_cluster_converge_with_colliding_writes() {
     for (i, db) in dbs.iter().enumerate() {
         let id = i + 1;
         let cli = format!("cli-{id}");
-        writers.push(Background::sqlite3(
-            dir.path(),
-            &cli,
-            db,
-            &cli_script(&cli, 0x9e37_79b9 * id as u64),
-        ));
+        writers.push(Background::sqlite3(dir.path(), &cli, db, &cli_script(&cli, 0x9e37_79b9 * id as u64)));
         let py = format!("py-{id}");
         writers.push(Background::python(
             dir.path(),
             &py,
             PY_WRITER,
-            &[
-                &db.to_string_lossy(),
-                &py,
-                &TXNS.to_string(),
-                &KEYS.to_string(),
-                &id.to_string(),
-            ],
+            &[&db.to_string_lossy(), &py, &TXNS.to_string(), &KEYS.to_string(), &id.to_string()],
         ));
     }
     for writer in &mut writers {
@@ -189,26 +159,17 @@ fn three_nodes_embedded_cluster_converge_with_colliding_writes() {
             "every transaction of every writer reached {}",
             db.display()
         );
-        assert_eq!(
-            query_i64(db, "SELECT count(DISTINCT writer) FROM marks"),
-            writers_total
-        );
+        assert_eq!(query_i64(db, "SELECT count(DISTINCT writer) FROM marks"), writers_total);
     }
     assert!(dump.contains("table kv ("), "{dump}");
     assert!(
-        query_i64(&dbs[0], "SELECT count(*) FROM kv")
-            + query_i64(&dbs[0], "SELECT count(*) FROM named")
-            > 0,
+        query_i64(&dbs[0], "SELECT count(*) FROM kv") + query_i64(&dbs[0], "SELECT count(*) FROM named") > 0,
         "the colliding keys end with some rows"
     );
     for node in &mut nodes {
         node.assert_running();
     }
     for db in &dbs {
-        assert_eq!(
-            query_i64(db, "SELECT count(*) FROM __marmot__parked"),
-            0,
-            "nothing parked"
-        );
+        assert_eq!(query_i64(db, "SELECT count(*) FROM __marmot__parked"), 0, "nothing parked");
     }
 }

@@ -12,8 +12,7 @@ use marmot_core::{LogTransport, Position, Shard};
 use marmot_transports::embedded::{EmbeddedOptions, EmbeddedServer};
 use marmot_transports::nats::{NatsOptions, NatsTransport};
 use nats_support::{
-    embedded_options, isolated_options, process_running, require_nats_server, start_server,
-    wait_until, DEADLINE,
+    embedded_options, isolated_options, process_running, require_nats_server, start_server, wait_until, DEADLINE,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -21,36 +20,18 @@ async fn embedded_server_serves_jetstream_and_stops_on_drop() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path()).await;
     assert_eq!(server.server_name(), "marmot-node-1");
-    assert!(
-        dir.path().join("nats/marmot-node-1").is_dir(),
-        "store under <data>/nats/<name>"
-    );
+    assert!(dir.path().join("nats/marmot-node-1").is_dir(), "store under <data>/nats/<name>");
     let config = std::fs::read_to_string(server.config_path()).unwrap();
-    assert!(
-        config.contains("server_name: \"marmot-node-1\""),
-        "{config}"
-    );
+    assert!(config.contains("server_name: \"marmot-node-1\""), "{config}");
 
-    let t = NatsTransport::connect(isolated_options(server.client_url(), 1, 100))
-        .await
-        .unwrap();
-    let p = t
-        .publish(Shard(0), "a", Bytes::from_static(b"a"))
-        .await
-        .unwrap();
-    assert_eq!(
-        p,
-        Position(1),
-        "JetStream stores the first entry at position 1"
-    );
+    let t = NatsTransport::connect(isolated_options(server.client_url(), 1, 100)).await.unwrap();
+    let p = t.publish(Shard(0), "a", Bytes::from_static(b"a")).await.unwrap();
+    assert_eq!(p, Position(1), "JetStream stores the first entry at position 1");
 
     let pid = server.pid().expect("a running server has a pid");
     assert!(process_running(pid));
     drop(server);
-    wait_until("the dropped server's process is gone", || {
-        !process_running(pid)
-    })
-    .await;
+    wait_until("the dropped server's process is gone", || !process_running(pid)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,9 +40,7 @@ async fn killed_server_is_restarted_and_keeps_its_data() {
     let server = start_server(dir.path()).await;
     let opts = isolated_options(server.client_url(), 1, 100);
     let t = NatsTransport::connect(opts.clone()).await.unwrap();
-    t.publish(Shard(0), "before", Bytes::from_static(b"1"))
-        .await
-        .unwrap();
+    t.publish(Shard(0), "before", Bytes::from_static(b"1")).await.unwrap();
     let mut sub = t.subscribe(Shard(0), Position(0)).await.unwrap();
     let got = sub.next_entries(10, DEADLINE).await.unwrap();
     assert_eq!(got.len(), 1, "the entry before the crash is delivered");
@@ -73,10 +52,7 @@ async fn killed_server_is_restarted_and_keeps_its_data() {
         server.pid().is_some_and(|p| p != first) && server.restarts() == 1
     })
     .await;
-    server
-        .wait_ready(DEADLINE)
-        .await
-        .expect("restarted server becomes ready");
+    server.wait_ready(DEADLINE).await.expect("restarted server becomes ready");
 
     // The client reconnects by itself; retry until it has.
     let deadline = tokio::time::Instant::now() + DEADLINE;
@@ -87,29 +63,18 @@ async fn killed_server_is_restarted_and_keeps_its_data() {
             Err(e) => panic!("publish after restart: {e}"),
         }
     };
-    assert_eq!(
-        p,
-        Position(2),
-        "the entry published before the crash survived it"
-    );
+    assert_eq!(p, Position(2), "the entry published before the crash survived it");
     // The subscription outlives the server restart and delivers only the new entry.
     let mut after = Vec::new();
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while after.is_empty() && tokio::time::Instant::now() < deadline {
-        match sub
-            .next_entries(10, std::time::Duration::from_millis(500))
-            .await
-        {
+        match sub.next_entries(10, std::time::Duration::from_millis(500)).await {
             Ok(batch) => after.extend(batch),
             Err(e) => assert!(e.is_retryable(), "subscription error after restart: {e}"),
         }
     }
     let positions: Vec<Position> = after.iter().map(|e| e.position).collect();
-    assert_eq!(
-        positions,
-        [Position(2)],
-        "each entry once, across the restart"
-    );
+    assert_eq!(positions, [Position(2)], "each entry once, across the restart");
     server.shutdown().await;
     assert!(!process_running(first));
 }
@@ -179,48 +144,21 @@ async fn three_servers_form_a_cluster_and_hold_a_replicated_stream() {
         .await
         .expect("the cluster forms and takes a replicas=3 stream in time")
         .expect("connect to the cluster");
-    let p = t
-        .publish(Shard(0), "r3", Bytes::from_static(b"x"))
-        .await
-        .unwrap();
+    let p = t.publish(Shard(0), "r3", Bytes::from_static(b"x")).await.unwrap();
     assert_eq!(t.bounds(Shard(0)).await.unwrap().last, p);
     // Duplicates racing their original through the replicated stream all get its position.
     let racing = (0..8).map(|_| t.publish(Shard(0), "racing", Bytes::from_static(b"y")));
-    let positions: Vec<Position> = futures::future::join_all(racing)
-        .await
-        .into_iter()
-        .map(|r| r.unwrap())
-        .collect();
-    assert!(
-        positions.iter().all(|&q| q == positions[0]),
-        "one position: {positions:?}"
-    );
-    assert_eq!(
-        t.bounds(Shard(0)).await.unwrap().last,
-        positions[0],
-        "stored once"
-    );
-    let again = t
-        .publish(Shard(0), "r3", Bytes::from_static(b"x"))
-        .await
-        .unwrap();
-    assert_eq!(
-        again, p,
-        "a duplicate gets the original's position in a cluster too"
-    );
+    let positions: Vec<Position> = futures::future::join_all(racing).await.into_iter().map(|r| r.unwrap()).collect();
+    assert!(positions.iter().all(|&q| q == positions[0]), "one position: {positions:?}");
+    assert_eq!(t.bounds(Shard(0)).await.unwrap().last, positions[0], "stored once");
+    let again = t.publish(Shard(0), "r3", Bytes::from_static(b"x")).await.unwrap();
+    assert_eq!(again, p, "a duplicate gets the original's position in a cluster too");
     let info = t.jetstream().get_stream(opts.stream_name(0)).await.unwrap();
     let info = info.cached_info();
     assert_eq!(info.config.num_replicas, 3);
-    let cluster = info
-        .cluster
-        .as_ref()
-        .expect("a clustered stream reports its cluster");
+    let cluster = info.cluster.as_ref().expect("a clustered stream reports its cluster");
     assert_eq!(cluster.name.as_deref(), Some("e-marmot"));
-    assert_eq!(
-        cluster.replicas.len(),
-        2,
-        "the leader and two replicas on other servers"
-    );
+    assert_eq!(cluster.replicas.len(), 2, "the leader and two replicas on other servers");
     for s in servers {
         s.shutdown().await;
     }
@@ -232,20 +170,11 @@ async fn extra_server_config_is_included() {
     let extra = dir.path().join("extra.conf");
     std::fs::write(&extra, "max_payload: 2MB\n").unwrap();
     require_nats_server();
-    let opts = EmbeddedOptions {
-        server_config: Some(extra),
-        ..embedded_options(7, &dir.path().join("data"))
-    };
-    let server = EmbeddedServer::start(opts)
-        .await
-        .expect("starts with the extra config");
-    let t = NatsTransport::connect(isolated_options(server.client_url(), 1, 10))
-        .await
-        .unwrap();
+    let opts = EmbeddedOptions { server_config: Some(extra), ..embedded_options(7, &dir.path().join("data")) };
+    let server = EmbeddedServer::start(opts).await.expect("starts with the extra config");
+    let t = NatsTransport::connect(isolated_options(server.client_url(), 1, 10)).await.unwrap();
     let big = Bytes::from(vec![7u8; 1_500_000]);
-    t.publish(Shard(0), "big", big)
-        .await
-        .expect("max_payload from the included file applies");
+    t.publish(Shard(0), "big", big).await.expect("max_payload from the included file applies");
     server.shutdown().await;
 }
 
@@ -271,27 +200,16 @@ async fn server_dies_with_a_killed_marmot() {
     require_nats_server();
     let dir = tempfile::tempdir().unwrap();
     let mut helper = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "helper_runs_a_server_until_killed",
-            "--nocapture",
-        ])
+        .args(["--exact", "helper_runs_a_server_until_killed", "--nocapture"])
         .env(HELPER_DIR_ENV, dir.path())
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let pid_file = dir.path().join("pid");
     wait_until("the helper started its server", || pid_file.exists()).await;
-    let server_pid: u32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let server_pid: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
     assert!(process_running(server_pid));
     helper.kill().unwrap(); // SIGKILL: no destructor runs
     helper.wait().unwrap();
-    wait_until("the orphaned nats-server is gone", || {
-        !process_running(server_pid)
-    })
-    .await;
+    wait_until("the orphaned nats-server is gone", || !process_running(server_pid)).await;
 }

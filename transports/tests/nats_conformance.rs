@@ -20,9 +20,7 @@ async fn jetstream_transport_passes_the_conformance_suite() {
     marmot_core::testing::transport_conformance(|shards, max_entries| {
         let opts = isolated_options(&url, shards, max_entries);
         async move {
-            let t = NatsTransport::connect(opts)
-                .await
-                .expect("connect to the test server");
+            let t = NatsTransport::connect(opts).await.expect("connect to the test server");
             Arc::new(t) as Arc<dyn LogTransport>
         }
     })
@@ -35,52 +33,25 @@ async fn differing_stream_settings_fail_unless_update_existing() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path()).await;
     let first = isolated_options(server.client_url(), 1, 100);
-    let t = NatsTransport::connect(first.clone())
-        .await
-        .expect("creates the stream");
-    t.publish(Shard(0), "kept", Bytes::from_static(b"x"))
-        .await
-        .unwrap();
+    let t = NatsTransport::connect(first.clone()).await.expect("creates the stream");
+    t.publish(Shard(0), "kept", Bytes::from_static(b"x")).await.unwrap();
 
-    let bigger = NatsOptions {
-        max_entries: 200,
-        ..first.clone()
-    };
+    let bigger = NatsOptions { max_entries: 200, ..first.clone() };
     let err = match NatsTransport::connect(bigger.clone()).await {
         Err(e) => e,
         Ok(_) => panic!("a stream with other settings must not be used silently"),
     };
     let text = err.to_string();
-    assert!(
-        text.contains(&first.stream_name(0)),
-        "error names the stream: {text}"
-    );
-    assert!(
-        text.contains("max_msgs is 100 (configured: 200)"),
-        "error names the setting: {text}"
-    );
-    assert!(
-        text.contains("update_existing"),
-        "error says how to proceed: {text}"
-    );
+    assert!(text.contains(&first.stream_name(0)), "error names the stream: {text}");
+    assert!(text.contains("max_msgs is 100 (configured: 200)"), "error names the setting: {text}");
+    assert!(text.contains("update_existing"), "error says how to proceed: {text}");
     assert!(!err.is_retryable(), "a settings mismatch is not retryable");
 
-    let updated = NatsTransport::connect(NatsOptions {
-        update_existing: true,
-        ..bigger
-    })
-    .await
-    .expect("update_existing updates the stream");
-    let stream = updated
-        .jetstream()
-        .get_stream(first.stream_name(0))
+    let updated = NatsTransport::connect(NatsOptions { update_existing: true, ..bigger })
         .await
-        .unwrap();
-    assert_eq!(
-        stream.cached_info().config.max_messages,
-        200,
-        "max_msgs was updated"
-    );
+        .expect("update_existing updates the stream");
+    let stream = updated.jetstream().get_stream(first.stream_name(0)).await.unwrap();
+    assert_eq!(stream.cached_info().config.max_messages, 200, "max_msgs was updated");
     let b = updated.bounds(Shard(0)).await.unwrap();
     assert_eq!(b.last, Position(1), "updating keeps the stored entries");
     server.shutdown().await;
@@ -90,18 +61,10 @@ async fn differing_stream_settings_fail_unless_update_existing() {
 async fn invalid_options_and_unknown_shards_are_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path()).await;
-    let opts = NatsOptions {
-        replicas: 0,
-        ..isolated_options(server.client_url(), 1, 10)
-    };
-    let err = NatsTransport::connect(opts)
-        .await
-        .err()
-        .expect("replicas 0 is invalid");
+    let opts = NatsOptions { replicas: 0, ..isolated_options(server.client_url(), 1, 10) };
+    let err = NatsTransport::connect(opts).await.err().expect("replicas 0 is invalid");
     assert!(err.to_string().contains("replicas"), "{err}");
-    let t = NatsTransport::connect(isolated_options(server.client_url(), 1, 10))
-        .await
-        .unwrap();
+    let t = NatsTransport::connect(isolated_options(server.client_url(), 1, 10)).await.unwrap();
     let err = t.publish(Shard(1), "x", Bytes::new()).await.unwrap_err();
     assert!(err.to_string().contains("out of range"), "{err}");
     server.shutdown().await;
@@ -111,19 +74,12 @@ async fn invalid_options_and_unknown_shards_are_rejected() {
 async fn connect_waits_for_a_server_that_starts_later() {
     nats_support::require_nats_server();
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let opts = isolated_options(&format!("nats://127.0.0.1:{port}"), 1, 10);
     let connecting = tokio::spawn(NatsTransport::connect(opts));
     // Attempts fail while the server starts (which takes far longer than an attempt);
     // a connect that gave up would finish with an error below.
-    assert!(
-        !connecting.is_finished(),
-        "connect keeps trying while no server listens"
-    );
+    assert!(!connecting.is_finished(), "connect keeps trying while no server listens");
     let server = EmbeddedServer::start(EmbeddedOptions {
         bind_address: format!("127.0.0.1:{port}"),
         ..nats_support::embedded_options(1, dir.path())
@@ -152,20 +108,10 @@ async fn user_password_are_used_and_bad_credentials_fail_at_once() {
     .await
     .unwrap();
     let base = isolated_options(server.client_url(), 1, 10);
-    let good = NatsOptions {
-        user_name: Some("marmot".into()),
-        user_password: Some("s3cret".into()),
-        ..base.clone()
-    };
-    let t = NatsTransport::connect(good)
-        .await
-        .expect("right credentials connect");
+    let good = NatsOptions { user_name: Some("marmot".into()), user_password: Some("s3cret".into()), ..base.clone() };
+    let t = NatsTransport::connect(good).await.expect("right credentials connect");
     t.publish(Shard(0), "x", Bytes::new()).await.unwrap();
-    let bad = NatsOptions {
-        user_name: Some("marmot".into()),
-        user_password: Some("wrong".into()),
-        ..base
-    };
+    let bad = NatsOptions { user_name: Some("marmot".into()), user_password: Some("wrong".into()), ..base };
     let err = tokio::time::timeout(nats_support::DEADLINE, NatsTransport::connect(bad))
         .await
         .expect("bad credentials are reported, not retried forever")
@@ -180,11 +126,7 @@ async fn user_password_are_used_and_bad_credentials_fail_at_once() {
 async fn entries_dropped_under_a_lagging_subscription_are_reported_as_truncated() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path()).await;
-    let t = Arc::new(
-        NatsTransport::connect(isolated_options(server.client_url(), 1, 50))
-            .await
-            .unwrap(),
-    );
+    let t = Arc::new(NatsTransport::connect(isolated_options(server.client_url(), 1, 50)).await.unwrap());
     let mut sub = t.subscribe(Shard(0), Position(0)).await.unwrap();
     t.publish(Shard(0), "first", Bytes::new()).await.unwrap();
     let got = sub.next_entries(1, nats_support::DEADLINE).await.unwrap();
@@ -200,21 +142,11 @@ async fn entries_dropped_under_a_lagging_subscription_are_reported_as_truncated(
     let mut last = Position(1);
     let deadline = tokio::time::Instant::now() + nats_support::DEADLINE;
     let err = loop {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no truncation reported"
-        );
-        match sub
-            .next_entries(100, std::time::Duration::from_millis(500))
-            .await
-        {
+        assert!(tokio::time::Instant::now() < deadline, "no truncation reported");
+        match sub.next_entries(100, std::time::Duration::from_millis(500)).await {
             Ok(batch) => {
                 for e in batch {
-                    assert_eq!(
-                        e.position.0,
-                        last.0 + 1,
-                        "entries before the gap are contiguous"
-                    );
+                    assert_eq!(e.position.0, last.0 + 1, "entries before the gap are contiguous");
                     last = e.position;
                 }
             }
@@ -222,23 +154,13 @@ async fn entries_dropped_under_a_lagging_subscription_are_reported_as_truncated(
         }
     };
     match err {
-        marmot_core::Error::Truncated {
-            position, first, ..
-        } => {
+        marmot_core::Error::Truncated { position, first, .. } => {
             assert_eq!(position, last, "the error names the last entry delivered");
-            assert!(
-                first.0 > last.0 + 1,
-                "the error names the first entry after the gap"
-            );
+            assert!(first.0 > last.0 + 1, "the error names the first entry after the gap");
         }
         e => panic!("expected Truncated, got {e}"),
     }
-    let again = sub
-        .next_entries(10, std::time::Duration::from_millis(10))
-        .await;
-    assert!(
-        matches!(again, Err(marmot_core::Error::Truncated { .. })),
-        "a truncated subscription stays failed"
-    );
+    let again = sub.next_entries(10, std::time::Duration::from_millis(10)).await;
+    assert!(matches!(again, Err(marmot_core::Error::Truncated { .. })), "a truncated subscription stays failed");
     server.shutdown().await;
 }

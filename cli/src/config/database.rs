@@ -45,10 +45,6 @@ pub fn check(path: &Path) -> Result<(), DatabaseProblem> {
 fn read_header(path: &Path) -> Result<Vec<u8>, DatabaseProblem> {
     let unreadable = |e: std::io::Error| DatabaseProblem::Unreadable(e.to_string());
     let mut header = Vec::with_capacity(100);
-    std::fs::File::open(path)
-        .map_err(unreadable)?
-        .take(100)
-        .read_to_end(&mut header)
-        .map_err(unreadable)?;
+    std::fs::File::open(path).map_err(unreadable)?.take(100).read_to_end(&mut header).map_err(unreadable)?;
     Ok(header)
 }

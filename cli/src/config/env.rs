@@ -61,11 +61,7 @@ pub fn known_keys() -> Vec<(String, Kind)> {
     if let Ok(Value::Table(table)) = Value::try_from(Config::default()) {
         collect_leaves(&table, "", &mut keys);
     }
-    keys.extend(
-        OPTIONAL_KEYS
-            .iter()
-            .map(|k| ((*k).to_owned(), Kind::String)),
-    );
+    keys.extend(OPTIONAL_KEYS.iter().map(|k| ((*k).to_owned(), Kind::String)));
     keys
 }
 
@@ -88,16 +84,9 @@ fn collect_leaves(table: &Table, prefix: &str, out: &mut Vec<(String, Kind)>) {
 
 /// Applies the `MARMOT_…` variables among `vars` to `config`. `file` names where the other
 /// values came from, for errors.
-pub fn apply(
-    config: Config,
-    file: &Origin,
-    vars: &[(String, String)],
-) -> Result<Overridden, ConfigError> {
-    let lookup: BTreeMap<&str, &str> = vars
-        .iter()
-        .filter(|(k, _)| k.starts_with(PREFIX))
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
+pub fn apply(config: Config, file: &Origin, vars: &[(String, String)]) -> Result<Overridden, ConfigError> {
+    let lookup: BTreeMap<&str, &str> =
+        vars.iter().filter(|(k, _)| k.starts_with(PREFIX)).map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let mut values = Vec::new();
     let mut keys = BTreeMap::new();
     for (key, kind) in known_keys() {
@@ -109,18 +98,10 @@ pub fn apply(
     }
     let notices = unknown_vars(&lookup, &keys);
     if values.is_empty() {
-        return Ok(Overridden {
-            config,
-            keys,
-            notices,
-        });
+        return Ok(Overridden { config, keys, notices });
     }
     let config = merge(config, file, values, &keys)?;
-    Ok(Overridden {
-        config,
-        keys,
-        notices,
-    })
+    Ok(Overridden { config, keys, notices })
 }
 
 fn unknown_vars(lookup: &BTreeMap<&str, &str>, keys: &BTreeMap<String, String>) -> Vec<String> {
@@ -155,9 +136,7 @@ fn merge(
     }
     serde_path_to_error::deserialize(Value::Table(root)).map_err(|err| {
         let key = err.path().to_string();
-        let origin = keys
-            .get(&key)
-            .map_or(file.clone(), |v| Origin::Env(v.clone()));
+        let origin = keys.get(&key).map_or(file.clone(), |v| Origin::Env(v.clone()));
         from_serde_message(key, origin, None, err.into_inner().message())
     })
 }
@@ -167,15 +146,11 @@ fn set_path(root: &mut Table, key: &str, value: Value) {
     let last = parts.pop().unwrap_or(key);
     let mut table = root;
     for part in parts {
-        let entry = table
-            .entry(part.to_owned())
-            .or_insert_with(|| Value::Table(Table::new()));
+        let entry = table.entry(part.to_owned()).or_insert_with(|| Value::Table(Table::new()));
         if !entry.is_table() {
             *entry = Value::Table(Table::new());
         }
-        let Value::Table(inner) = entry else {
-            unreachable!("entry was just made a table")
-        };
+        let Value::Table(inner) = entry else { unreachable!("entry was just made a table") };
         table = inner;
     }
     table.insert(last.to_owned(), value);
@@ -192,21 +167,14 @@ fn parse(raw: &str, kind: Kind, key: &str, var: &str) -> Result<Value, ConfigErr
     let text = raw.trim();
     match kind {
         Kind::String => Ok(Value::String(raw.to_owned())),
-        Kind::Integer => text
-            .parse::<i64>()
-            .map(Value::Integer)
-            .map_err(|_| bad("an integer")),
+        Kind::Integer => text.parse::<i64>().map(Value::Integer).map_err(|_| bad("an integer")),
         Kind::Boolean => match text.to_ascii_lowercase().as_str() {
             "true" | "1" | "yes" | "on" => Ok(Value::Boolean(true)),
             "false" | "0" | "no" | "off" => Ok(Value::Boolean(false)),
             _ => Err(bad("a boolean (true or false)")),
         },
         Kind::List => Ok(Value::Array(
-            text.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(|s| Value::String(s.to_owned()))
-                .collect(),
+            text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| Value::String(s.to_owned())).collect(),
         )),
     }
 }

@@ -49,18 +49,13 @@ impl fmt::Display for DatabaseProblem {
         match self {
             DatabaseProblem::Missing => write!(f, "the file does not exist"),
             DatabaseProblem::NotAFile => write!(f, "it is not a regular file"),
-            DatabaseProblem::Empty => write!(
-                f,
-                "the file is empty, not a SQLite database yet (create the schema first)"
-            ),
-            DatabaseProblem::NotSqlite => write!(
-                f,
-                "not a SQLite database (the file does not start with \"SQLite format 3\")"
-            ),
-            DatabaseProblem::NotWal => write!(
-                f,
-                "the database uses a rollback journal, but Marmot needs WAL mode"
-            ),
+            DatabaseProblem::Empty => {
+                write!(f, "the file is empty, not a SQLite database yet (create the schema first)")
+            }
+            DatabaseProblem::NotSqlite => {
+                write!(f, "not a SQLite database (the file does not start with \"SQLite format 3\")")
+            }
+            DatabaseProblem::NotWal => write!(f, "the database uses a rollback journal, but Marmot needs WAL mode"),
             DatabaseProblem::Unreadable(why) => write!(f, "cannot read it: {why}"),
         }
     }
@@ -145,9 +140,7 @@ impl ConfigError {
     /// The dotted key this error is about, when there is one.
     pub fn key(&self) -> Option<&str> {
         match self {
-            ConfigError::UnknownKey { key, .. } | ConfigError::InvalidValue { key, .. } => {
-                Some(key)
-            }
+            ConfigError::UnknownKey { key, .. } | ConfigError::InvalidValue { key, .. } => Some(key),
             ConfigError::Database { .. } => Some("db_path"),
             ConfigError::Read { .. } | ConfigError::Syntax { .. } => None,
         }

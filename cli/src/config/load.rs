@@ -50,11 +50,7 @@ impl Loaded {
 
     fn check_files_exist(&self) -> Result<(), ConfigError> {
         let nats = &self.config.nats;
-        let server_path = nats
-            .server_path
-            .as_ref()
-            .map(|p| p.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let server_path = nats.server_path.as_ref().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
         let files = [
             ("nats.server_config", nats.server_config.as_str()),
             ("nats.seed_file", &nats.seed_file),
@@ -72,29 +68,20 @@ impl Loaded {
     }
 
     fn invalid(&self, key: &str, message: String) -> ConfigError {
-        ConfigError::InvalidValue {
-            key: key.to_owned(),
-            origin: self.origin(key),
-            line: None,
-            message,
-        }
+        ConfigError::InvalidValue { key: key.to_owned(), origin: self.origin(key), line: None, message }
     }
 }
 
 /// Loads the configuration from `file` (defaults when `None`) and the process environment.
 pub fn load(file: Option<&Path>) -> Result<Loaded, ConfigError> {
-    let vars: Vec<(String, String)> = std::env::vars_os()
-        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-        .collect();
+    let vars: Vec<(String, String)> =
+        std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))).collect();
     load_with_env(file, &vars)
 }
 
 /// Loads the configuration from `file` (defaults when `None`) and the given environment
 /// variables (`(name, value)` pairs; those not starting with `MARMOT_` are ignored).
-pub fn load_with_env(
-    file: Option<&Path>,
-    vars: &[(String, String)],
-) -> Result<Loaded, ConfigError> {
+pub fn load_with_env(file: Option<&Path>, vars: &[(String, String)]) -> Result<Loaded, ConfigError> {
     // Name the file absolutely in every message, whatever directory marmot runs from.
     let absolute = file.map(|f| std::path::absolute(f).unwrap_or_else(|_| f.to_owned()));
     let file = absolute.as_deref();
@@ -123,10 +110,7 @@ pub fn load_with_env(
 
 /// Reads and parses one TOML file.
 pub fn read_file(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        file: path.to_owned(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.to_owned(), source })?;
     parse_str(&text, path)
 }
 
@@ -139,11 +123,7 @@ pub fn parse_str(text: &str, file: &Path) -> Result<Config, ConfigError> {
         let line = inner.span().map(|s| line_of(text, s.start));
         let origin = Origin::File(file.to_owned());
         if path.is_empty() || path == "." {
-            ConfigError::Syntax {
-                file: file.to_owned(),
-                line,
-                message: inner.message().trim().replace('\n', ": "),
-            }
+            ConfigError::Syntax { file: file.to_owned(), line, message: inner.message().trim().replace('\n', ": ") }
         } else {
             from_serde_message(path, origin, line, inner.message())
         }
@@ -151,12 +131,7 @@ pub fn parse_str(text: &str, file: &Path) -> Result<Config, ConfigError> {
 }
 
 /// Classifies a serde error message about `key` as an unknown key or an invalid value.
-pub(crate) fn from_serde_message(
-    key: String,
-    origin: Origin,
-    line: Option<usize>,
-    message: &str,
-) -> ConfigError {
+pub(crate) fn from_serde_message(key: String, origin: Origin, line: Option<usize>, message: &str) -> ConfigError {
     let message = message.trim().replace('\n', ": ");
     match message.strip_prefix("unknown field ") {
         Some(rest) => ConfigError::UnknownKey {
@@ -165,22 +140,13 @@ pub(crate) fn from_serde_message(
             line,
             message: rest.split_once(", ").map_or(rest, |(_, e)| e).to_owned(),
         },
-        None => ConfigError::InvalidValue {
-            key,
-            origin,
-            line,
-            message,
-        },
+        None => ConfigError::InvalidValue { key, origin, line, message },
     }
 }
 
 fn line_of(text: &str, byte: usize) -> usize {
     let end = byte.min(text.len());
-    text.as_bytes()[..end]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
+    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
 }
 
 impl Loaded {
@@ -188,32 +154,12 @@ impl Loaded {
     fn check_values(&self) -> Result<(), ConfigError> {
         let c = &self.config;
         let checks = [
-            (
-                "node_id",
-                c.node_id == 0,
-                "must not be 0 (every node needs a distinct non-zero id)",
-            ),
-            (
-                "scan_max_changes",
-                c.scan_max_changes == 0,
-                "must be at least 1",
-            ),
-            (
-                "replication_log.shards",
-                c.replication_log.shards == 0,
-                "must be at least 1",
-            ),
-            (
-                "replication_log.max_entries",
-                c.replication_log.max_entries == 0,
-                "must be at least 1",
-            ),
+            ("node_id", c.node_id == 0, "must not be 0 (every node needs a distinct non-zero id)"),
+            ("scan_max_changes", c.scan_max_changes == 0, "must be at least 1"),
+            ("replication_log.shards", c.replication_log.shards == 0, "must be at least 1"),
+            ("replication_log.max_entries", c.replication_log.max_entries == 0, "must be at least 1"),
             ("snapshot.keep", c.snapshot.keep == 0, "must be at least 1"),
-            (
-                "snapshot.nats.replicas",
-                c.snapshot.nats.replicas == 0,
-                "must be at least 1",
-            ),
+            ("snapshot.nats.replicas", c.snapshot.nats.replicas == 0, "must be at least 1"),
         ];
         match checks.iter().find(|(_, bad, _)| *bad) {
             Some((key, _, why)) => Err(self.invalid(key, (*why).to_owned())),

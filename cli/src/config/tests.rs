@@ -15,10 +15,7 @@ fn parse(text: &str) -> Result<Config, ConfigError> {
 }
 
 fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
 }
 
 fn write_config(dir: &Path, text: &str) -> PathBuf {
@@ -30,11 +27,9 @@ fn write_config(dir: &Path, text: &str) -> PathBuf {
 fn make_db(dir: &Path, wal: bool) -> PathBuf {
     let path = dir.join("app.db");
     let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);")
-        .unwrap();
+    conn.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);").unwrap();
     if wal {
-        conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0))
-            .unwrap();
+        conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0)).unwrap();
     }
     path
 }
@@ -53,10 +48,7 @@ fn defaults_match_marmot_v1() {
     assert_eq!(c.snapshot.store, SnapshotStoreKind::Nats);
     assert_eq!(c.snapshot.keep, 3);
     assert_eq!(c.snapshot.nats.replicas, 1);
-    assert_eq!(
-        c.snapshot.nats.bucket_or_default("marmot-changes"),
-        "marmot-changes-snapshot-store"
-    );
+    assert_eq!(c.snapshot.nats.bucket_or_default("marmot-changes"), "marmot-changes-snapshot-store");
     assert!(!c.snapshot.s3.use_ssl);
     let log = &c.replication_log;
     assert_eq!((log.shards, log.max_entries, log.replicas), (1, 1024, 1));
@@ -65,17 +57,8 @@ fn defaults_match_marmot_v1() {
     assert_eq!(c.nats.subject_prefix, "marmot-change-log");
     assert_eq!(c.nats.stream_prefix, "marmot-changes");
     assert_eq!(c.nats.bind_address, ":-1");
-    assert_eq!(
-        (c.nats.connect_retries, c.nats.reconnect_wait_seconds),
-        (5, 2)
-    );
-    assert_eq!(
-        c.logging,
-        LoggingConfig {
-            verbose: false,
-            format: LogFormat::Console
-        }
-    );
+    assert_eq!((c.nats.connect_retries, c.nats.reconnect_wait_seconds), (5, 2));
+    assert_eq!(c.logging, LoggingConfig { verbose: false, format: LogFormat::Console });
     assert!(!c.prometheus.enable);
     assert_eq!(c.prometheus.bind, ":3010");
     assert_eq!(c.prometheus.namespace, "marmot");
@@ -102,11 +85,7 @@ fn a_full_v1_file_parses() {
 
 #[test]
 fn replicas_below_one_mean_a_majority_of_shards_capped_at_five() {
-    let rl = |shards, replicas| ReplicationLogConfig {
-        shards,
-        replicas,
-        ..Default::default()
-    };
+    let rl = |shards, replicas| ReplicationLogConfig { shards, replicas, ..Default::default() };
     assert_eq!(rl(4, 0).effective_replicas(), 3);
     assert_eq!(rl(1, -1).effective_replicas(), 1);
     assert_eq!(rl(20, 0).effective_replicas(), 5);
@@ -117,31 +96,19 @@ fn replicas_below_one_mean_a_majority_of_shards_capped_at_five() {
 #[test]
 fn unknown_key_names_the_key_path_and_the_file() {
     let err = parse("node_id = 1\n[snapshot]\nfoo = 1\n").unwrap_err();
-    assert!(
-        matches!(err, ConfigError::UnknownKey { line: Some(3), .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, ConfigError::UnknownKey { line: Some(3), .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(
-        msg.contains("unknown key \"snapshot.foo\" in /etc/marmot/node.toml"),
-        "{msg}"
-    );
+    assert!(msg.contains("unknown key \"snapshot.foo\" in /etc/marmot/node.toml"), "{msg}");
     let err = parse("[nats]\nurl = \"nats://x\"\n").unwrap_err();
     assert!(err.to_string().contains("\"nats.url\""), "{err}");
-    assert!(
-        err.to_string().contains("urls"),
-        "lists the accepted keys: {err}"
-    );
+    assert!(err.to_string().contains("urls"), "lists the accepted keys: {err}");
 }
 
 #[test]
 fn wrong_type_names_key_file_and_line() {
     let err = parse("publish = true\n\n[replication_log]\nshards = \"four\"\n").unwrap_err();
     let msg = err.to_string();
-    assert!(
-        matches!(err, ConfigError::InvalidValue { line: Some(4), .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, ConfigError::InvalidValue { line: Some(4), .. }), "{err:?}");
     assert!(msg.contains("\"replication_log.shards\""), "{msg}");
     assert!(msg.contains("/etc/marmot/node.toml"), "{msg}");
     let err = parse("snapshot = { nats = { replicas = -1 } }").unwrap_err();
@@ -152,16 +119,10 @@ fn wrong_type_names_key_file_and_line() {
 fn bad_enum_values_are_refused_with_the_choices() {
     let err = parse("[logging]\nformat = \"xml\"\n").unwrap_err();
     let msg = err.to_string();
-    assert!(
-        msg.contains("\"logging.format\"") && msg.contains("json"),
-        "{msg}"
-    );
+    assert!(msg.contains("\"logging.format\"") && msg.contains("json"), "{msg}");
     let err = parse("[snapshot]\nstore = \"ftp\"\n").unwrap_err();
     let msg = err.to_string();
-    assert!(
-        msg.contains("\"snapshot.store\"") && msg.contains("sftp"),
-        "{msg}"
-    );
+    assert!(msg.contains("\"snapshot.store\"") && msg.contains("sftp"), "{msg}");
 }
 
 #[test]
@@ -177,10 +138,7 @@ fn node_id_zero_is_refused() {
     let path = write_config(dir.path(), "node_id = 0\n");
     let err = load_with_env(Some(&path), &[]).unwrap_err();
     let msg = err.to_string();
-    assert!(
-        msg.contains("\"node_id\"") && msg.contains(&path.display().to_string()),
-        "{msg}"
-    );
+    assert!(msg.contains("\"node_id\"") && msg.contains(&path.display().to_string()), "{msg}");
     let err = load_with_env(None, &vars(&[("MARMOT_NODE_ID", "0")])).unwrap_err();
     assert!(err.to_string().contains("MARMOT_NODE_ID"), "{err}");
 }
@@ -195,16 +153,9 @@ fn missing_file_is_a_read_error_naming_it() {
 #[test]
 fn seq_map_path_is_accepted_with_a_notice() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(
-        dir.path(),
-        "node_id = 1\nseq_map_path = \"/tmp/seq-map.cbor\"\n",
-    );
+    let path = write_config(dir.path(), "node_id = 1\nseq_map_path = \"/tmp/seq-map.cbor\"\n");
     let loaded = load_with_env(Some(&path), &[]).unwrap();
-    assert!(
-        loaded.notices.iter().any(|n| n.contains("seq_map_path")),
-        "{:?}",
-        loaded.notices
-    );
+    assert!(loaded.notices.iter().any(|n| n.contains("seq_map_path")), "{:?}", loaded.notices);
 }
 
 #[test]
@@ -230,10 +181,7 @@ fn env_overrides_apply_after_the_file() {
     assert_eq!(c.logging.format, LogFormat::Json);
     assert!(!c.publish);
     assert_eq!(c.nats.server_path, Some(PathBuf::from("/opt/nats-server")));
-    assert_eq!(
-        loaded.origin("node_id"),
-        Origin::Env("MARMOT_NODE_ID".into())
-    );
+    assert_eq!(loaded.origin("node_id"), Origin::Env("MARMOT_NODE_ID".into()));
     assert_eq!(loaded.origin("db_path"), Origin::File(path));
 }
 
@@ -253,11 +201,7 @@ fn env_type_errors_name_the_variable() {
 
 #[test]
 fn unknown_marmot_variables_are_reported_not_fatal() {
-    let loaded = load_with_env(
-        None,
-        &vars(&[("MARMOT_NODEID", "3"), ("MARMOT_CONFIG", "x")]),
-    )
-    .unwrap();
+    let loaded = load_with_env(None, &vars(&[("MARMOT_NODEID", "3"), ("MARMOT_CONFIG", "x")])).unwrap();
     assert_eq!(loaded.notices.len(), 1, "{:?}", loaded.notices);
     assert!(loaded.notices[0].contains("MARMOT_NODEID"));
 }
@@ -282,10 +226,7 @@ fn validate_db(db: &Path) -> Result<(), ConfigError> {
 
 fn db_problem(err: ConfigError) -> DatabaseProblem {
     let msg = err.to_string();
-    assert!(
-        msg.contains("db_path") && msg.contains("node.toml"),
-        "{msg}"
-    );
+    assert!(msg.contains("db_path") && msg.contains("node.toml"), "{msg}");
     match err {
         ConfigError::Database { problem, .. } => problem,
         other => panic!("expected a database error, got {other:?}"),
@@ -302,28 +243,16 @@ fn a_wal_database_validates() {
 fn missing_empty_and_foreign_files_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("missing.db");
-    assert_eq!(
-        db_problem(validate_db(&missing).unwrap_err()),
-        DatabaseProblem::Missing
-    );
+    assert_eq!(db_problem(validate_db(&missing).unwrap_err()), DatabaseProblem::Missing);
     let empty = dir.path().join("empty.db");
     std::fs::write(&empty, b"").unwrap();
-    assert_eq!(
-        db_problem(validate_db(&empty).unwrap_err()),
-        DatabaseProblem::Empty
-    );
+    assert_eq!(db_problem(validate_db(&empty).unwrap_err()), DatabaseProblem::Empty);
     let text = dir.path().join("notes.db");
     std::fs::write(&text, "just some text, not a database at all".repeat(10)).unwrap();
-    assert_eq!(
-        db_problem(validate_db(&text).unwrap_err()),
-        DatabaseProblem::NotSqlite
-    );
+    assert_eq!(db_problem(validate_db(&text).unwrap_err()), DatabaseProblem::NotSqlite);
     let sub = dir.path().join("sub");
     std::fs::create_dir(&sub).unwrap();
-    assert_eq!(
-        db_problem(validate_db(&sub).unwrap_err()),
-        DatabaseProblem::NotAFile
-    );
+    assert_eq!(db_problem(validate_db(&sub).unwrap_err()), DatabaseProblem::NotAFile);
 }
 
 #[test]
@@ -340,14 +269,8 @@ fn a_rollback_journal_database_is_refused_with_the_fix() {
 fn files_named_under_nats_must_exist() {
     let dir = tempfile::tempdir().unwrap();
     let db = make_db(dir.path(), true);
-    let text = format!(
-        "node_id = 1\ndb_path = {:?}\n[nats]\nca_file = \"/nope/ca.pem\"\n",
-        db.display().to_string()
-    );
+    let text = format!("node_id = 1\ndb_path = {:?}\n[nats]\nca_file = \"/nope/ca.pem\"\n", db.display().to_string());
     let path = write_config(dir.path(), &text);
-    let err = load_with_env(Some(&path), &[])
-        .unwrap()
-        .validate()
-        .unwrap_err();
+    let err = load_with_env(Some(&path), &[]).unwrap().validate().unwrap_err();
     assert!(err.to_string().contains("\"nats.ca_file\""), "{err}");
 }

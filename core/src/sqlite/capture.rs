@@ -71,8 +71,8 @@ CREATE VIEW IF NOT EXISTS __marmot__replication AS SELECT
 /// deferred one that read first gets `SQLITE_BUSY` at once (no busy wait) when the
 /// application commits in between.
 pub fn install(conn: &Connection, opts: &CaptureOptions) -> Result<Schema> {
-    let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)
-        .ctx(|| "starting capture install".into())?;
+    let tx =
+        Transaction::new_unchecked(conn, TransactionBehavior::Immediate).ctx(|| "starting capture install".into())?;
     tx.execute_batch(META_SQL).ctx(|| "creating __marmot__ tables".into())?;
     let schema = Schema::read(&tx)?;
     for skipped in &schema.skipped {
@@ -121,13 +121,11 @@ pub fn cleanup(conn: &Connection) -> Result<()> {
     let tx = conn.unchecked_transaction().ctx(|| "starting cleanup".into())?;
     drop_triggers(&tx)?;
     for v in names(&tx, "view")? {
-        tx.execute_batch(&format!("DROP VIEW IF EXISTS {}", quote(&v)))
-            .ctx(|| format!("dropping {v:?}"))?;
+        tx.execute_batch(&format!("DROP VIEW IF EXISTS {}", quote(&v))).ctx(|| format!("dropping {v:?}"))?;
     }
     let tables = names(&tx, "table")?;
     for t in tables {
-        tx.execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(&t)))
-            .ctx(|| format!("dropping {t:?}"))?;
+        tx.execute_batch(&format!("DROP TABLE IF EXISTS {}", quote(&t))).ctx(|| format!("dropping {t:?}"))?;
     }
     tx.commit().ctx(|| "committing cleanup".into())
 }
@@ -161,9 +159,7 @@ pub fn table_id(conn: &Connection, name: &str) -> Result<i64> {
 
 fn ensure_log_width(conn: &Connection, width: usize) -> Result<()> {
     let have: usize = conn
-        .query_row("SELECT count(*) - 3 FROM pragma_table_info('__marmot__log')", [], |r| {
-            r.get::<_, i64>(0)
-        })
+        .query_row("SELECT count(*) - 3 FROM pragma_table_info('__marmot__log')", [], |r| r.get::<_, i64>(0))
         .ctx(|| "reading log width".into())? as usize;
     for i in have..width {
         conn.execute_batch(&format!("ALTER TABLE __marmot__log ADD COLUMN c{i}"))
@@ -182,18 +178,11 @@ fn trigger_sql(t: &TableInfo, id: i64, time_ms_sql: &str) -> [String; 3] {
          FROM __marmot__clock AS c WHERE c.id = 0)"
     );
     let all_cols: String = (0..t.columns.len()).map(|i| format!(", c{i}")).collect();
-    let image = |row: &str| -> String {
-        t.columns.iter().map(|c| format!(", {row}.{}", quote(c))).collect()
-    };
+    let image = |row: &str| -> String { t.columns.iter().map(|c| format!(", {row}.{}", quote(c))).collect() };
     let pk_cols: String = t.pk.iter().map(|i| format!(", c{i}")).collect();
-    let pk_vals = |row: &str| -> String {
-        t.pk.iter().map(|&i| format!(", {row}.{}", quote(&t.columns[i]))).collect()
-    };
-    let pk_changed: Vec<String> = t
-        .pk
-        .iter()
-        .map(|&i| format!("OLD.{0} IS NOT NEW.{0}", quote(&t.columns[i])))
-        .collect();
+    let pk_vals = |row: &str| -> String { t.pk.iter().map(|&i| format!(", {row}.{}", quote(&t.columns[i]))).collect() };
+    let pk_changed: Vec<String> =
+        t.pk.iter().map(|&i| format!("OLD.{0} IS NOT NEW.{0}", quote(&t.columns[i]))).collect();
     let insert = format!(
         "CREATE TRIGGER {} AFTER INSERT ON {table} {when} BEGIN \
          INSERT INTO __marmot__log(hlc, tbl, op{all_cols}) VALUES ({hlc}, {id}, 0{}); END;",

@@ -42,8 +42,7 @@ impl Db {
     ) -> Result<ApplyOutcome> {
         self.refresh_if_schema_changed()?;
         let tx = self.immediate()?;
-        tx.execute_batch("UPDATE __marmot__clock SET applying = 1 WHERE id = 0")
-            .ctx(|| "marking apply".into())?;
+        tx.execute_batch("UPDATE __marmot__clock SET applying = 1 WHERE id = 0").ctx(|| "marking apply".into())?;
         self.fold_local(&tx)?;
         let mut out = ApplyOutcome::default();
         if batch.origin != self.node || position <= self.own_replay_through(shard)? {
@@ -58,8 +57,7 @@ impl Db {
         if let Some(p) = Some(position).filter(|p| p.0 > 0) {
             store_position(&tx, shard, p)?;
         }
-        tx.execute_batch("UPDATE __marmot__clock SET applying = 0 WHERE id = 0")
-            .ctx(|| "ending apply".into())?;
+        tx.execute_batch("UPDATE __marmot__clock SET applying = 0 WHERE id = 0").ctx(|| "ending apply".into())?;
         tx.commit().ctx(|| "committing a batch".into())?;
         Ok(out)
     }
@@ -162,16 +160,14 @@ impl Db {
             return Ok(false);
         }
         let tx = self.immediate()?;
-        tx.execute_batch("UPDATE __marmot__clock SET applying = 1 WHERE id = 0")
-            .ctx(|| "marking apply".into())?;
+        tx.execute_batch("UPDATE __marmot__clock SET applying = 1 WHERE id = 0").ctx(|| "marking apply".into())?;
         self.fold_local(&tx)?;
         for (&tid, &i) in &self.ids {
             if has_aside(&tx, tid)? {
                 reconcile_table(&tx, &self.schema.tables[i], tid)?;
             }
         }
-        tx.execute_batch("UPDATE __marmot__clock SET applying = 0 WHERE id = 0")
-            .ctx(|| "ending apply".into())?;
+        tx.execute_batch("UPDATE __marmot__clock SET applying = 0 WHERE id = 0").ctx(|| "ending apply".into())?;
         tx.commit().ctx(|| "committing reconcile".into())?;
         Ok(true)
     }
@@ -213,12 +209,10 @@ fn put_aside(conn: &Connection, t: &TableInfo, tbl: i64, key: &[u8], v: Version,
     let named: Vec<(&str, &Value)> = image.iter().map(|(i, val)| (t.columns[*i].as_str(), val)).collect();
     let mut blob = Vec::new();
     ciborium::into_writer(&named, &mut blob).expect("CBOR into a Vec");
-    conn.prepare_cached(
-        "INSERT OR REPLACE INTO __marmot__aside(tbl, pk, hlc, node, image) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )
-    .and_then(|mut s| s.execute((tbl, key, v.hlc.0 as i64, v.node.0 as i64, blob)))
-    .map(|_| ())
-    .ctx(|| format!("setting aside a row of {:?}", t.name))
+    conn.prepare_cached("INSERT OR REPLACE INTO __marmot__aside(tbl, pk, hlc, node, image) VALUES (?1, ?2, ?3, ?4, ?5)")
+        .and_then(|mut s| s.execute((tbl, key, v.hlc.0 as i64, v.node.0 as i64, blob)))
+        .map(|_| ())
+        .ctx(|| format!("setting aside a row of {:?}", t.name))
 }
 
 fn pk_where(t: &TableInfo, first_param: usize) -> String {
@@ -282,11 +276,8 @@ fn upsert_row(conn: &Connection, t: &TableInfo, sql: &str, image: &Image) -> Res
 fn conflicts(conn: &Connection, t: &TableInfo, pk: &[Value], image: &Image) -> Result<Vec<Vec<Value>>> {
     let mut out: Vec<Vec<Value>> = Vec::new();
     for u in &t.unique {
-        let vals: Option<Vec<&Value>> = u
-            .columns
-            .iter()
-            .map(|c| image.iter().find(|(i, _)| i == c).map(|(_, v)| v))
-            .collect();
+        let vals: Option<Vec<&Value>> =
+            u.columns.iter().map(|c| image.iter().find(|(i, _)| i == c).map(|(_, v)| v)).collect();
         let Some(vals) = vals.filter(|v| v.iter().all(|x| !x.is_null())) else { continue };
         let conds: Vec<String> =
             u.columns.iter().enumerate().map(|(n, &c)| format!("{} = ?{}", quote(&t.columns[c]), n + 1)).collect();
@@ -366,8 +357,8 @@ fn aside_rows(conn: &Connection, tbl: i64) -> Result<Vec<AsideRow>> {
         .ctx(|| "reading set-aside rows".into())?;
     rows.into_iter()
         .map(|(key, hlc, node, blob)| {
-            let image: Vec<(String, Value)> = ciborium::from_reader(&blob[..])
-                .map_err(|e| Error::Corrupt(format!("set-aside image: {e}")))?;
+            let image: Vec<(String, Value)> =
+                ciborium::from_reader(&blob[..]).map_err(|e| Error::Corrupt(format!("set-aside image: {e}")))?;
             let version = Version { hlc: Hlc(hlc as u64), node: crate::model::NodeId(node as u64) };
             Ok(AsideRow { key, version, image })
         })
@@ -386,16 +377,12 @@ fn reconcile_table(conn: &Connection, t: &TableInfo, tbl: i64) -> Result<()> {
                 remove_aside(conn, tbl, &row.key)?;
                 continue;
             }
-            let image: Image = row
-                .image
-                .iter()
-                .filter_map(|(c, v)| t.column_index(c).map(|i| (i, v.clone())))
-                .collect();
-            let pk: Vec<Value> = t
-                .pk
-                .iter()
-                .map(|&i| image.iter().find(|(c, _)| *c == i).map(|(_, v)| v.clone()).unwrap_or(Value::Null))
-                .collect();
+            let image: Image =
+                row.image.iter().filter_map(|(c, v)| t.column_index(c).map(|i| (i, v.clone()))).collect();
+            let pk: Vec<Value> =
+                t.pk.iter()
+                    .map(|&i| image.iter().find(|(c, _)| *c == i).map(|(_, v)| v.clone()).unwrap_or(Value::Null))
+                    .collect();
             let blocked = conflicts(conn, t, &pk, &image)?.iter().try_fold(false, |acc, q| {
                 let qv = version_of(conn, tbl, &pk_key(q))?.map(|(v, _)| v).unwrap_or_default();
                 Ok::<_, Error>(acc || qv > row.version)

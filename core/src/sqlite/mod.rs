@@ -27,8 +27,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 pub use capture::{cleanup, install, table_id, CaptureOptions, WALL_CLOCK_MS};
 pub use merge::ApplyOutcome;
 pub use reader::SqliteChangeSource;
-pub use snapshot::{checksum_file, Progress, SnapshotFile};
 pub use schema::{quote, Schema, SkippedTable, TableInfo, UniqueIndex, PREFIX};
+pub use snapshot::{checksum_file, Progress, SnapshotFile};
 
 use crate::error::{Error, Result, SqlContext};
 use crate::model::{Hlc, NodeId, Position, Shard, Value, Version};
@@ -77,8 +77,7 @@ impl Db {
     /// capture.
     pub fn open(path: &Path, node: NodeId, opts: CaptureOptions) -> Result<Db> {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = Connection::open_with_flags(path, flags)
-            .ctx(|| format!("opening {}", path.display()))?;
+        let conn = Connection::open_with_flags(path, flags).ctx(|| format!("opening {}", path.display()))?;
         Db::with_connection(conn, node, opts)
     }
 
@@ -87,19 +86,11 @@ impl Db {
         if node.0 == 0 {
             return Err(Error::Database("node id 0 is reserved".into()));
         }
-        conn.busy_handler(Some(retry_when_busy))
-            .ctx(|| "setting busy handler".into())?;
+        conn.busy_handler(Some(retry_when_busy)).ctx(|| "setting busy handler".into())?;
         conn.execute_batch("PRAGMA foreign_keys = OFF; PRAGMA synchronous = NORMAL;")
             .ctx(|| "setting connection pragmas".into())?;
-        let mut db = Db {
-            conn,
-            node,
-            opts,
-            schema: Schema::default(),
-            ids: BTreeMap::new(),
-            schema_version: -1,
-            generation: 0,
-        };
+        let mut db =
+            Db { conn, node, opts, schema: Schema::default(), ids: BTreeMap::new(), schema_version: -1, generation: 0 };
         db.reinstall()?;
         Ok(db)
     }
@@ -127,9 +118,7 @@ impl Db {
     }
 
     fn read_schema_version(&self) -> Result<i64> {
-        self.conn
-            .query_row("PRAGMA schema_version", [], |r| r.get(0))
-            .ctx(|| "reading schema_version".into())
+        self.conn.query_row("PRAGMA schema_version", [], |r| r.get(0)).ctx(|| "reading schema_version".into())
     }
 
     /// Increases each time capture is (re)installed after a schema change.
@@ -291,20 +280,15 @@ fn store_position(conn: &Connection, shard: Shard, position: Position) -> Result
 }
 
 fn version_of(conn: &Connection, tbl: i64, key: &[u8]) -> Result<Option<(Version, bool)>> {
-    conn.prepare_cached(
-        "SELECT hlc, node, deleted FROM __marmot__versions WHERE tbl = ?1 AND pk = ?2",
-    )
-    .and_then(|mut s| {
-        s.query_row((tbl, key), |r| {
-            let v = Version {
-                hlc: Hlc(r.get::<_, i64>(0)? as u64),
-                node: NodeId(r.get::<_, i64>(1)? as u64),
-            };
-            Ok((v, r.get::<_, bool>(2)?))
+    conn.prepare_cached("SELECT hlc, node, deleted FROM __marmot__versions WHERE tbl = ?1 AND pk = ?2")
+        .and_then(|mut s| {
+            s.query_row((tbl, key), |r| {
+                let v = Version { hlc: Hlc(r.get::<_, i64>(0)? as u64), node: NodeId(r.get::<_, i64>(1)? as u64) };
+                Ok((v, r.get::<_, bool>(2)?))
+            })
+            .optional()
         })
-        .optional()
-    })
-    .ctx(|| "reading a row version".into())
+        .ctx(|| "reading a row version".into())
 }
 
 #[cfg(test)]

@@ -27,9 +27,7 @@ impl Db {
         let tx = self.conn.unchecked_transaction().ctx(|| "beginning a read".into())?;
         let published = get_state(&tx, "published_hlc")?.max(after.0);
         let width: usize = tx
-            .query_row("SELECT count(*) FROM pragma_table_info('__marmot__log')", [], |r| {
-                r.get::<_, i64>(0)
-            })
+            .query_row("SELECT count(*) FROM pragma_table_info('__marmot__log')", [], |r| r.get::<_, i64>(0))
             .ctx(|| "reading log width".into())? as usize;
         let mut stmt = tx
             .prepare_cached("SELECT * FROM __marmot__log WHERE hlc > ?1 ORDER BY hlc")
@@ -77,9 +75,7 @@ impl Db {
     pub fn pending_count(&self) -> Result<u64> {
         let published = get_state(&self.conn, "published_hlc")?;
         self.conn
-            .query_row("SELECT count(*) FROM __marmot__log WHERE hlc > ?1", [published as i64], |r| {
-                r.get::<_, i64>(0)
-            })
+            .query_row("SELECT count(*) FROM __marmot__log WHERE hlc > ?1", [published as i64], |r| r.get::<_, i64>(0))
             .map(|n| n as u64)
             .ctx(|| "counting pending changes".into())
     }
@@ -124,11 +120,7 @@ pub struct SqliteChangeSource {
 impl SqliteChangeSource {
     /// A change source reading `db`.
     pub fn new(db: Db) -> Self {
-        SqliteChangeSource {
-            db,
-            acknowledged: Hlc(0),
-            flushed: Hlc(0),
-        }
+        SqliteChangeSource { db, acknowledged: Hlc(0), flushed: Hlc(0) }
     }
 
     /// The highest acknowledged point (flushed or not).

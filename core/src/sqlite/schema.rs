@@ -87,18 +87,14 @@ impl Schema {
                 continue;
             }
             if virtual_names.iter().any(|(v, suffixes)| is_shadow_of(&name, v, *suffixes)) {
-                schema.skipped.push(SkippedTable {
-                    name,
-                    reason: "shadow table of a virtual table".into(),
-                });
+                schema.skipped.push(SkippedTable { name, reason: "shadow table of a virtual table".into() });
                 continue;
             }
             match read_table(conn, &name)? {
                 Some(t) => schema.tables.push(t),
-                None => schema.skipped.push(SkippedTable {
-                    name,
-                    reason: "no PRIMARY KEY (its rowids differ between nodes)".into(),
-                }),
+                None => schema
+                    .skipped
+                    .push(SkippedTable { name, reason: "no PRIMARY KEY (its rowids differ between nodes)".into() }),
             }
         }
         Ok(schema)
@@ -111,8 +107,7 @@ impl Schema {
 }
 
 fn is_virtual(sql: Option<&str>) -> bool {
-    sql.map(|s| s.trim_start().to_ascii_uppercase().starts_with("CREATE VIRTUAL TABLE"))
-        .unwrap_or(false)
+    sql.map(|s| s.trim_start().to_ascii_uppercase().starts_with("CREATE VIRTUAL TABLE")).unwrap_or(false)
 }
 
 /// Shadow-table suffixes of the virtual-table modules SQLite ships, by module name.
@@ -156,20 +151,14 @@ fn read_table(conn: &Connection, name: &str) -> Result<Option<TableInfo>> {
         .query_map([], |r| Ok((r.get::<_, String>(1)?, r.get::<_, i64>(5)?)))
         .and_then(|rows| rows.collect())
         .ctx(|| format!("reading columns of {name:?}"))?;
-    let mut pk: Vec<(i64, usize)> =
-        cols.iter().enumerate().filter(|(_, c)| c.1 > 0).map(|(i, c)| (c.1, i)).collect();
+    let mut pk: Vec<(i64, usize)> = cols.iter().enumerate().filter(|(_, c)| c.1 > 0).map(|(i, c)| (c.1, i)).collect();
     if pk.is_empty() {
         return Ok(None);
     }
     pk.sort();
     let columns: Vec<String> = cols.into_iter().map(|c| c.0).collect();
     let unique = read_unique(conn, name, &columns)?;
-    Ok(Some(TableInfo {
-        name: name.to_owned(),
-        columns,
-        pk: pk.into_iter().map(|(_, i)| i).collect(),
-        unique,
-    }))
+    Ok(Some(TableInfo { name: name.to_owned(), columns, pk: pk.into_iter().map(|(_, i)| i).collect(), unique }))
 }
 
 fn read_unique(conn: &Connection, table: &str, columns: &[String]) -> Result<Vec<UniqueIndex>> {
@@ -191,10 +180,8 @@ fn read_unique(conn: &Connection, table: &str, columns: &[String]) -> Result<Vec
             .query_map([], |r| r.get(2))
             .and_then(|rows| rows.collect())
             .ctx(|| format!("reading index {name:?}"))?;
-        let idx: Option<Vec<usize>> = names
-            .iter()
-            .map(|n| n.as_ref().and_then(|n| columns.iter().position(|c| c == n)))
-            .collect();
+        let idx: Option<Vec<usize>> =
+            names.iter().map(|n| n.as_ref().and_then(|n| columns.iter().position(|c| c == n))).collect();
         if let Some(columns) = idx {
             out.push(UniqueIndex { name, columns });
         }

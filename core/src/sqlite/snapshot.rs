@@ -123,12 +123,7 @@ impl Db {
     }
 
     fn db_dir(&self) -> PathBuf {
-        self.conn
-            .path()
-            .map(Path::new)
-            .and_then(Path::parent)
-            .map(Path::to_owned)
-            .unwrap_or_else(std::env::temp_dir)
+        self.conn.path().map(Path::new).and_then(Path::parent).map(Path::to_owned).unwrap_or_else(std::env::temp_dir)
     }
 
     fn restore_via(&mut self, compressed: &Path, checksum: &str, plain: &Path, progress: Progress<'_>) -> Result<()> {
@@ -144,14 +139,16 @@ impl Db {
         let counting = CountingReader { inner: src, done: 0, total, progress };
         let mut decoder = zstd::stream::read::Decoder::new(counting).map_err(io("reading the snapshot"))?;
         let mut out = BufWriter::new(File::create(plain).map_err(io("creating the restore file"))?);
-        std::io::copy(&mut decoder, &mut out).map_err(|e| Error::Corrupt(format!("decompressing the snapshot: {e}")))?;
+        std::io::copy(&mut decoder, &mut out)
+            .map_err(|e| Error::Corrupt(format!("decompressing the snapshot: {e}")))?;
         out.flush().map_err(io("writing the restore file"))?;
         drop(out);
         // The checksum already proved these are the bytes that were saved.
         let src = Connection::open_with_flags(plain, OpenFlags::SQLITE_OPEN_READ_ONLY)
             .ctx(|| "opening the restored copy".into())?;
         {
-            let backup = rusqlite::backup::Backup::new(&src, &mut self.conn).ctx(|| "starting the online backup".into())?;
+            let backup =
+                rusqlite::backup::Backup::new(&src, &mut self.conn).ctx(|| "starting the online backup".into())?;
             // One step: the destination changes in a single transaction, so readers never
             // see a half-restored database.
             backup.step(-1).ctx(|| "copying the snapshot into the database".into())?;
@@ -197,9 +194,7 @@ fn strip_capture(copy: &Path) -> Result<Vec<(Shard, Position)>> {
     .ctx(|| "stripping the copy".into())?;
     let positions = conn
         .prepare("SELECT shard, position FROM __marmot__positions ORDER BY shard")
-        .and_then(|mut s| {
-            s.query_map([], |r| Ok((Shard(r.get(0)?), Position(r.get::<_, i64>(1)? as u64))))?.collect()
-        })
+        .and_then(|mut s| s.query_map([], |r| Ok((Shard(r.get(0)?), Position(r.get::<_, i64>(1)? as u64))))?.collect())
         .ctx(|| "reading positions of the copy".into())?;
     Ok(positions)
 }

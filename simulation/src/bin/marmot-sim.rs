@@ -11,7 +11,9 @@ fn usage() -> ExitCode {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let get = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse::<u64>().ok());
+    let get = |name: &str| {
+        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse::<u64>().ok())
+    };
     if let Some(seed) = get("--seed") {
         return replay(seed, args.iter().any(|a| a == "--trace"));
     }
@@ -25,13 +27,27 @@ fn main() -> ExitCode {
             eprintln!("seed {seed} FAILED: {}\nreproduce with: marmot-sim --seed {seed}", f.0);
         }
     }
-    println!("{count} seeds from {from}: {} passed, {failed} failed in {:.1}s", count - failed, started.elapsed().as_secs_f64());
-    if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    println!(
+        "{count} seeds from {from}: {} passed, {failed} failed in {:.1}s",
+        count - failed,
+        started.elapsed().as_secs_f64()
+    );
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn replay(seed: u64, print_trace: bool) -> ExitCode {
     let scenario = marmot_sim::from_seed(seed, marmot_sim::SEED_ACTIONS_MAX);
-    println!("seed {seed}: {} nodes, {} shards, {} actions, faults {:?}", scenario.nodes, scenario.shards, scenario.actions.len(), scenario.faults);
+    println!(
+        "seed {seed}: {} nodes, {} shards, {} actions, faults {:?}",
+        scenario.nodes,
+        scenario.shards,
+        scenario.actions.len(),
+        scenario.faults
+    );
     let first = marmot_sim::run_seed(seed);
     let second = marmot_sim::run_seed(seed);
     let trace = |r: &Result<marmot_sim::World, (marmot_sim::Failure, Vec<String>)>| match r {
@@ -50,7 +66,12 @@ fn replay(seed: u64, print_trace: bool) -> ExitCode {
     }
     match first {
         Ok(w) => {
-            println!("seed {seed}: converged; {} writes, {} trace events, trace {:016x} (same on replay)", w.writes(), w.trace.len(), w.trace_hash());
+            println!(
+                "seed {seed}: converged; {} writes, {} trace events, trace {:016x} (same on replay)",
+                w.writes(),
+                w.trace.len(),
+                w.trace_hash()
+            );
             ExitCode::SUCCESS
         }
         Err((f, _)) => {

@@ -35,11 +35,7 @@ impl Listen {
             "" | "0.0.0.0" | "::" => "127.0.0.1",
             h => h,
         };
-        Listen {
-            host: host.to_string(),
-            port: self.port,
-        }
-        .addr()
+        Listen { host: host.to_string(), port: self.port }.addr()
     }
 }
 
@@ -53,35 +49,23 @@ fn bad_address(what: &str, addr: &str) -> Error {
 /// Parses `host:port`. Port `-1` picks a free port now; an empty host is loopback with a
 /// random port and all interfaces with a fixed one (as Marmot v1's `:-1` default).
 pub(crate) fn parse_listen(what: &str, addr: &str) -> Result<Listen> {
-    let (host, port) = addr
-        .rsplit_once(':')
-        .ok_or_else(|| bad_address(what, addr))?;
+    let (host, port) = addr.rsplit_once(':').ok_or_else(|| bad_address(what, addr))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if port == "-1" {
         let host = if host.is_empty() { "127.0.0.1" } else { host };
-        return Ok(Listen {
-            host: host.to_string(),
-            port: free_port(host)?,
-        });
+        return Ok(Listen { host: host.to_string(), port: free_port(host)? });
     }
     let port: u16 = port.parse().map_err(|_| bad_address(what, addr))?;
     let host = if host.is_empty() { "0.0.0.0" } else { host };
-    Ok(Listen {
-        host: host.to_string(),
-        port,
-    })
+    Ok(Listen { host: host.to_string(), port })
 }
 
 /// A port that was free on `host` a moment ago.
 pub(crate) fn free_port(host: &str) -> Result<u16> {
-    let listener = TcpListener::bind((host, 0)).map_err(|source| Error::Io {
-        context: format!("find a free port on {host}"),
-        source,
-    })?;
-    let port = listener.local_addr().map_err(|source| Error::Io {
-        context: format!("find a free port on {host}"),
-        source,
-    })?;
+    let listener = TcpListener::bind((host, 0))
+        .map_err(|source| Error::Io { context: format!("find a free port on {host}"), source })?;
+    let port =
+        listener.local_addr().map_err(|source| Error::Io { context: format!("find a free port on {host}"), source })?;
     Ok(port.port())
 }
 
@@ -114,11 +98,7 @@ fn quote(s: &str) -> String {
 }
 
 fn quoted_list(items: &[String]) -> String {
-    items
-        .iter()
-        .map(|s| quote(s))
-        .collect::<Vec<_>>()
-        .join(", ")
+    items.iter().map(|s| quote(s)).collect::<Vec<_>>().join(", ")
 }
 
 /// Renders the configuration file's text.
@@ -132,10 +112,7 @@ pub(crate) fn render(c: &ServerConfig) -> String {
     line(format!("server_name: {}", quote(&c.server_name)));
     line(format!("listen: {}", quote(&c.client.addr())));
     line(format!("http: {}", quote(&c.monitor.addr())));
-    line(format!(
-        "jetstream {{\n  store_dir: {}\n}}",
-        quote(&c.store_dir.to_string_lossy())
-    ));
+    line(format!("jetstream {{\n  store_dir: {}\n}}", quote(&c.store_dir.to_string_lossy())));
     if let Some(cluster) = &c.cluster {
         line("cluster {".into());
         line(format!("  name: {}", quote(CLUSTER_NAME)));
@@ -153,12 +130,7 @@ pub(crate) fn render(c: &ServerConfig) -> String {
         if !c.leaf_remotes.is_empty() {
             let mut remotes = String::from("  remotes: [\n");
             for r in &c.leaf_remotes {
-                let _ = writeln!(
-                    remotes,
-                    "    {{ urls: [{}], hub: {} }}",
-                    quoted_list(&r.urls),
-                    r.hub
-                );
+                let _ = writeln!(remotes, "    {{ urls: [{}], hub: {} }}", quoted_list(&r.urls), r.hub);
             }
             remotes.push_str("  ]");
             line(remotes);
@@ -195,14 +167,8 @@ mod tests {
         let random = parse_listen("bind", ":-1").unwrap();
         assert_eq!(random.host, "127.0.0.1");
         assert!(random.port > 0);
-        assert_eq!(
-            parse_listen("bind", ":4222").unwrap().local_url(),
-            "127.0.0.1:4222"
-        );
-        assert_eq!(
-            parse_listen("bind", "localhost:4221").unwrap().addr(),
-            "localhost:4221"
-        );
+        assert_eq!(parse_listen("bind", ":4222").unwrap().local_url(), "127.0.0.1:4222");
+        assert_eq!(parse_listen("bind", "localhost:4221").unwrap().addr(), "localhost:4221");
         assert_eq!(parse_listen("bind", "[::1]:5").unwrap().addr(), "[::1]:5");
         assert!(parse_listen("bind", "nope").is_err());
     }
@@ -219,28 +185,13 @@ mod tests {
     fn rendered_config_names_server_cluster_and_leafs() {
         let c = ServerConfig {
             server_name: "marmot-node-1".into(),
-            client: Listen {
-                host: "127.0.0.1".into(),
-                port: 4222,
-            },
-            monitor: Listen {
-                host: "127.0.0.1".into(),
-                port: 8222,
-            },
+            client: Listen { host: "127.0.0.1".into(), port: 4222 },
+            monitor: Listen { host: "127.0.0.1".into(), port: 8222 },
             store_dir: PathBuf::from("/d/nats/marmot-node-1"),
-            cluster: Some(Listen {
-                host: "localhost".into(),
-                port: 4221,
-            }),
+            cluster: Some(Listen { host: "localhost".into(), port: 4221 }),
             routes: vec!["nats://localhost:4223".into()],
-            leaf_listen: Some(Listen {
-                host: "localhost".into(),
-                port: 4222,
-            }),
-            leaf_remotes: vec![LeafRemote {
-                urls: vec!["nats://hub:7422".into()],
-                hub: true,
-            }],
+            leaf_listen: Some(Listen { host: "localhost".into(), port: 4222 }),
+            leaf_remotes: vec![LeafRemote { urls: vec!["nats://hub:7422".into()], hub: true }],
             include: Some(PathBuf::from("../x.conf")),
         };
         let text = render(&c);

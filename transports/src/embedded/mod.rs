@@ -85,24 +85,14 @@ impl EmbeddedServer {
             server.include = Some(include_path(&nats_dir, extra)?);
         }
         create_dir(&server.store_dir)?;
-        std::fs::write(&config_path, config::render(&server)).map_err(|source| Error::Io {
-            context: format!("write {}", config_path.display()),
-            source,
-        })?;
-        let launch = Arc::new(Launch {
-            binary,
-            config_path,
-            log_path,
-            monitor: server.monitor.addr(),
-            opts: opts.clone(),
-        });
+        std::fs::write(&config_path, config::render(&server))
+            .map_err(|source| Error::Io { context: format!("write {}", config_path.display()), source })?;
+        let launch =
+            Arc::new(Launch { binary, config_path, log_path, monitor: server.monitor.addr(), opts: opts.clone() });
         let mut child = process::spawn(&launch.binary, &launch.config_path, &launch.log_path)?;
         let status = Arc::new(Status::default());
         status.pid.store(child.id().unwrap_or(0), Ordering::SeqCst);
-        let ready = ready::wait(&launch.monitor, opts.ready_timeout, || {
-            matches!(child.try_wait(), Ok(None))
-        })
-        .await;
+        let ready = ready::wait(&launch.monitor, opts.ready_timeout, || matches!(child.try_wait(), Ok(None))).await;
         if !ready {
             process::stop(&mut child, opts.stop_timeout).await;
             return Err(not_ready(&launch, opts.ready_timeout));
@@ -187,22 +177,16 @@ pub const LEAF_PORT_OFFSET: u16 = 1000;
 
 async fn build_config(opts: &EmbeddedOptions) -> Result<ServerConfig> {
     let client = config::parse_listen("nats.bind_address", &opts.bind_address)?;
-    let monitor = Listen {
-        host: "127.0.0.1".into(),
-        port: config::free_port("127.0.0.1")?,
-    };
+    let monitor = Listen { host: "127.0.0.1".into(), port: config::free_port("127.0.0.1")? };
     let cluster = match &opts.cluster_addr {
         Some(addr) => Some(config::parse_listen("cluster_addr", addr)?),
         None => None,
     };
     // Marmot v1 put the leaf-node listener on the cluster port + 1, which collides with the
     // next node's cluster port in its own Quick Start (4221, 4222, 4223); we use + 1000.
-    let leaf_listen = cluster.as_ref().and_then(|c| {
-        Some(Listen {
-            host: c.host.clone(),
-            port: c.port.checked_add(LEAF_PORT_OFFSET)?,
-        })
-    });
+    let leaf_listen = cluster
+        .as_ref()
+        .and_then(|c| Some(Listen { host: c.host.clone(), port: c.port.checked_add(LEAF_PORT_OFFSET)? }));
     let mut routes = Vec::new();
     for peer in &opts.cluster_peers {
         routes.extend(peers::resolve(&peers::parse("cluster_peers", peer)?).await);
@@ -211,10 +195,7 @@ async fn build_config(opts: &EmbeddedOptions) -> Result<ServerConfig> {
     for remote in &opts.leaf_servers {
         let parsed = peers::parse("leaf_servers", remote)?;
         let urls = peers::resolve(&parsed).await;
-        leaf_remotes.push(LeafRemote {
-            urls,
-            hub: peers::is_hub(&parsed),
-        });
+        leaf_remotes.push(LeafRemote { urls, hub: peers::is_hub(&parsed) });
     }
     Ok(ServerConfig {
         server_name: opts.server_name(),
@@ -230,20 +211,14 @@ async fn build_config(opts: &EmbeddedOptions) -> Result<ServerConfig> {
 }
 
 fn create_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-        context: format!("create {}", dir.display()),
-        source,
-    })
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io { context: format!("create {}", dir.display()), source })
 }
 
 /// The user's extra config as a path relative to the generated file's directory.
 fn include_path(nats_dir: &Path, extra: &Path) -> Result<PathBuf> {
     create_dir(nats_dir)?;
     let canon = |p: &Path| {
-        p.canonicalize().map_err(|source| Error::Io {
-            context: format!("nats.server_config {}", p.display()),
-            source,
-        })
+        p.canonicalize().map_err(|source| Error::Io { context: format!("nats.server_config {}", p.display()), source })
     };
     Ok(config::relative_to(&canon(nats_dir)?, &canon(extra)?))
 }
@@ -264,18 +239,11 @@ fn not_ready(launch: &Launch, timeout: Duration) -> Error {
 
 /// Restart delay after `failures` deaths in a row.
 fn restart_delay(failures: u32, max: Duration) -> Duration {
-    RESTART_BACKOFF_FIRST
-        .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
-        .min(max)
+    RESTART_BACKOFF_FIRST.saturating_mul(1u32 << failures.saturating_sub(1).min(16)).min(max)
 }
 
 /// Watches the child: restarts it when it dies, stops it when the handle goes away.
-async fn supervise(
-    mut child: Child,
-    launch: Arc<Launch>,
-    status: Arc<Status>,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn supervise(mut child: Child, launch: Arc<Launch>, status: Arc<Status>, mut stop: watch::Receiver<bool>) {
     let opts = &launch.opts;
     let mut failures = 0u32;
     let mut started = tokio::time::Instant::now();
@@ -312,11 +280,7 @@ async fn supervise(
 
 /// Waits `delay`, then starts the child again, retrying failed starts with backoff.
 /// `None` when asked to stop meanwhile.
-async fn restart(
-    launch: &Launch,
-    mut delay: Duration,
-    stop: &mut watch::Receiver<bool>,
-) -> Option<Child> {
+async fn restart(launch: &Launch, mut delay: Duration, stop: &mut watch::Receiver<bool>) -> Option<Child> {
     loop {
         tokio::select! {
             biased;
@@ -326,9 +290,7 @@ async fn restart(
         match process::spawn(&launch.binary, &launch.config_path, &launch.log_path) {
             Ok(child) => return Some(child),
             Err(e) => {
-                delay = (delay * 2)
-                    .min(launch.opts.restart_backoff_max)
-                    .max(RESTART_BACKOFF_FIRST);
+                delay = (delay * 2).min(launch.opts.restart_backoff_max).max(RESTART_BACKOFF_FIRST);
                 error!(error = %e, delay_ms = delay.as_millis() as u64, "cannot restart nats-server");
             }
         }

@@ -21,28 +21,17 @@ pub(crate) enum PeerUrl {
     /// A `nats://` URL, without its query.
     Nats { url: String, hub: bool },
     /// A DNS name to resolve.
-    Dns {
-        host: String,
-        port: u16,
-        min: usize,
-        interval: Duration,
-        hub: bool,
-    },
+    Dns { host: String, port: u16, min: usize, interval: Duration, hub: bool },
 }
 
 fn bad(what: &str, url: &str, why: &str) -> Error {
-    Error::Transport {
-        message: format!("{what} {url:?}: {why}"),
-        retryable: false,
-    }
+    Error::Transport { message: format!("{what} {url:?}: {why}"), retryable: false }
 }
 
 /// Parses one `nats://` or `dns://` URL; `what` names the setting in errors.
 pub(crate) fn parse(what: &str, url: &str) -> Result<PeerUrl> {
     let url = url.trim();
-    let (scheme, rest) = url
-        .split_once("://")
-        .ok_or_else(|| bad(what, url, "no scheme"))?;
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| bad(what, url, "no scheme"))?;
     let (authority, query) = match rest.split_once('?') {
         Some((a, q)) => (a, q),
         None => (rest, ""),
@@ -53,11 +42,7 @@ pub(crate) fn parse(what: &str, url: &str) -> Result<PeerUrl> {
     let mut hub = false;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let number = || {
-            value
-                .parse::<u64>()
-                .map_err(|_| bad(what, url, "not a number"))
-        };
+        let number = || value.parse::<u64>().map_err(|_| bad(what, url, "not a number"));
         match key {
             "min" => min = number()? as usize,
             "interval_ms" => interval = Duration::from_millis(number()?),
@@ -66,26 +51,12 @@ pub(crate) fn parse(what: &str, url: &str) -> Result<PeerUrl> {
         }
     }
     match scheme {
-        "nats" | "tls" => Ok(PeerUrl::Nats {
-            url: format!("{scheme}://{authority}"),
-            hub,
-        }),
+        "nats" | "tls" => Ok(PeerUrl::Nats { url: format!("{scheme}://{authority}"), hub }),
         "dns" => {
-            let (host, port) = authority
-                .rsplit_once(':')
-                .ok_or_else(|| bad(what, url, "needs host:port"))?;
+            let (host, port) = authority.rsplit_once(':').ok_or_else(|| bad(what, url, "needs host:port"))?;
             let port = port.parse().map_err(|_| bad(what, url, "bad port"))?;
-            let host = host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string();
-            Ok(PeerUrl::Dns {
-                host,
-                port,
-                min,
-                interval,
-                hub,
-            })
+            let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+            Ok(PeerUrl::Dns { host, port, min, interval, hub })
         }
         _ => Err(bad(what, url, "scheme must be nats:// or dns://")),
     }
@@ -100,19 +71,12 @@ fn urls_of(addrs: &BTreeSet<SocketAddr>) -> Vec<String> {
 pub(crate) async fn resolve(peer: &PeerUrl) -> Vec<String> {
     let (host, port, min, interval) = match peer {
         PeerUrl::Nats { url, .. } => return vec![url.clone()],
-        PeerUrl::Dns {
-            host,
-            port,
-            min,
-            interval,
-            ..
-        } => (host, *port, *min, *interval),
+        PeerUrl::Dns { host, port, min, interval, .. } => (host, *port, *min, *interval),
     };
     let mut attempt = 0u64;
     loop {
         attempt += 1;
-        let found: BTreeSet<SocketAddr> = match tokio::net::lookup_host((host.as_str(), port)).await
-        {
+        let found: BTreeSet<SocketAddr> = match tokio::net::lookup_host((host.as_str(), port)).await {
             Ok(addrs) => addrs.collect(),
             Err(e) => {
                 info!(host = %host, attempt, error = %e, "peer lookup failed; retrying");
@@ -143,17 +107,11 @@ mod tests {
     fn parses_nats_and_dns_urls_with_defaults() {
         assert_eq!(
             parse("peer", "nats://node-2:4222/").unwrap(),
-            PeerUrl::Nats {
-                url: "nats://node-2:4222".into(),
-                hub: false
-            }
+            PeerUrl::Nats { url: "nats://node-2:4222".into(), hub: false }
         );
         assert_eq!(
             parse("leaf", "nats://hub:7422?hub=true").unwrap(),
-            PeerUrl::Nats {
-                url: "nats://hub:7422".into(),
-                hub: true
-            }
+            PeerUrl::Nats { url: "nats://hub:7422".into(), hub: true }
         );
         assert_eq!(
             parse("peer", "dns://marmot:4221/").unwrap(),
@@ -179,18 +137,9 @@ mod tests {
 
     #[test]
     fn rejects_unknown_schemes_and_parameters() {
-        assert!(parse("peer", "http://x:1")
-            .unwrap_err()
-            .to_string()
-            .contains("scheme"));
-        assert!(parse("peer", "dns://x:1/?mni=2")
-            .unwrap_err()
-            .to_string()
-            .contains("mni"));
-        assert!(parse("peer", "dns://x/")
-            .unwrap_err()
-            .to_string()
-            .contains("host:port"));
+        assert!(parse("peer", "http://x:1").unwrap_err().to_string().contains("scheme"));
+        assert!(parse("peer", "dns://x:1/?mni=2").unwrap_err().to_string().contains("mni"));
+        assert!(parse("peer", "dns://x/").unwrap_err().to_string().contains("host:port"));
     }
 
     #[tokio::test]

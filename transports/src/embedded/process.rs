@@ -14,9 +14,7 @@ use tracing::warn;
 pub const SERVER_BINARY: &str = "nats-server";
 
 fn is_executable(path: &Path) -> bool {
-    path.metadata()
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    path.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
 /// The `nats-server` to run: `server_path` when given, else the first on `PATH`.
@@ -28,10 +26,7 @@ pub(crate) fn find_binary(server_path: Option<&Path>) -> Result<PathBuf> {
             Ok(path.to_path_buf())
         } else {
             Err(Error::Transport {
-                message: format!(
-                    "nats-server not found at {} (nats.server_path): {HOW}",
-                    path.display()
-                ),
+                message: format!("nats-server not found at {} (nats.server_path): {HOW}", path.display()),
                 retryable: false,
             })
         };
@@ -40,10 +35,7 @@ pub(crate) fn find_binary(server_path: Option<&Path>) -> Result<PathBuf> {
     std::env::split_paths(&path_var)
         .map(|dir| dir.join(SERVER_BINARY))
         .find(|candidate| is_executable(candidate))
-        .ok_or_else(|| Error::Transport {
-            message: format!("nats-server not found on PATH: {HOW}"),
-            retryable: false,
-        })
+        .ok_or_else(|| Error::Transport { message: format!("nats-server not found on PATH: {HOW}"), retryable: false })
 }
 
 /// Starts `binary -c config`. The child gets SIGKILL if the thread that started it (a
@@ -56,9 +48,7 @@ pub(crate) fn spawn(binary: &Path, config: &Path, log_file: &Path) -> Result<Chi
         .append(true)
         .open(log_file)
         .map_err(io(format!("open {}", log_file.display())))?;
-    let log_err = log
-        .try_clone()
-        .map_err(io(format!("open {}", log_file.display())))?;
+    let log_err = log.try_clone().map_err(io(format!("open {}", log_file.display())))?;
     let mut cmd = Command::new(binary);
     cmd.arg("-c")
         .arg(config)
@@ -67,8 +57,7 @@ pub(crate) fn spawn(binary: &Path, config: &Path, log_file: &Path) -> Result<Chi
         .stderr(Stdio::from(log_err))
         .kill_on_drop(true);
     die_with_parent(&mut cmd);
-    cmd.spawn()
-        .map_err(io(format!("start {}", binary.display())))
+    cmd.spawn().map_err(io(format!("start {}", binary.display())))
 }
 
 #[cfg(target_os = "linux")]
@@ -77,14 +66,7 @@ fn die_with_parent(cmd: &mut Command) {
     // SAFETY: prctl, getppid and _exit are async-signal-safe; the closure allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             // The parent may have died before prctl took effect.

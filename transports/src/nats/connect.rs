@@ -75,9 +75,7 @@ fn connect_options(opts: &NatsOptions) -> Result<ConnectOptions> {
         o = o.add_root_certificates(ca.clone()).require_tls(true);
     }
     if let (Some(cert), Some(key)) = (&opts.cert_file, &opts.key_file) {
-        o = o
-            .add_client_certificate(cert.clone(), key.clone())
-            .require_tls(true);
+        o = o.add_client_certificate(cert.clone(), key.clone()).require_tls(true);
     }
     Ok(o)
 }
@@ -85,38 +83,23 @@ fn connect_options(opts: &NatsOptions) -> Result<ConnectOptions> {
 /// Reads an nkey user seed from a file that holds it alone or among other lines (as
 /// `.creds` files and `nk -gen user` output do).
 fn read_seed(path: &std::path::Path) -> Result<String> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-        context: format!("read nkey seed {}", path.display()),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| Error::Io { context: format!("read nkey seed {}", path.display()), source })?;
     text.lines()
         .map(str::trim)
         .find(|line| line.starts_with("SU") && line.len() > 50)
         .map(str::to_string)
-        .ok_or_else(|| {
-            permanent(
-                format!("nkey seed file {}", path.display()),
-                "no user seed (SU…) found",
-            )
-        })
+        .ok_or_else(|| permanent(format!("nkey seed file {}", path.display()), "no user seed (SU…) found"))
 }
 
 fn log_event(urls: &str, event: Event) {
     match event {
         Event::Connected => info!(urls, event = "connected", "NATS connection (re)established"),
         Event::Disconnected => {
-            warn!(
-                urls,
-                event = "disconnected",
-                "NATS connection lost; reconnecting"
-            )
+            warn!(urls, event = "disconnected", "NATS connection lost; reconnecting")
         }
         Event::LameDuckMode => {
-            warn!(
-                urls,
-                event = "lame_duck",
-                "NATS server entering lame duck mode"
-            )
+            warn!(urls, event = "lame_duck", "NATS server entering lame duck mode")
         }
         Event::Draining => debug!(urls, event = "draining", "NATS connection draining"),
         Event::Closed => info!(urls, event = "closed", "NATS connection closed"),
@@ -151,16 +134,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("seed");
         let seed = format!("SUA{}", "B".repeat(55));
-        std::fs::write(
-            &path,
-            format!("-----BEGIN USER NKEY SEED-----\n{seed}\n------\n"),
-        )
-        .unwrap();
+        std::fs::write(&path, format!("-----BEGIN USER NKEY SEED-----\n{seed}\n------\n")).unwrap();
         assert_eq!(read_seed(&path).unwrap(), seed);
         std::fs::write(&path, "nothing here").unwrap();
-        assert!(read_seed(&path)
-            .unwrap_err()
-            .to_string()
-            .contains("no user seed"));
+        assert!(read_seed(&path).unwrap_err().to_string().contains("no user seed"));
     }
 }

@@ -5,8 +5,7 @@
 use std::fmt::Display;
 
 use async_nats::jetstream::context::{
-    CreateStreamError, CreateStreamErrorKind, GetStreamError, GetStreamErrorKind, PublishError,
-    PublishErrorKind,
+    CreateStreamError, CreateStreamErrorKind, GetStreamError, GetStreamErrorKind, PublishError, PublishErrorKind,
 };
 use async_nats::jetstream::ErrorCode;
 use marmot_core::Error;
@@ -17,18 +16,12 @@ const UNAVAILABLE: usize = 503;
 
 /// A retryable transport error about `what`.
 pub(crate) fn retryable(what: impl Display, err: impl Display) -> Error {
-    Error::Transport {
-        message: format!("{what}: {err}"),
-        retryable: true,
-    }
+    Error::Transport { message: format!("{what}: {err}"), retryable: true }
 }
 
 /// A transport error about `what` that retrying will not fix.
 pub(crate) fn permanent(what: impl Display, err: impl Display) -> Error {
-    Error::Transport {
-        message: format!("{what}: {err}"),
-        retryable: false,
-    }
+    Error::Transport { message: format!("{what}: {err}"), retryable: false }
 }
 
 /// Whether a JetStream API error is one the server gives while it is still starting,
@@ -65,9 +58,7 @@ pub(crate) fn get_stream(stream: &str, err: GetStreamError) -> Option<Error> {
     match err.kind() {
         GetStreamErrorKind::JetStream(e) if e.error_code() == ErrorCode::STREAM_NOT_FOUND => None,
         GetStreamErrorKind::JetStream(e) if !api_error_is_transient(&e) => Some(permanent(what, e)),
-        GetStreamErrorKind::EmptyName | GetStreamErrorKind::InvalidStreamName => {
-            Some(permanent(what, err))
-        }
+        GetStreamErrorKind::EmptyName | GetStreamErrorKind::InvalidStreamName => Some(permanent(what, err)),
         _ => Some(retryable(what, err)),
     }
 }

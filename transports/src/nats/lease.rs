@@ -21,7 +21,12 @@ fn kv_error(what: &str, e: impl std::fmt::Display) -> Error {
 }
 
 /// The lease bucket, created when missing; entries expire `ttl` after their last write.
-pub async fn lease_bucket(js: &async_nats::jetstream::Context, bucket: &str, ttl: Duration, replicas: usize) -> Result<kv::Store> {
+pub async fn lease_bucket(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+    ttl: Duration,
+    replicas: usize,
+) -> Result<kv::Store> {
     if let Ok(store) = js.get_key_value(bucket).await {
         return Ok(store);
     }

@@ -60,10 +60,7 @@ impl NatsTransport {
     /// Fails at once, without retrying, for invalid options, bad credentials or TLS files,
     /// and a stream with different settings while `update_existing` is false.
     pub async fn connect(opts: NatsOptions) -> Result<NatsTransport> {
-        opts.validate().map_err(|m| Error::Transport {
-            message: m,
-            retryable: false,
-        })?;
+        opts.validate().map_err(|m| Error::Transport { message: m, retryable: false })?;
         let client = connect::connect(&opts).await?;
         let js = jetstream::ContextBuilder::new()
             .timeout(opts.request_timeout)
@@ -72,8 +69,7 @@ impl NatsTransport {
             .build(client.clone());
         for shard in 0..opts.shards {
             let wanted = streams::desired_config(&opts, shard);
-            streams::ensure_with_retry(&js, &wanted, opts.update_existing, opts.reconnect_wait_max)
-                .await?;
+            streams::ensure_with_retry(&js, &wanted, opts.update_existing, opts.reconnect_wait_max).await?;
         }
         Ok(NatsTransport { client, js, opts })
     }
@@ -113,10 +109,7 @@ impl NatsTransport {
     ) -> Result<jetstream::publish::PublishAck, jetstream::context::PublishError> {
         let mut headers = HeaderMap::new();
         headers.insert(NATS_MESSAGE_ID, id);
-        let ack = self
-            .js
-            .publish_with_headers(subject.to_string(), headers, payload)
-            .await?;
+        let ack = self.js.publish_with_headers(subject.to_string(), headers, payload).await?;
         ack.await
     }
 }
@@ -166,11 +159,7 @@ impl LogTransport for NatsTransport {
     async fn subscribe(&self, shard: Shard, after: Position) -> Result<Box<dyn Subscription>> {
         let bounds = self.bounds(shard).await?;
         if !bounds.can_resume_after(after) {
-            return Err(Error::Truncated {
-                shard,
-                position: after,
-                first: bounds.first,
-            });
+            return Err(Error::Truncated { shard, position: after, first: bounds.first });
         }
         if after > bounds.last {
             warn!(shard = %shard, after = %after, last = %bounds.last,
@@ -178,9 +167,7 @@ impl LogTransport for NatsTransport {
         }
         let stream = self.opts.stream_name(shard.0);
         let config = OrderedConfig {
-            deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: after.0 + 1,
-            },
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: after.0 + 1 },
             max_expires: PULL_EXPIRES_MAX,
             ..OrderedConfig::default()
         };
@@ -189,14 +176,9 @@ impl LogTransport for NatsTransport {
             .create_consumer_on_stream(config, &stream)
             .await
             .map_err(|e| errors::retryable(format!("create consumer on {stream}"), e))?;
-        let messages = consumer
-            .messages()
-            .await
-            .map_err(|e| errors::retryable(format!("read {stream}"), e))?;
+        let messages = consumer.messages().await.map_err(|e| errors::retryable(format!("read {stream}"), e))?;
         debug!(shard = %shard, after = %after, stream = %stream, "subscribed");
-        Ok(Box::new(NatsSubscription::new(
-            shard, stream, messages, after,
-        )))
+        Ok(Box::new(NatsSubscription::new(shard, stream, messages, after)))
     }
 
     async fn bounds(&self, shard: Shard) -> Result<Bounds> {
@@ -207,9 +189,6 @@ impl LogTransport for NatsTransport {
                 .unwrap_or_else(|| errors::permanent(format!("stream {name}"), "does not exist"))
         })?;
         let state = &stream.cached_info().state;
-        Ok(Bounds {
-            first: Position(state.first_sequence.max(1)),
-            last: Position(state.last_sequence),
-        })
+        Ok(Bounds { first: Position(state.first_sequence.max(1)), last: Position(state.last_sequence) })
     }
 }

@@ -101,10 +101,7 @@ impl NatsOptions {
             ));
         }
         if !(1..=5).contains(&self.replicas) {
-            return Err(format!(
-                "replication_log.replicas must be between 1 and 5 (got {})",
-                self.replicas
-            ));
+            return Err(format!("replication_log.replicas must be between 1 and 5 (got {})", self.replicas));
         }
         if self.user_name.is_some() != self.user_password.is_some() {
             return Err("nats.user_name and nats.user_password must be set together".into());
@@ -112,15 +109,10 @@ impl NatsOptions {
         if self.cert_file.is_some() != self.key_file.is_some() {
             return Err("nats.cert_file and nats.key_file must be set together".into());
         }
-        for (what, prefix) in [
-            ("stream_prefix", &self.stream_prefix),
-            ("subject_prefix", &self.subject_prefix),
-        ] {
+        for (what, prefix) in [("stream_prefix", &self.stream_prefix), ("subject_prefix", &self.subject_prefix)] {
             let bad = |c: char| c.is_whitespace() || matches!(c, '.' | '*' | '>' | '/' | '\\');
             if prefix.is_empty() || prefix.contains(bad) {
-                return Err(format!(
-                    "nats.{what} {prefix:?} must be non-empty, without spaces, '.', '*', '>', '/'"
-                ));
+                return Err(format!("nats.{what} {prefix:?} must be non-empty, without spaces, '.', '*', '>', '/'"));
             }
         }
         Ok(())
@@ -141,20 +133,11 @@ mod tests {
 
     #[test]
     fn validate_rejects_out_of_range_replicas_and_bad_prefixes() {
-        let o = NatsOptions {
-            replicas: 6,
-            ..NatsOptions::default()
-        };
+        let o = NatsOptions { replicas: 6, ..NatsOptions::default() };
         assert!(o.validate().unwrap_err().contains("replicas"));
-        let o = NatsOptions {
-            stream_prefix: "a.b".into(),
-            ..NatsOptions::default()
-        };
+        let o = NatsOptions { stream_prefix: "a.b".into(), ..NatsOptions::default() };
         assert!(o.validate().unwrap_err().contains("stream_prefix"));
-        let o = NatsOptions {
-            user_name: Some("u".into()),
-            ..NatsOptions::default()
-        };
+        let o = NatsOptions { user_name: Some("u".into()), ..NatsOptions::default() };
         assert!(o.validate().unwrap_err().contains("user_password"));
     }
 }

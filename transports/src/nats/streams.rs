@@ -44,48 +44,16 @@ pub(crate) fn differences(found: &Config, wanted: &Config) -> Vec<Difference> {
     let mut out = Vec::new();
     let mut check = |setting, f: String, w: String| {
         if f != w {
-            out.push(Difference {
-                setting,
-                found: f,
-                wanted: w,
-            });
+            out.push(Difference { setting, found: f, wanted: w });
         }
     };
-    check(
-        "subjects",
-        format!("{:?}", found.subjects),
-        format!("{:?}", wanted.subjects),
-    );
-    check(
-        "storage",
-        format!("{:?}", found.storage),
-        format!("{:?}", wanted.storage),
-    );
-    check(
-        "replicas",
-        found.num_replicas.to_string(),
-        wanted.num_replicas.to_string(),
-    );
-    check(
-        "max_msgs",
-        found.max_messages.to_string(),
-        wanted.max_messages.to_string(),
-    );
-    check(
-        "discard",
-        format!("{:?}", found.discard),
-        format!("{:?}", wanted.discard),
-    );
-    check(
-        "retention",
-        format!("{:?}", found.retention),
-        format!("{:?}", wanted.retention),
-    );
-    check(
-        "duplicate_window",
-        format!("{:?}", found.duplicate_window),
-        format!("{:?}", wanted.duplicate_window),
-    );
+    check("subjects", format!("{:?}", found.subjects), format!("{:?}", wanted.subjects));
+    check("storage", format!("{:?}", found.storage), format!("{:?}", wanted.storage));
+    check("replicas", found.num_replicas.to_string(), wanted.num_replicas.to_string());
+    check("max_msgs", found.max_messages.to_string(), wanted.max_messages.to_string());
+    check("discard", format!("{:?}", found.discard), format!("{:?}", wanted.discard));
+    check("retention", format!("{:?}", found.retention), format!("{:?}", wanted.retention));
+    check("duplicate_window", format!("{:?}", found.duplicate_window), format!("{:?}", wanted.duplicate_window));
     out
 }
 
@@ -157,18 +125,13 @@ pub(crate) async fn ensure(js: &Context, wanted: &Config, update_existing: bool)
             retryable: false,
         });
     }
-    js.update_stream(merged(&existing, wanted))
-        .await
-        .map_err(|e| errors::change_stream("update", name, e))?;
+    js.update_stream(merged(&existing, wanted)).await.map_err(|e| errors::change_stream("update", name, e))?;
     info!(stream = name, changes = %describe(&diffs), "updated stream settings");
     Ok(())
 }
 
 fn vanished(name: &str) -> Error {
-    errors::retryable(
-        format!("stream {name}"),
-        "deleted while it was being created",
-    )
+    errors::retryable(format!("stream {name}"), "deleted while it was being created")
 }
 
 /// Bounded retry of a retryable stream operation, for use while JetStream starts up.
@@ -201,29 +164,18 @@ mod tests {
         let opts = NatsOptions::default();
         let wanted = desired_config(&opts, 0);
         assert!(differences(&wanted, &wanted).is_empty());
-        let found = Config {
-            max_messages: 5,
-            num_replicas: 3,
-            ..wanted.clone()
-        };
+        let found = Config { max_messages: 5, num_replicas: 3, ..wanted.clone() };
         let d = differences(&found, &wanted);
         let names: Vec<_> = d.iter().map(|d| d.setting).collect();
         assert_eq!(names, ["replicas", "max_msgs"]);
-        assert_eq!(
-            describe(&d),
-            "replicas is 3 (configured: 1), max_msgs is 5 (configured: 1024)"
-        );
+        assert_eq!(describe(&d), "replicas is 3 (configured: 1), max_msgs is 5 (configured: 1024)");
     }
 
     #[test]
     fn merge_keeps_foreign_settings() {
         let opts = NatsOptions::default();
         let wanted = desired_config(&opts, 0);
-        let existing = Config {
-            max_bytes: 1 << 20,
-            max_messages: 5,
-            ..wanted.clone()
-        };
+        let existing = Config { max_bytes: 1 << 20, max_messages: 5, ..wanted.clone() };
         let m = merged(&existing, &wanted);
         assert_eq!(m.max_bytes, 1 << 20);
         assert_eq!(m.max_messages, 1024);

@@ -30,22 +30,11 @@ pub struct NatsSubscription {
 
 impl NatsSubscription {
     pub(crate) fn new(shard: Shard, stream: String, messages: Ordered, after: Position) -> Self {
-        NatsSubscription {
-            shard,
-            stream,
-            messages,
-            delivered: after,
-            truncated_at: None,
-            pending: None,
-        }
+        NatsSubscription { shard, stream, messages, delivered: after, truncated_at: None, pending: None }
     }
 
     fn truncated(&self, first: Position) -> Error {
-        Error::Truncated {
-            shard: self.shard,
-            position: self.delivered,
-            first,
-        }
+        Error::Truncated { shard: self.shard, position: self.delivered, first }
     }
 
     /// Takes one message off the consumer: `Ok(Some)` a new entry, `Ok(None)` an entry
@@ -63,10 +52,7 @@ impl NatsSubscription {
             return Err(self.truncated(position));
         }
         self.delivered = position;
-        Ok(Some(Entry {
-            position,
-            payload: message.message.payload,
-        }))
+        Ok(Some(Entry { position, payload: message.message.payload }))
     }
 }
 

@@ -35,9 +35,7 @@ pub fn embedded_options(id: u64, dir: &Path) -> EmbeddedOptions {
 /// A single embedded server on random ports under `dir`.
 pub async fn start_server(dir: &Path) -> EmbeddedServer {
     require_nats_server();
-    EmbeddedServer::start(embedded_options(1, dir))
-        .await
-        .expect("embedded nats-server starts")
+    EmbeddedServer::start(embedded_options(1, dir)).await.expect("embedded nats-server starts")
 }
 
 /// Transport options for `url` whose streams and subjects no other test uses.
@@ -59,9 +57,7 @@ pub fn isolated_options(url: &str, shards: u32, max_entries: u64) -> NatsOptions
 pub fn process_running(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name.
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
         Err(_) => false,
     }
 }
@@ -70,10 +66,7 @@ pub fn process_running(pid: u32) -> bool {
 pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

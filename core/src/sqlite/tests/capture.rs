@@ -19,16 +19,9 @@ fn insert_update_delete_are_captured_in_commit_order() {
         ]
     );
     let v = hlcs(&p.batch);
-    assert!(
-        v.windows(2).all(|w| w[0] < w[1]),
-        "successive writes get increasing versions: {v:?}"
-    );
+    assert!(v.windows(2).all(|w| w[0] < w[1]), "successive writes get increasing versions: {v:?}");
     assert_eq!(p.through, *v.last().unwrap());
-    assert!(
-        v[0] >= Hlc::from_millis(now_ms() - 60_000),
-        "hlc is at least the wall clock: {}",
-        v[0]
-    );
+    assert!(v[0] >= Hlc::from_millis(now_ms() - 60_000), "hlc is at least the wall clock: {}", v[0]);
 }
 
 #[test]
@@ -40,16 +33,10 @@ fn update_that_changes_the_primary_key_is_a_delete_and_a_write() {
     let p = n.pending();
     assert_eq!(
         rows_of(&p.batch, "t"),
-        vec![
-            (Op::Delete, vec![int(1), NULL, NULL]),
-            (Op::Upsert, vec![int(2), text("a"), real(1.5)])
-        ]
+        vec![(Op::Delete, vec![int(1), NULL, NULL]), (Op::Upsert, vec![int(2), text("a"), real(1.5)])]
     );
     let v = hlcs(&p.batch);
-    assert!(
-        v[0] < v[1],
-        "the write of the new key comes after the delete of the old one"
-    );
+    assert!(v[0] < v[1], "the write of the new key comes after the delete of the old one");
 }
 
 #[test]
@@ -58,18 +45,12 @@ fn update_that_keeps_the_primary_key_is_one_write() {
     n.exec("INSERT INTO t VALUES (1, 'a', 1.5)");
     n.acknowledge_all();
     n.exec("UPDATE t SET id = 1, score = NULL WHERE id = 1");
-    assert_eq!(
-        rows_of(&n.pending().batch, "t"),
-        vec![(Op::Upsert, vec![int(1), text("a"), NULL])]
-    );
+    assert_eq!(rows_of(&n.pending().batch, "t"), vec![(Op::Upsert, vec![int(1), text("a"), NULL])]);
 }
 
 #[test]
 fn multi_row_transaction_is_read_as_one_batch_in_commit_order() {
-    let mut n = node(
-        1,
-        &format!("{T} CREATE TABLE u(k TEXT PRIMARY KEY, v BLOB);"),
-    );
+    let mut n = node(1, &format!("{T} CREATE TABLE u(k TEXT PRIMARY KEY, v BLOB);"));
     n.exec(
         "BEGIN;
          INSERT INTO t VALUES (1, 'a', 1.0);
@@ -91,32 +72,12 @@ fn multi_row_transaction_is_read_as_one_batch_in_commit_order() {
     );
     assert_eq!(
         rows_of(&p.batch, "u"),
-        vec![
-            (Op::Upsert, vec![text("x"), Value::Blob(vec![0, 0xff])]),
-            (Op::Delete, vec![text("x"), NULL])
-        ]
+        vec![(Op::Upsert, vec![text("x"), Value::Blob(vec![0, 0xff])]), (Op::Delete, vec![text("x"), NULL])]
     );
     // Across tables the versions give the commit order: t1, u, t2, t1', u-delete.
-    let order = |t: usize, r: usize| {
-        p.batch
-            .tables
-            .iter()
-            .find(|c| c.table == ["t", "u"][t])
-            .unwrap()
-            .rows[r]
-            .hlc
-    };
-    let seq = [
-        order(0, 0),
-        order(1, 0),
-        order(0, 1),
-        order(0, 2),
-        order(1, 1),
-    ];
-    assert!(
-        seq.windows(2).all(|w| w[0] < w[1]),
-        "versions follow commit order: {seq:?}"
-    );
+    let order = |t: usize, r: usize| p.batch.tables.iter().find(|c| c.table == ["t", "u"][t]).unwrap().rows[r].hlc;
+    let seq = [order(0, 0), order(1, 0), order(0, 1), order(0, 2), order(1, 1)];
+    assert!(seq.windows(2).all(|w| w[0] < w[1]), "versions follow commit order: {seq:?}");
     assert_eq!(p.through, seq[4]);
 }
 
@@ -161,16 +122,11 @@ fn changes_committed_after_the_read_stay_pending_after_acknowledge() {
     n.exec("INSERT INTO t VALUES (2, 'b', 2.0)");
     n.db.acknowledge(p.through).unwrap();
     let rest = n.pending();
-    assert_eq!(
-        rows_of(&rest.batch, "t"),
-        vec![(Op::Upsert, vec![int(2), text("b"), real(2.0)])]
-    );
+    assert_eq!(rows_of(&rest.batch, "t"), vec![(Op::Upsert, vec![int(2), text("b"), real(2.0)])]);
 }
 
 fn log_rows(n: &Node) -> i64 {
-    n.app
-        .query_row("SELECT count(*) FROM __marmot__log", [], |r| r.get(0))
-        .unwrap()
+    n.app.query_row("SELECT count(*) FROM __marmot__log", [], |r| r.get(0)).unwrap()
 }
 
 #[test]
@@ -179,61 +135,37 @@ fn clean_published_deletes_only_published_log_rows() {
     n.exec("INSERT INTO t VALUES (1, 'a', 1.0); INSERT INTO t VALUES (2, 'b', 2.0);");
     let p = n.pending();
     n.exec("INSERT INTO t VALUES (3, 'c', 3.0)");
-    assert_eq!(
-        n.db.clean_published().unwrap(),
-        0,
-        "nothing is published yet"
-    );
+    assert_eq!(n.db.clean_published().unwrap(), 0, "nothing is published yet");
     n.db.acknowledge(p.through).unwrap();
     assert_eq!(n.db.clean_published().unwrap(), 2);
     assert_eq!(log_rows(&n), 1);
-    assert_eq!(
-        rows_of(&n.pending().batch, "t"),
-        vec![(Op::Upsert, vec![int(3), text("c"), real(3.0)])]
-    );
+    assert_eq!(rows_of(&n.pending().batch, "t"), vec![(Op::Upsert, vec![int(3), text("c"), real(3.0)])]);
     assert_eq!(n.dump("t").len(), 3, "user data is untouched");
 }
 
 #[test]
 fn clock_never_goes_backwards_when_published_log_rows_are_cleaned() {
     // A frozen physical clock: only the clock row and the log keep versions increasing.
-    let opts = CaptureOptions {
-        time_ms_sql: "1000".into(),
-    };
+    let opts = CaptureOptions { time_ms_sql: "1000".into() };
     let mut n = node_with(1, T, opts);
     n.exec("INSERT INTO t VALUES (1, 'a', 1.0); INSERT INTO t VALUES (2, 'b', 2.0);");
     let p = n.pending();
-    assert_eq!(
-        hlcs(&p.batch),
-        vec![Hlc::from_millis(1000), Hlc(Hlc::from_millis(1000).0 + 1)]
-    );
+    assert_eq!(hlcs(&p.batch), vec![Hlc::from_millis(1000), Hlc(Hlc::from_millis(1000).0 + 1)]);
     n.db.acknowledge(p.through).unwrap();
     assert_eq!(n.db.clean_published().unwrap(), 2);
     assert_eq!(log_rows(&n), 0, "the log is empty after cleaning");
-    assert_eq!(
-        n.db.clock().unwrap(),
-        p.through,
-        "the clock keeps the highest cleaned version"
-    );
+    assert_eq!(n.db.clock().unwrap(), p.through, "the clock keeps the highest cleaned version");
     n.exec("UPDATE t SET name = 'z' WHERE id = 1");
     let later = n.pending();
-    assert!(
-        hlcs(&later.batch)[0] > p.through,
-        "a later write gets a higher version than everything before"
-    );
+    assert!(hlcs(&later.batch)[0] > p.through, "a later write gets a higher version than everything before");
     // Versions of the cleaned rows were folded before their log rows went away.
-    let (v, deleted) =
-        n.db.version_of("t", &[int(2)])
-            .unwrap()
-            .expect("version of row 2 kept");
+    let (v, deleted) = n.db.version_of("t", &[int(2)]).unwrap().expect("version of row 2 kept");
     assert_eq!((v.hlc, v.node, deleted), (p.through, NodeId(1), false));
 }
 
 #[test]
 fn local_versions_increase_even_if_the_wall_clock_is_behind_them() {
-    let opts = CaptureOptions {
-        time_ms_sql: "5".into(),
-    };
+    let opts = CaptureOptions { time_ms_sql: "5".into() };
     let mut n = node_with(1, T, opts);
     for i in 0..50 {
         n.exec(&format!("INSERT INTO t VALUES ({i}, 'x', 0.0)"));
@@ -245,24 +177,12 @@ fn local_versions_increase_even_if_the_wall_clock_is_behind_them() {
 
 #[test]
 fn writes_made_while_the_side_car_is_closed_are_captured() {
-    let Node {
-        db,
-        app,
-        path,
-        _dir,
-    } = node(1, T);
+    let Node { db, app, path, _dir } = node(1, T);
     drop(db);
-    app.execute_batch("INSERT INTO t VALUES (7, 'offline', 7.0)")
-        .unwrap();
+    app.execute_batch("INSERT INTO t VALUES (7, 'offline', 7.0)").unwrap();
     let mut reopened = Db::open(&path, NodeId(1), CaptureOptions::default()).unwrap();
-    let p = reopened
-        .read_pending()
-        .unwrap()
-        .expect("offline write pending");
-    assert_eq!(
-        rows_of(&p.batch, "t"),
-        vec![(Op::Upsert, vec![int(7), text("offline"), real(7.0)])]
-    );
+    let p = reopened.read_pending().unwrap().expect("offline write pending");
+    assert_eq!(rows_of(&p.batch, "t"), vec![(Op::Upsert, vec![int(7), text("offline"), real(7.0)])]);
 }
 
 #[test]
@@ -272,10 +192,7 @@ fn table_created_after_open_is_captured_after_the_schema_refresh() {
     // The next read notices the schema change, installs triggers, then sees later writes.
     assert!(n.db.read_pending().unwrap().is_none());
     n.exec("INSERT INTO later VALUES (1, 'x')");
-    assert_eq!(
-        rows_of(&n.pending().batch, "later"),
-        vec![(Op::Upsert, vec![int(1), text("x")])]
-    );
+    assert_eq!(rows_of(&n.pending().batch, "later"), vec![(Op::Upsert, vec![int(1), text("x")])]);
 }
 
 #[test]
@@ -285,10 +202,7 @@ fn every_storage_class_is_captured_exactly() {
         "INSERT INTO v VALUES (1, NULL), (2, -9223372036854775808), (3, -0.0), (4, 1.7976931348623157e308),
          (5, 'ü 日本 \"q\"'), (6, x''), (7, x'00ff'), (8, '');",
     );
-    let got: Vec<Value> = rows_of(&n.pending().batch, "v")
-        .into_iter()
-        .map(|(_, v)| v[1].clone())
-        .collect();
+    let got: Vec<Value> = rows_of(&n.pending().batch, "v").into_iter().map(|(_, v)| v[1].clone()).collect();
     assert_eq!(
         got,
         vec![

@@ -11,17 +11,11 @@ use super::*;
 const SQLITE3_CLI: &str = "/usr/bin/sqlite3";
 
 fn have(program: &str) -> bool {
-    Command::new(program)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
+    Command::new(program).arg("--version").output().is_ok_and(|o| o.status.success())
 }
 
 fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {program}: {e}"));
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("running {program}: {e}"));
     assert!(
         out.status.success() && out.stderr.is_empty(),
         "{program} failed ({}): {}",
@@ -36,11 +30,7 @@ fn write_with_cli(trusted_schema_off: bool) {
         return;
     }
     let mut n = node(1, T);
-    let pragma = if trusted_schema_off {
-        "PRAGMA trusted_schema=OFF;"
-    } else {
-        ""
-    };
+    let pragma = if trusted_schema_off { "PRAGMA trusted_schema=OFF;" } else { "" };
     let sql = format!(
         "{pragma} BEGIN; INSERT INTO t VALUES (1, 'cli', 1.5); INSERT INTO t VALUES (2, 'two', 2.5); \
          UPDATE t SET id = 3 WHERE id = 2; DELETE FROM t WHERE id = 1; COMMIT;"
@@ -58,14 +48,8 @@ fn write_with_cli(trusted_schema_off: bool) {
         ]
     );
     let v = hlcs(&p.batch);
-    assert!(
-        v.windows(2).all(|w| w[0] < w[1]),
-        "versions increase in the CLI's transaction: {v:?}"
-    );
-    assert!(
-        v[0] >= Hlc::from_millis(now_ms() - 60_000),
-        "the CLI computed a wall-clock version"
-    );
+    assert!(v.windows(2).all(|w| w[0] < w[1]), "versions increase in the CLI's transaction: {v:?}");
+    assert!(v[0] >= Hlc::from_millis(now_ms() - 60_000), "the CLI computed a wall-clock version");
 }
 
 #[test]
@@ -98,10 +82,7 @@ fn write_with_python(trusted_schema_off: bool) {
     }
     let mut n = node(1, T);
     let mode = if trusted_schema_off { "off" } else { "on" };
-    run(
-        "python3",
-        &["-c", PYTHON_WRITER, n.path.to_str().unwrap(), mode],
-    );
+    run("python3", &["-c", PYTHON_WRITER, n.path.to_str().unwrap(), mode]);
     let p = n.pending();
     assert_eq!(
         rows_of(&p.batch, "t"),
@@ -114,10 +95,7 @@ fn write_with_python(trusted_schema_off: bool) {
         ]
     );
     let v = hlcs(&p.batch);
-    assert!(
-        v.windows(2).all(|w| w[0] < w[1]),
-        "versions increase in Python's transaction: {v:?}"
-    );
+    assert!(v.windows(2).all(|w| w[0] < w[1]), "versions increase in Python's transaction: {v:?}");
 }
 
 #[test]
@@ -137,24 +115,9 @@ fn cli_write_to_a_row_applied_from_remote_is_captured_but_the_apply_is_not() {
         return;
     }
     let mut n = node(1, T);
-    n.apply(&batch(
-        2,
-        "t",
-        &T_COLS,
-        &[0],
-        vec![upsert(100, vec![int(1), text("remote"), NULL])],
-    ));
+    n.apply(&batch(2, "t", &T_COLS, &[0], vec![upsert(100, vec![int(1), text("remote"), NULL])]));
     // The CLI updates the applied row: that write is local and must be captured.
-    run(
-        SQLITE3_CLI,
-        &[
-            n.path.to_str().unwrap(),
-            "PRAGMA trusted_schema=OFF; UPDATE t SET score = 9 WHERE id = 1;",
-        ],
-    );
+    run(SQLITE3_CLI, &[n.path.to_str().unwrap(), "PRAGMA trusted_schema=OFF; UPDATE t SET score = 9 WHERE id = 1;"]);
     let p = n.pending();
-    assert_eq!(
-        rows_of(&p.batch, "t"),
-        vec![(Op::Upsert, vec![int(1), text("remote"), real(9.0)])]
-    );
+    assert_eq!(rows_of(&p.batch, "t"), vec![(Op::Upsert, vec![int(1), text("remote"), real(9.0)])]);
 }

@@ -12,12 +12,7 @@ CREATE TABLE "ü" ("from" TEXT PRIMARY KEY, "to" TEXT) WITHOUT ROWID;
 fn odd_identifiers_are_captured_and_merged() {
     let mut a = node(1, ODD_SCHEMA);
     let mut b = node(2, ODD_SCHEMA);
-    let names: Vec<&str> =
-        a.db.schema()
-            .tables
-            .iter()
-            .map(|t| t.name.as_str())
-            .collect();
+    let names: Vec<&str> = a.db.schema().tables.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(names, vec!["a \"b\" table", "order", "ü"]);
     a.exec(
         r#"INSERT INTO "order" VALUES (1, 'x "y"', 1.5, x'01'), (2, 'two', NULL, NULL);
@@ -43,19 +38,8 @@ fn odd_identifiers_are_captured_and_merged() {
     for t in ["order", "a \"b\" table", "ü"] {
         assert_eq!(b.dump(t), a.dump(t), "table {t:?} converged");
     }
-    assert_eq!(
-        b.dump("order"),
-        vec![vec![
-            int(1),
-            text("changed"),
-            real(1.5),
-            Value::Blob(vec![1])
-        ]]
-    );
-    assert!(
-        b.db.read_pending().unwrap().is_none(),
-        "applied changes are not captured"
-    );
+    assert_eq!(b.dump("order"), vec![vec![int(1), text("changed"), real(1.5), Value::Blob(vec![1])]]);
+    assert!(b.db.read_pending().unwrap().is_none(), "applied changes are not captured");
 }
 
 #[test]
@@ -63,50 +47,20 @@ fn composite_primary_key_rows_are_versioned_per_key() {
     let schema = "CREATE TABLE m(a INTEGER, b TEXT, v TEXT, PRIMARY KEY (b, a));";
     let mut n = node(1, schema);
     let info = n.db.schema().table("m").unwrap().clone();
-    assert_eq!(
-        info.pk,
-        vec![1, 0],
-        "primary key columns in key order, not column order"
-    );
-    let rows = vec![
-        upsert(100, vec![int(1), text("x"), text("first")]),
-        upsert(100, vec![int(2), text("x"), text("second")]),
-    ];
-    assert_eq!(
-        n.apply(&batch(2, "m", &["a", "b", "v"], &[1, 0], rows))
-            .applied,
-        2
-    );
+    assert_eq!(info.pk, vec![1, 0], "primary key columns in key order, not column order");
+    let rows =
+        vec![upsert(100, vec![int(1), text("x"), text("first")]), upsert(100, vec![int(2), text("x"), text("second")])];
+    assert_eq!(n.apply(&batch(2, "m", &["a", "b", "v"], &[1, 0], rows)).applied, 2);
     let older = vec![upsert(50, vec![int(1), text("x"), text("old")])];
-    assert_eq!(
-        n.apply(&batch(3, "m", &["a", "b", "v"], &[1, 0], older))
-            .skipped,
-        1
-    );
-    assert_eq!(
-        n.dump("m"),
-        vec![
-            vec![int(1), text("x"), text("first")],
-            vec![int(2), text("x"), text("second")]
-        ]
-    );
-    assert!(n
-        .db
-        .version_of("m", &[text("x"), int(1)])
-        .unwrap()
-        .is_some());
+    assert_eq!(n.apply(&batch(3, "m", &["a", "b", "v"], &[1, 0], older)).skipped, 1);
+    assert_eq!(n.dump("m"), vec![vec![int(1), text("x"), text("first")], vec![int(2), text("x"), text("second")]]);
+    assert!(n.db.version_of("m", &[text("x"), int(1)]).unwrap().is_some());
 }
 
 #[test]
 fn remote_batch_with_columns_in_another_order_is_mapped_by_name() {
     let mut n = node(1, T);
-    let b = batch(
-        2,
-        "t",
-        &["score", "id", "name"],
-        &[1],
-        vec![upsert(100, vec![real(2.5), int(1), text("x")])],
-    );
+    let b = batch(2, "t", &["score", "id", "name"], &[1], vec![upsert(100, vec![real(2.5), int(1), text("x")])]);
     n.apply(&b);
     assert_eq!(n.dump("t"), vec![vec![int(1), text("x"), real(2.5)]]);
 }
@@ -122,21 +76,8 @@ CREATE TABLE loose(a TEXT, b INTEGER);
 fn virtual_tables_and_their_shadow_tables_are_left_alone() {
     let mut n = node(1, MIXED_SCHEMA);
     let schema = n.db.schema().clone();
-    assert_eq!(
-        schema
-            .tables
-            .iter()
-            .map(|t| t.name.as_str())
-            .collect::<Vec<_>>(),
-        vec!["notes"]
-    );
-    let skipped = |name: &str| {
-        schema
-            .skipped
-            .iter()
-            .find(|s| s.name == name)
-            .map(|s| s.reason.clone())
-    };
+    assert_eq!(schema.tables.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), vec!["notes"]);
+    let skipped = |name: &str| schema.skipped.iter().find(|s| s.name == name).map(|s| s.reason.clone());
     assert_eq!(skipped("docs").as_deref(), Some("virtual table"));
     assert_eq!(skipped("boxes").as_deref(), Some("virtual table"));
     for shadow in [
@@ -149,21 +90,10 @@ fn virtual_tables_and_their_shadow_tables_are_left_alone() {
         "boxes_parent",
         "boxes_rowid",
     ] {
-        assert_eq!(
-            skipped(shadow).as_deref(),
-            Some("shadow table of a virtual table"),
-            "{shadow}"
-        );
+        assert_eq!(skipped(shadow).as_deref(), Some("shadow table of a virtual table"), "{shadow}");
     }
-    let on: Vec<String> = n
-        .marmot_triggers()
-        .into_iter()
-        .map(|(_, tbl, _)| tbl)
-        .collect();
-    assert!(
-        on.iter().all(|t| t == "notes"),
-        "triggers only on replicated tables: {on:?}"
-    );
+    let on: Vec<String> = n.marmot_triggers().into_iter().map(|(_, tbl, _)| tbl).collect();
+    assert!(on.iter().all(|t| t == "notes"), "triggers only on replicated tables: {on:?}");
     assert_eq!(on.len(), 3);
 
     n.exec(
@@ -174,18 +104,8 @@ fn virtual_tables_and_their_shadow_tables_are_left_alone() {
     );
     let p = n.pending();
     assert_eq!(p.batch.tables.len(), 1);
-    assert_eq!(
-        rows_of(&p.batch, "notes"),
-        vec![(Op::Upsert, vec![int(1), text("replicated")])]
-    );
-    let hits: i64 = n
-        .app
-        .query_row(
-            "SELECT count(*) FROM docs WHERE docs MATCH 'full'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    assert_eq!(rows_of(&p.batch, "notes"), vec![(Op::Upsert, vec![int(1), text("replicated")])]);
+    let hits: i64 = n.app.query_row("SELECT count(*) FROM docs WHERE docs MATCH 'full'", [], |r| r.get(0)).unwrap();
     assert_eq!(hits, 1, "the FTS index still works with capture installed");
 
     let mut other = node(2, MIXED_SCHEMA);
@@ -197,30 +117,19 @@ fn virtual_tables_and_their_shadow_tables_are_left_alone() {
 #[test]
 fn table_without_primary_key_is_skipped_with_its_reason() {
     let mut n = node(1, MIXED_SCHEMA);
-    let s =
-        n.db.schema()
-            .skipped
-            .iter()
-            .find(|s| s.name == "loose")
-            .expect("loose is skipped")
-            .clone();
-    assert!(
-        s.reason.contains("PRIMARY KEY") && s.reason.contains("rowid"),
-        "reason names the cause: {}",
-        s.reason
-    );
+    let s = n.db.schema().skipped.iter().find(|s| s.name == "loose").expect("loose is skipped").clone();
+    assert!(s.reason.contains("PRIMARY KEY") && s.reason.contains("rowid"), "reason names the cause: {}", s.reason);
     n.exec("INSERT INTO loose VALUES ('x', 1)");
     assert!(n.db.read_pending().unwrap().is_none());
 }
 
 #[test]
 fn user_table_named_like_a_virtual_table_prefix_is_replicated() {
-    let mut n = node(1, "CREATE VIRTUAL TABLE docs USING fts5(body); CREATE TABLE docs_archive(id INTEGER PRIMARY KEY, body TEXT);");
-    assert!(
-        n.db.schema().table("docs_archive").is_some(),
-        "skipped: {:?}",
-        n.db.schema().skipped
+    let mut n = node(
+        1,
+        "CREATE VIRTUAL TABLE docs USING fts5(body); CREATE TABLE docs_archive(id INTEGER PRIMARY KEY, body TEXT);",
     );
+    assert!(n.db.schema().table("docs_archive").is_some(), "skipped: {:?}", n.db.schema().skipped);
     n.exec("INSERT INTO docs_archive VALUES (1, 'kept')");
     assert_eq!(rows_of(&n.pending().batch, "docs_archive").len(), 1);
 }

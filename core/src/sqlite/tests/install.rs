@@ -22,13 +22,7 @@ fn marmot_objects(conn: &Connection) -> Vec<String> {
 fn reinstalling_capture_is_idempotent() {
     let mut n = node(1, SCHEMA);
     n.exec("INSERT INTO t VALUES (1, 'a', 1.0); INSERT INTO u VALUES ('k', x'01');");
-    n.apply(&batch(
-        2,
-        "t",
-        &T_COLS,
-        &[0],
-        vec![upsert(100, vec![int(2), text("remote"), NULL])],
-    ));
+    n.apply(&batch(2, "t", &T_COLS, &[0], vec![upsert(100, vec![int(2), text("remote"), NULL])]));
     let triggers = n.marmot_triggers();
     let objects = marmot_objects(&n.app);
     let pending = n.pending();
@@ -38,41 +32,20 @@ fn reinstalling_capture_is_idempotent() {
     again.reinstall().unwrap();
     assert_eq!(n.marmot_triggers(), triggers, "same triggers");
     assert_eq!(marmot_objects(&n.app), objects, "same shadow tables");
-    assert_eq!(
-        again.read_pending().unwrap(),
-        Some(pending),
-        "the log is intact"
-    );
-    assert_eq!(
-        again.version_of("t", &[int(2)]).unwrap(),
-        versions,
-        "versions are intact"
-    );
+    assert_eq!(again.read_pending().unwrap(), Some(pending), "the log is intact");
+    assert_eq!(again.version_of("t", &[int(2)]).unwrap(), versions, "versions are intact");
     assert_eq!(n.dump("t").len(), 2);
-    assert_eq!(
-        n.dump("audit"),
-        vec![vec![text("ins 1")], vec![text("ins 2")]]
-    );
+    assert_eq!(n.dump("audit"), vec![vec![text("ins 1")], vec![text("ins 2")]]);
     assert_eq!(again.schema(), n.db.schema());
 
     n.exec("INSERT INTO t VALUES (3, 'c', 3.0)");
-    assert_eq!(
-        again.read_pending().unwrap().unwrap().batch.len(),
-        3,
-        "capture fires once per write"
-    );
+    assert_eq!(again.read_pending().unwrap().unwrap().batch.len(), 3, "capture fires once per write");
 }
 
 #[test]
 fn cleanup_removes_every_marmot_object_and_leaves_user_data() {
-    let Node {
-        db,
-        app,
-        path: _,
-        _dir,
-    } = node(1, SCHEMA);
-    app.execute_batch("INSERT INTO t VALUES (1, 'a', 1.0); INSERT INTO u VALUES ('k', x'01');")
-        .unwrap();
+    let Node { db, app, path: _, _dir } = node(1, SCHEMA);
+    app.execute_batch("INSERT INTO t VALUES (1, 'a', 1.0); INSERT INTO u VALUES ('k', x'01');").unwrap();
     let before_t = dump(&app, "t");
     assert!(!marmot_objects(&app).is_empty());
     cleanup(db.conn()).unwrap();
@@ -80,18 +53,9 @@ fn cleanup_removes_every_marmot_object_and_leaves_user_data() {
     assert_eq!(dump(&app, "t"), before_t);
     assert_eq!(dump(&app, "u"), vec![vec![text("k"), Value::Blob(vec![1])]]);
     let app_trigger: i64 = app
-        .query_row(
-            "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name = 'app_audit'",
-            [],
-            |r| r.get(0),
-        )
+        .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name = 'app_audit'", [], |r| r.get(0))
         .unwrap();
     assert_eq!(app_trigger, 1, "the application's own trigger stays");
-    app.execute_batch("INSERT INTO t VALUES (2, 'b', 2.0)")
-        .unwrap();
-    assert_eq!(
-        dump(&app, "audit").len(),
-        2,
-        "writes still work and the app trigger still fires"
-    );
+    app.execute_batch("INSERT INTO t VALUES (2, 'b', 2.0)").unwrap();
+    assert_eq!(dump(&app, "audit").len(), 2, "writes still work and the app trigger still fires");
 }

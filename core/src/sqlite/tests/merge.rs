@@ -19,18 +19,9 @@ fn batch_read_on_one_node_applies_on_another() {
     a.exec("BEGIN; INSERT INTO t VALUES (1, 'a', 1.0); INSERT INTO t VALUES (2, 'b', 2.0); UPDATE t SET id = 3 WHERE id = 2; COMMIT;");
     let p = a.pending();
     let out = b.apply(&p.batch);
-    assert_eq!(
-        out,
-        ApplyOutcome {
-            applied: 4,
-            skipped: 0
-        }
-    );
+    assert_eq!(out, ApplyOutcome { applied: 4, skipped: 0 });
     assert_eq!(b.dump("t"), a.dump("t"));
-    let (v, deleted) =
-        b.db.version_of("t", &[int(2)])
-            .unwrap()
-            .expect("tombstone for the old key");
+    let (v, deleted) = b.db.version_of("t", &[int(2)]).unwrap().expect("tombstone for the old key");
     assert!(deleted);
     assert_eq!(v.node, NodeId(1));
 }
@@ -41,32 +32,14 @@ fn older_remote_change_is_skipped_and_newer_one_applied() {
     n.exec("INSERT INTO t VALUES (1, 'local', NULL)");
     let local = n.pending().through;
     let out = n.apply(&t_batch(2, vec![row(local.0 - 1, 1, "older")]));
-    assert_eq!(
-        out,
-        ApplyOutcome {
-            applied: 0,
-            skipped: 1
-        }
-    );
+    assert_eq!(out, ApplyOutcome { applied: 0, skipped: 1 });
     assert_eq!(n.dump("t"), vec![vec![int(1), text("local"), NULL]]);
     let out = n.apply(&t_batch(2, vec![row(local.0 + 1, 1, "newer")]));
-    assert_eq!(
-        out,
-        ApplyOutcome {
-            applied: 1,
-            skipped: 0
-        }
-    );
+    assert_eq!(out, ApplyOutcome { applied: 1, skipped: 0 });
     assert_eq!(n.dump("t"), vec![vec![int(1), text("newer"), NULL]]);
     assert_eq!(
         n.db.version_of("t", &[int(1)]).unwrap(),
-        Some((
-            Version {
-                hlc: Hlc(local.0 + 1),
-                node: NodeId(2)
-            },
-            false
-        ))
+        Some((Version { hlc: Hlc(local.0 + 1), node: NodeId(2) }, false))
     );
 }
 
@@ -76,10 +49,7 @@ fn local_write_after_an_applied_change_wins_over_an_older_remote_one() {
     n.apply(&t_batch(2, vec![row(100, 1, "remote")]));
     n.exec("UPDATE t SET name = 'local' WHERE id = 1");
     let out = n.apply(&t_batch(3, vec![row(200, 1, "stale")]));
-    assert_eq!(
-        out.skipped, 1,
-        "the local write has a newer version than any applied so far"
-    );
+    assert_eq!(out.skipped, 1, "the local write has a newer version than any applied so far");
     assert_eq!(n.dump("t"), vec![vec![int(1), text("local"), NULL]]);
 }
 
@@ -102,11 +72,7 @@ fn tombstone_beats_an_older_upsert_arriving_later() {
     let (v, deleted) = n.db.version_of("t", &[int(1)]).unwrap().unwrap();
     assert_eq!((v.hlc, deleted), (Hlc(300), true));
     assert_eq!(n.apply(&t_batch(3, vec![row(200, 1, "late")])).skipped, 1);
-    assert_eq!(
-        n.count("t"),
-        0,
-        "an older upsert does not resurrect a deleted row"
-    );
+    assert_eq!(n.count("t"), 0, "an older upsert does not resurrect a deleted row");
     assert_eq!(n.apply(&t_batch(3, vec![row(400, 1, "newer")])).applied, 1);
     assert_eq!(n.dump("t"), vec![vec![int(1), text("newer"), NULL]]);
 }
@@ -115,11 +81,7 @@ fn tombstone_beats_an_older_upsert_arriving_later() {
 fn delete_of_an_unknown_row_leaves_a_tombstone_for_later_upserts() {
     let mut n = node(1, T);
     n.apply(&t_batch(2, vec![delete(300, vec![int(9), NULL, NULL])]));
-    assert_eq!(
-        n.apply(&t_batch(3, vec![row(200, 9, "before the delete")]))
-            .skipped,
-        1
-    );
+    assert_eq!(n.apply(&t_batch(3, vec![row(200, 9, "before the delete")])).skipped, 1);
     assert_eq!(n.count("t"), 0);
 }
 
@@ -138,21 +100,9 @@ fn redelivered_batch_applies_nothing_twice() {
     let mut b = node(2, T);
     a.exec("INSERT INTO t VALUES (1, 'a', 1.0); INSERT INTO t VALUES (2, 'b', 2.0); DELETE FROM t WHERE id = 1;");
     let p = a.pending();
-    assert_eq!(
-        b.apply(&p.batch),
-        ApplyOutcome {
-            applied: 3,
-            skipped: 0
-        }
-    );
+    assert_eq!(b.apply(&p.batch), ApplyOutcome { applied: 3, skipped: 0 });
     let once = b.dump("t");
-    assert_eq!(
-        b.apply(&p.batch),
-        ApplyOutcome {
-            applied: 0,
-            skipped: 3
-        }
-    );
+    assert_eq!(b.apply(&p.batch), ApplyOutcome { applied: 0, skipped: 3 });
     assert_eq!(b.dump("t"), once);
 }
 
@@ -162,9 +112,7 @@ fn own_batch_coming_back_is_skipped_and_only_moves_the_position() {
     a.exec("INSERT INTO t VALUES (1, 'a', 1.0)");
     let p = a.pending();
     a.exec("UPDATE t SET name = 'newer' WHERE id = 1");
-    let out =
-        a.db.apply_batch(Shard(2), Position(5), &p.batch, None)
-            .unwrap();
+    let out = a.db.apply_batch(Shard(2), Position(5), &p.batch, None).unwrap();
     assert_eq!(out, ApplyOutcome::default());
     assert_eq!(a.dump("t"), vec![vec![int(1), text("newer"), real(1.0)]]);
     assert_eq!(a.db.position(Shard(2)).unwrap(), Position(5));
@@ -173,14 +121,7 @@ fn own_batch_coming_back_is_skipped_and_only_moves_the_position() {
 #[test]
 fn applied_changes_are_not_captured_again() {
     let mut n = node(1, T);
-    n.apply(&t_batch(
-        2,
-        vec![
-            row(100, 1, "a"),
-            row(101, 2, "b"),
-            delete(102, vec![int(1), NULL, NULL]),
-        ],
-    ));
+    n.apply(&t_batch(2, vec![row(100, 1, "a"), row(101, 2, "b"), delete(102, vec![int(1), NULL, NULL])]));
     assert!(n.db.read_pending().unwrap().is_none());
     assert_eq!(n.db.pending_count().unwrap(), 0);
 }
@@ -197,54 +138,26 @@ fn application_triggers_fire_on_applied_rows() {
     n.apply(&t_batch(2, vec![row(100, 1, "a")]));
     n.apply(&t_batch(2, vec![row(101, 1, "b")]));
     n.apply(&t_batch(2, vec![delete(102, vec![int(1), NULL, NULL])]));
-    assert_eq!(
-        n.dump("audit"),
-        vec![
-            vec![text("del 1")],
-            vec![text("ins 1")],
-            vec![text("upd b")]
-        ]
-    );
-    assert!(
-        n.db.read_pending().unwrap().is_none(),
-        "neither the rows nor the app trigger's writes are captured"
-    );
+    assert_eq!(n.dump("audit"), vec![vec![text("del 1")], vec![text("ins 1")], vec![text("upd b")]]);
+    assert!(n.db.read_pending().unwrap().is_none(), "neither the rows nor the app trigger's writes are captured");
 }
 
 #[test]
 fn position_is_stored_in_the_same_transaction_as_the_batch() {
     let mut n = node(1, T);
-    n.db.apply_batch(
-        Shard(3),
-        Position(7),
-        &t_batch(2, vec![row(100, 1, "a")]),
-        None,
-    )
-    .unwrap();
+    n.db.apply_batch(Shard(3), Position(7), &t_batch(2, vec![row(100, 1, "a")]), None).unwrap();
     assert_eq!(n.db.position(Shard(3)).unwrap(), Position(7));
     let next = t_batch(2, vec![row(200, 2, "b"), row(201, 3, "c")]);
-    let err =
-        n.db.apply_batch(Shard(3), Position(8), &next, Some(1))
-            .unwrap_err();
+    let err = n.db.apply_batch(Shard(3), Position(8), &next, Some(1)).unwrap_err();
     assert!(matches!(err, Error::InjectedCrash(_)), "{err}");
-    assert_eq!(
-        n.db.position(Shard(3)).unwrap(),
-        Position(7),
-        "a failed batch does not move the position"
-    );
-    assert_eq!(
-        n.dump("t"),
-        vec![vec![int(1), text("a"), NULL]],
-        "nor applies any of its rows"
-    );
+    assert_eq!(n.db.position(Shard(3)).unwrap(), Position(7), "a failed batch does not move the position");
+    assert_eq!(n.dump("t"), vec![vec![int(1), text("a"), NULL]], "nor applies any of its rows");
     assert_eq!(n.db.version_of("t", &[int(2)]).unwrap(), None);
-    n.db.apply_batch(Shard(3), Position(8), &next, None)
-        .unwrap();
+    n.db.apply_batch(Shard(3), Position(8), &next, None).unwrap();
     assert_eq!(n.db.position(Shard(3)).unwrap(), Position(8));
     assert_eq!(n.count("t"), 3);
     // Positions never move back.
-    n.db.apply_batch(Shard(3), Position(4), &next, None)
-        .unwrap();
+    n.db.apply_batch(Shard(3), Position(4), &next, None).unwrap();
     assert_eq!(n.db.positions().unwrap().get(&Shard(3)), Some(&Position(8)));
 }
 
@@ -252,45 +165,20 @@ fn position_is_stored_in_the_same_transaction_as_the_batch() {
 fn batch_naming_a_missing_table_is_a_schema_mismatch_and_applies_nothing() {
     let mut n = node(1, T);
     let mut b = t_batch(2, vec![row(100, 1, "a")]);
-    b.tables.push(changes(
-        "missing",
-        &["id"],
-        &[0],
-        vec![upsert(101, vec![int(1)])],
-    ));
-    let err =
-        n.db.apply_batch(Shard(0), Position(1), &b, None)
-            .unwrap_err();
-    assert!(
-        matches!(&err, Error::SchemaMismatch { table, .. } if table == "missing"),
-        "{err}"
-    );
-    assert_eq!(
-        n.count("t"),
-        0,
-        "the first table's rows are rolled back too"
-    );
+    b.tables.push(changes("missing", &["id"], &[0], vec![upsert(101, vec![int(1)])]));
+    let err = n.db.apply_batch(Shard(0), Position(1), &b, None).unwrap_err();
+    assert!(matches!(&err, Error::SchemaMismatch { table, .. } if table == "missing"), "{err}");
+    assert_eq!(n.count("t"), 0, "the first table's rows are rolled back too");
     assert_eq!(n.db.version_of("t", &[int(1)]).unwrap(), None);
     assert_eq!(n.db.position(Shard(0)).unwrap(), Position(0));
-    assert!(
-        n.db.clock().unwrap() < Hlc(100),
-        "the clock is not raised by a refused batch"
-    );
+    assert!(n.db.clock().unwrap() < Hlc(100), "the clock is not raised by a refused batch");
 }
 
 #[test]
 fn batch_naming_a_missing_column_is_a_schema_mismatch_and_applies_nothing() {
     let mut n = node(1, T);
-    let b = batch(
-        2,
-        "t",
-        &["id", "name", "colour"],
-        &[0],
-        vec![upsert(100, vec![int(1), text("a"), text("red")])],
-    );
-    let err =
-        n.db.apply_batch(Shard(0), Position(1), &b, None)
-            .unwrap_err();
+    let b = batch(2, "t", &["id", "name", "colour"], &[0], vec![upsert(100, vec![int(1), text("a"), text("red")])]);
+    let err = n.db.apply_batch(Shard(0), Position(1), &b, None).unwrap_err();
     assert!(
         matches!(&err, Error::SchemaMismatch { table, detail } if table == "t" && detail.contains("colour")),
         "{err}"
@@ -307,10 +195,7 @@ fn applying_raises_the_clock_above_the_applied_change() {
     assert!(n.db.clock().unwrap() >= Hlc(future));
     n.exec("UPDATE t SET name = 'local' WHERE id = 1; INSERT INTO t VALUES (2, 'x', NULL);");
     let v = hlcs(&n.pending().batch);
-    assert!(
-        v.iter().all(|&h| h > Hlc(future)),
-        "local writes after the apply get higher versions: {v:?}"
-    );
+    assert!(v.iter().all(|&h| h > Hlc(future)), "local writes after the apply get higher versions: {v:?}");
     // And the local write wins on the other node too.
     let mut other = node(3, T);
     other.apply(&t_batch(2, vec![row(future, 1, "from the future")]));
@@ -327,10 +212,7 @@ fn partial_image_leaves_other_columns_as_they_are() {
         "t",
         &["id", "name"],
         &[0],
-        vec![upsert(
-            Hlc::from_millis(now_ms() + 60_000).0,
-            vec![int(1), text("b")],
-        )],
+        vec![upsert(Hlc::from_millis(now_ms() + 60_000).0, vec![int(1), text("b")])],
     );
     n.apply(&b);
     assert_eq!(n.dump("t"), vec![vec![int(1), text("b"), real(1.5)]]);

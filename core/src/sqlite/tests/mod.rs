@@ -37,37 +37,23 @@ fn node_with(id: u64, schema: &str, opts: CaptureOptions) -> Node {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("app.db");
     let app = Connection::open(&path).expect("open app connection");
-    app.busy_timeout(std::time::Duration::from_secs(5))
-        .expect("busy timeout");
-    let mode: String = app
-        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-        .expect("set WAL");
+    app.busy_timeout(std::time::Duration::from_secs(5)).expect("busy timeout");
+    let mode: String = app.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).expect("set WAL");
     assert_eq!(mode, "wal", "test databases run in WAL mode");
-    app.execute_batch(schema)
-        .expect("create the application schema");
+    app.execute_batch(schema).expect("create the application schema");
     let db = Db::open(&path, NodeId(id), opts).expect("open Db and install capture");
-    Node {
-        db,
-        app,
-        path,
-        _dir: dir,
-    }
+    Node { db, app, path, _dir: dir }
 }
 
 impl Node {
     /// Runs SQL on the application's own connection.
     fn exec(&self, sql: &str) {
-        self.app
-            .execute_batch(sql)
-            .unwrap_or_else(|e| panic!("app SQL failed: {e}\n{sql}"));
+        self.app.execute_batch(sql).unwrap_or_else(|e| panic!("app SQL failed: {e}\n{sql}"));
     }
 
     /// The pending batch; panics when nothing is pending.
     fn pending(&mut self) -> Pending {
-        self.db
-            .read_pending()
-            .expect("read_pending")
-            .expect("changes pending")
+        self.db.read_pending().expect("read_pending").expect("changes pending")
     }
 
     /// Acknowledges everything pending, as if it were published.
@@ -79,9 +65,7 @@ impl Node {
 
     /// Applies a batch at position 0 (no position stored).
     fn apply(&mut self, batch: &Batch) -> ApplyOutcome {
-        self.db
-            .apply_batch(Shard(0), Position(0), batch, None)
-            .expect("apply_batch")
+        self.db.apply_batch(Shard(0), Position(0), batch, None).expect("apply_batch")
     }
 
     /// Every row of `table`, in a canonical order.
@@ -92,9 +76,7 @@ impl Node {
     /// Number of rows in `table`.
     fn count(&self, table: &str) -> i64 {
         let sql = format!("SELECT count(*) FROM {}", quote(table));
-        self.app
-            .query_row(&sql, [], |r| r.get(0))
-            .expect("count rows")
+        self.app.query_row(&sql, [], |r| r.get(0)).expect("count rows")
     }
 
     /// Marmot's triggers as (name, sql), by name.
@@ -106,23 +88,16 @@ impl Node {
                  AND substr(name, 1, 10) = '__marmot__' ORDER BY name",
             )
             .expect("list triggers");
-        let rows = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .expect("list triggers");
-        rows.collect::<rusqlite::Result<_>>()
-            .expect("list triggers")
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).expect("list triggers");
+        rows.collect::<rusqlite::Result<_>>().expect("list triggers")
     }
 }
 
 fn dump(conn: &Connection, table: &str) -> Vec<Vec<Value>> {
-    let mut stmt = conn
-        .prepare(&format!("SELECT * FROM {}", quote(table)))
-        .expect("select all");
+    let mut stmt = conn.prepare(&format!("SELECT * FROM {}", quote(table))).expect("select all");
     let n = stmt.column_count();
     let mut rows: Vec<Vec<Value>> = stmt
-        .query_map([], |r| {
-            (0..n).map(|i| Ok(Value::from(r.get_ref(i)?))).collect()
-        })
+        .query_map([], |r| (0..n).map(|i| Ok(Value::from(r.get_ref(i)?))).collect())
         .expect("select all")
         .collect::<rusqlite::Result<_>>()
         .expect("select all");
@@ -145,27 +120,16 @@ fn real(f: f64) -> Value {
 const NULL: Value = Value::Null;
 
 fn upsert(hlc: u64, values: Vec<Value>) -> RowChange {
-    RowChange {
-        hlc: Hlc(hlc),
-        op: Op::Upsert,
-        values,
-    }
+    RowChange { hlc: Hlc(hlc), op: Op::Upsert, values }
 }
 
 fn delete(hlc: u64, values: Vec<Value>) -> RowChange {
-    RowChange {
-        hlc: Hlc(hlc),
-        op: Op::Delete,
-        values,
-    }
+    RowChange { hlc: Hlc(hlc), op: Op::Delete, values }
 }
 
 /// A hand-built batch of one table.
 fn batch(origin: u64, table: &str, columns: &[&str], pk: &[usize], rows: Vec<RowChange>) -> Batch {
-    Batch {
-        origin: NodeId(origin),
-        tables: vec![changes(table, columns, pk, rows)],
-    }
+    Batch { origin: NodeId(origin), tables: vec![changes(table, columns, pk, rows)] }
 }
 
 fn changes(table: &str, columns: &[&str], pk: &[usize], rows: Vec<RowChange>) -> TableChanges {
@@ -192,19 +156,12 @@ fn rows_of(batch: &Batch, table: &str) -> Vec<(Op, Vec<Value>)> {
 
 /// Every version in a batch, in batch order (tables in turn, rows in order).
 fn hlcs(batch: &Batch) -> Vec<Hlc> {
-    batch
-        .tables
-        .iter()
-        .flat_map(|t| t.rows.iter().map(|r| r.hlc))
-        .collect()
+    batch.tables.iter().flat_map(|t| t.rows.iter().map(|r| r.hlc)).collect()
 }
 
 /// Milliseconds since the epoch, for building versions near the wall clock.
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as u64
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970").as_millis() as u64
 }
 
 /// The simple table most tests use.

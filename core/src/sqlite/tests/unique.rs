@@ -36,32 +36,15 @@ fn unique_conflict_resolves_the_same_in_either_arrival_order() {
     assert_eq!(c.dump("threads"), d.dump("threads"));
     let held = c.dump("threads");
     assert_eq!(held.len(), 1);
-    assert_eq!(
-        held[0][0],
-        id_of(&high),
-        "the higher version holds the unique value"
-    );
+    assert_eq!(held[0][0], id_of(&high), "the higher version holds the unique value");
     assert_eq!(c.db.aside_count().unwrap(), 1);
     assert_eq!(d.db.aside_count().unwrap(), 1);
     let aside: Vec<(i64, i64)> = {
-        let mut s = c
-            .app
-            .prepare("SELECT hlc, node FROM __marmot__aside")
-            .unwrap();
-        s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap()
+        let mut s = c.app.prepare("SELECT hlc, node FROM __marmot__aside").unwrap();
+        s.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().collect::<rusqlite::Result<_>>().unwrap()
     };
-    assert_eq!(
-        aside,
-        vec![(low.max_hlc().unwrap().0 as i64, low.origin.0 as i64)],
-        "the lower version waits aside"
-    );
-    assert!(
-        c.db.read_pending().unwrap().is_none(),
-        "setting aside is not a local change"
-    );
+    assert_eq!(aside, vec![(low.max_hlc().unwrap().0 as i64, low.origin.0 as i64)], "the lower version waits aside");
+    assert!(c.db.read_pending().unwrap().is_none(), "setting aside is not a local change");
 }
 
 #[test]
@@ -78,10 +61,7 @@ fn set_aside_row_returns_when_the_holder_is_deleted_remotely() {
             "threads",
             &["id", "uri", "title"],
             &[0],
-            vec![delete(
-                high.max_hlc().unwrap().0 + 1,
-                vec![holder, NULL, NULL],
-            )],
+            vec![delete(high.max_hlc().unwrap().0 + 1, vec![holder, NULL, NULL])],
         );
         c.apply(&del);
         assert_eq!(c.db.aside_count().unwrap(), 0);
@@ -99,9 +79,7 @@ fn set_aside_row_returns_after_a_local_delete_and_reconcile() {
     c.apply(&high);
     c.apply(&low);
     assert_eq!(c.db.aside_count().unwrap(), 1);
-    let Value::Integer(holder) = id_of(&high) else {
-        panic!("integer id")
-    };
+    let Value::Integer(holder) = id_of(&high) else { panic!("integer id") };
     c.exec(&format!("DELETE FROM threads WHERE id = {holder}"));
     assert!(c.db.reconcile().unwrap(), "reconcile ran");
     assert_eq!(c.db.aside_count().unwrap(), 0);
@@ -110,10 +88,7 @@ fn set_aside_row_returns_after_a_local_delete_and_reconcile() {
     assert_eq!(rows[0][0], id_of(&low));
     // Only the application's delete is a local change; the return of the row is not.
     let p = c.pending();
-    assert_eq!(
-        rows_of(&p.batch, "threads"),
-        vec![(Op::Delete, vec![Value::Integer(holder), NULL, NULL])]
-    );
+    assert_eq!(rows_of(&p.batch, "threads"), vec![(Op::Delete, vec![Value::Integer(holder), NULL, NULL])]);
     assert!(!c.db.reconcile().unwrap(), "nothing left to reconcile");
 }
 
@@ -143,10 +118,7 @@ fn lower_version_set_aside_is_dropped_when_its_own_row_is_deleted() {
         "threads",
         &["id", "uri", "title"],
         &[0],
-        vec![delete(
-            low.max_hlc().unwrap().0 + 1,
-            vec![id_of(&low), NULL, NULL],
-        )],
+        vec![delete(low.max_hlc().unwrap().0 + 1, vec![id_of(&low), NULL, NULL])],
     );
     c.apply(&del);
     assert_eq!(c.db.aside_count().unwrap(), 0);
