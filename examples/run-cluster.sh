@@ -23,7 +23,7 @@ create_db() {
   local db="$1"
   rm -f "$db" "$db-wal" "$db-shm"
   rm -rf "/tmp/nats/marmot-node-$2"
-  sqlite3 "$db" <<'SQL'
+  sqlite3 "$db" >/dev/null <<'SQL'
 PRAGMA journal_mode = WAL;
 CREATE TABLE Books (
   id INTEGER PRIMARY KEY,
