@@ -21,7 +21,7 @@ pub mod load;
 #[cfg(test)]
 mod tests;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -104,7 +104,17 @@ impl Config {
         nonzero_ms(self.polling_interval_ms)
     }
 
-    /// The embedded NATS server's name, as v1 names it: `marmot-node-<node_id>`.
+    /// The directory of `db_path`: the embedded server's store and temporary snapshot files
+    /// live there.
+    pub fn data_dir(&self) -> PathBuf {
+        self.db_path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."))
+    }
+
+    /// The embedded server's name, `marmot-node-<node_id>`.
     pub fn server_name(&self) -> String {
         format!("marmot-node-{}", self.node_id)
     }

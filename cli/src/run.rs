@@ -60,13 +60,7 @@ fn optional(s: &str) -> Option<String> {
 }
 
 async fn start_embedded(config: &Config, flags: &Flags) -> Result<EmbeddedServer, RunError> {
-    let data_dir = config
-        .db_path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let mut opts = EmbeddedOptions::new(config.node_id, data_dir);
+    let mut opts = EmbeddedOptions::new(config.node_id, config.data_dir());
     opts.bind_address = config.nats.bind_address.clone();
     opts.cluster_addr = flags.cluster_addr.clone();
     opts.cluster_peers = flags.cluster_peers.clone();

@@ -307,6 +307,19 @@ struct Partial {
     count: u32,
 }
 
+impl Partial {
+    fn new(h: &PartHeader, first_position: Position) -> Partial {
+        Partial {
+            batch_id: h.batch_id,
+            compressed: h.compressed,
+            first_position,
+            chunks: BTreeMap::new(),
+            raw: Vec::new(),
+            count: h.part_count,
+        }
+    }
+}
+
 /// Reassembles the parts of batches read from one shard, in position order.
 ///
 /// Parts of different origins may interleave. When an origin starts a new batch while an
@@ -336,23 +349,9 @@ impl Reassembler {
                 Err(error) => Assembled::Bad { error, bytes: payload.to_vec() },
             };
         }
-        let p = self.partial.entry(h.origin.0).or_insert_with(|| Partial {
-            batch_id: h.batch_id,
-            compressed: h.compressed,
-            first_position: position,
-            chunks: BTreeMap::new(),
-            raw: Vec::new(),
-            count: h.part_count,
-        });
+        let p = self.partial.entry(h.origin.0).or_insert_with(|| Partial::new(&h, position));
         if p.batch_id != h.batch_id || p.count != h.part_count || p.compressed != h.compressed {
-            *p = Partial {
-                batch_id: h.batch_id,
-                compressed: h.compressed,
-                first_position: position,
-                chunks: BTreeMap::new(),
-                raw: Vec::new(),
-                count: h.part_count,
-            };
+            *p = Partial::new(&h, position);
         }
         if p.chunks.insert(h.part_index, chunk).is_none() {
             p.raw.extend_from_slice(payload);

@@ -113,13 +113,7 @@ impl NatsTarget {
 
 /// `<db dir>/nats/marmot-node-<id>.conf`, as the node's embedded server writes it.
 fn embedded_config_path(config: &Config) -> PathBuf {
-    let data_dir = config
-        .db_path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    data_dir.join("nats").join(format!("{}.conf", config.server_name()))
+    config.data_dir().join("nats").join(format!("{}.conf", config.server_name()))
 }
 
 /// The top-level `listen: "host:port"` of a generated nats-server configuration.
