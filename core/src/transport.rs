@@ -78,5 +78,7 @@ pub trait LogTransport: Send + Sync {
 pub trait Subscription: Send {
     /// Returns up to `max` next entries in order. Waits at most `wait` for the first one
     /// and returns an empty vector if none arrived by then. An entry is returned once.
+    /// If the log dropped entries this subscription had not delivered yet, it fails with
+    /// [`Error::Truncated`](crate::Error::Truncated) (and keeps failing).
     async fn next_entries(&mut self, max: usize, wait: Duration) -> Result<Vec<Entry>>;
 }
