@@ -22,16 +22,23 @@ fn claim(ports: &[u16]) -> bool {
     true
 }
 
+/// Ports handed out here come from this range, below Linux's ephemeral range
+/// (32768–60999): the kernel never gives these to `bind(:0)` or outgoing connections, so
+/// a port chosen here cannot be taken by, say, an embedded nats-server's random client or
+/// monitoring port between the moment it is chosen and the moment it is used.
+const PORT_RANGE: std::ops::Range<u16> = 20_000..31_000;
+
 /// A port that was free a moment ago and that this process has not handed out before.
 pub fn free_port() -> u16 {
-    loop {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let port = listener.local_addr().expect("local address").port();
-        drop(listener);
-        if claim(&[port]) {
+    let span = (PORT_RANGE.end - PORT_RANGE.start) as u32;
+    let start = (std::process::id().wrapping_mul(7919)) % span;
+    for i in 0..span {
+        let port = PORT_RANGE.start + ((start + i) % span) as u16;
+        if bindable(port) && claim(&[port]) {
             return port;
         }
     }
+    panic!("no free port in {PORT_RANGE:?}");
 }
 
 /// A cluster port for an embedded server: free, and so is `port + 1000`, where the
