@@ -97,12 +97,18 @@ async fn missing_binary_is_a_one_line_install_hint() {
 }
 
 /// A port `p` such that `p` (cluster) and `p + 1` (leaf nodes) were both free.
+/// A free cluster port whose leaf port (+1000) is free too, chosen below the kernel's
+/// ephemeral range (32768–60999) so that no server's random client or monitoring port can
+/// take it before the server that needs it binds it. Each call moves on from the last.
 fn free_port_pair() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let span = 10_000u16;
+    let base = 20_000 + (std::process::id() % span as u32) as u16;
     loop {
-        let a = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = a.local_addr().unwrap().port();
-        let leaf = port.checked_add(marmot_transports::embedded::LEAF_PORT_OFFSET);
-        if leaf.is_some_and(|leaf| TcpListener::bind(("127.0.0.1", leaf)).is_ok()) {
+        let step = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % span;
+        let port = 20_000 + (base - 20_000 + step) % span;
+        let leaf = port + marmot_transports::embedded::LEAF_PORT_OFFSET;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() && TcpListener::bind(("127.0.0.1", leaf)).is_ok() {
             return port;
         }
     }
