@@ -3,7 +3,6 @@
 //! reporting for long transfers.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -56,11 +55,6 @@ pub async fn open_store(config: &Config, transport: &NatsTransport) -> Result<Ar
     Ok(marmot_storage::open(options).await?)
 }
 
-/// A directory for temporary snapshot files, next to the database (same file system).
-pub fn work_dir(db_path: &Path) -> PathBuf {
-    db_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf()
-}
-
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -91,10 +85,11 @@ pub async fn save(
 }
 
 async fn save_held(config: &Config, snapshots: &Snapshots) -> Result<Manifest, RunError> {
-    let (path, node, now) = (config.db_path.clone(), NodeId(config.node_id), now_ms());
+    // Temporary files go next to the database (same file system).
+    let (path, dir, node, now) = (config.db_path.clone(), config.data_dir(), NodeId(config.node_id), now_ms());
     let saved = tokio::task::spawn_blocking(move || {
         let db = Db::open(&path, node, CaptureOptions::default())?;
-        Snapshots::write_file(&db, &work_dir(&path), now)
+        Snapshots::write_file(&db, &dir, now)
     })
     .await??;
     Ok(snapshots.upload_file(node, now, saved).await?)
@@ -123,9 +118,8 @@ pub async fn needs_restore(db: &Db, transport: &dyn LogTransport) -> Result<Opti
 pub async fn restore(config: &Config, snapshots: &Snapshots) -> Result<Manifest, RunError> {
     let mut db = Db::open(&config.db_path, NodeId(config.node_id), CaptureOptions::default())?;
     let mut progress = ProgressReporter::new("restoring snapshot");
-    let manifest = snapshots
-        .restore_newest(&mut db, &work_dir(&config.db_path), &mut |done, total| progress.report(done, total))
-        .await?;
+    let manifest =
+        snapshots.restore_newest(&mut db, &config.data_dir(), &mut |done, total| progress.report(done, total)).await?;
     progress.finish();
     Ok(manifest)
 }
