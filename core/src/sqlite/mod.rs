@@ -18,6 +18,7 @@ mod merge;
 mod reader;
 mod schema;
 mod snapshot;
+pub mod stream_vfs;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -63,6 +64,8 @@ pub struct Db {
     ids: BTreeMap<i64, usize>,
     schema_version: i64,
     generation: u64,
+    /// The WAL checkpoint a restore left running on its own connection.
+    checkpoint: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
 /// Encodes primary-key values into the canonical key used by `versions` and `aside`.
@@ -89,8 +92,16 @@ impl Db {
         conn.busy_handler(Some(retry_when_busy)).ctx(|| "setting busy handler".into())?;
         conn.execute_batch("PRAGMA foreign_keys = OFF; PRAGMA synchronous = NORMAL;")
             .ctx(|| "setting connection pragmas".into())?;
-        let mut db =
-            Db { conn, node, opts, schema: Schema::default(), ids: BTreeMap::new(), schema_version: -1, generation: 0 };
+        let mut db = Db {
+            conn,
+            node,
+            opts,
+            schema: Schema::default(),
+            ids: BTreeMap::new(),
+            schema_version: -1,
+            generation: 0,
+            checkpoint: None,
+        };
         db.reinstall()?;
         Ok(db)
     }

@@ -5,9 +5,10 @@
 //! long), strip capture from the copy (triggers and this node's unpublished log; the clock
 //! is raised to every version the copy holds), keep versions, set-aside rows and stream
 //! positions, then zstd-compress while hashing.
-//! Restore: verify the checksum while decompressing next to the database, then copy it
-//! into the live database with SQLite's online backup API in one step, so connections
-//! that hold the database open see either the old or the new content, never a mix.
+//! Restore: verify the checksum, then copy it into the live database with SQLite's online
+//! backup API in one step, reading the compressed file through [`stream_vfs`] (no plain
+//! copy on disk), so connections that hold the database open see either the old or the
+//! new content, never a mix.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OpenFlags};
 
-use super::{quote, Db, PREFIX};
+use super::{quote, stream_vfs, Db, PREFIX};
 use crate::error::{Error, Result, SqlContext};
 use crate::model::{Position, Shard};
 
@@ -113,20 +114,13 @@ impl Db {
 
     /// Replaces the database's content with the snapshot at `compressed` (checked against
     /// `checksum`), then re-installs capture. Other connections keep working and see the
-    /// restored content once it is complete.
+    /// restored content once it is complete. `progress` reports database bytes copied.
+    ///
+    /// The snapshot is decompressed while it is copied (no plain copy is written), and the
+    /// WAL checkpoint that moves the restored pages into the database file runs afterwards
+    /// on a connection of its own ([`Db::finish_checkpoint`] waits for it): the restored
+    /// content is committed, visible and crash-safe before that.
     pub fn restore_snapshot(&mut self, compressed: &Path, checksum: &str, progress: Progress<'_>) -> Result<()> {
-        let dir = self.db_dir();
-        let plain = dir.join(format!("{PREFIX}restore-{}.db", std::process::id()));
-        let result = self.restore_via(compressed, checksum, &plain, progress);
-        let _ = std::fs::remove_file(&plain);
-        result
-    }
-
-    fn db_dir(&self) -> PathBuf {
-        self.conn.path().map(Path::new).and_then(Path::parent).map(Path::to_owned).unwrap_or_else(std::env::temp_dir)
-    }
-
-    fn restore_via(&mut self, compressed: &Path, checksum: &str, plain: &Path, progress: Progress<'_>) -> Result<()> {
         let found = checksum_file(compressed)?;
         if found != checksum {
             return Err(Error::Corrupt(format!(
@@ -134,42 +128,64 @@ impl Db {
                 compressed.display()
             )));
         }
-        let total = std::fs::metadata(compressed).map_err(io("sizing the snapshot"))?.len();
-        let src = File::open(compressed).map_err(io("opening the snapshot"))?;
-        let counting = CountingReader { inner: src, done: 0, total, progress };
-        let mut decoder = zstd::stream::read::Decoder::new(counting).map_err(io("reading the snapshot"))?;
-        let mut out = BufWriter::new(File::create(plain).map_err(io("creating the restore file"))?);
-        std::io::copy(&mut decoder, &mut out)
-            .map_err(|e| Error::Corrupt(format!("decompressing the snapshot: {e}")))?;
-        out.flush().map_err(io("writing the restore file"))?;
-        drop(out);
-        // The checksum already proved these are the bytes that were saved.
-        let src = Connection::open_with_flags(plain, OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .ctx(|| "opening the restored copy".into())?;
-        {
-            let backup =
-                rusqlite::backup::Backup::new(&src, &mut self.conn).ctx(|| "starting the online backup".into())?;
-            // One step: the destination changes in a single transaction, so readers never
-            // see a half-restored database.
-            backup.step(-1).ctx(|| "copying the snapshot into the database".into())?;
+        self.finish_checkpoint()?;
+        let source = stream_vfs::open(compressed, Some(progress))?;
+        // The restore's own commits must not checkpoint a whole database's worth of WAL
+        // in line: the background checkpoint below does it.
+        let autocheckpoint: i64 = self
+            .conn
+            .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
+            .ctx(|| "reading wal_autocheckpoint".into())?;
+        self.conn.execute_batch("PRAGMA wal_autocheckpoint = 0").ctx(|| "pausing WAL checkpoints".into())?;
+        let copied = copy_all(&source.conn, &mut self.conn);
+        drop(source);
+        let reinstalled = copied.and_then(|()| {
+            self.checkpoint_in_background();
+            self.reinstall()
+        });
+        self.conn
+            .execute_batch(&format!("PRAGMA wal_autocheckpoint = {autocheckpoint}"))
+            .ctx(|| "resuming WAL checkpoints".into())?;
+        reinstalled
+    }
+
+    /// Starts a passive WAL checkpoint on a connection of its own, and waits until it is
+    /// under way, so this connection's next commits find it running and do not start one.
+    fn checkpoint_in_background(&mut self) {
+        let Some(path) = self.conn.path().filter(|p| !p.is_empty()).map(PathBuf::from) else { return };
+        let (started, running) = std::sync::mpsc::channel();
+        self.checkpoint = Some(std::thread::spawn(move || {
+            let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+                .ctx(|| "opening a connection for the WAL checkpoint".into());
+            let _ = started.send(());
+            conn?
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                .ctx(|| "checkpointing the restored database".into())
+        }));
+        let _ = running.recv();
+    }
+
+    /// Waits for the WAL checkpoint a restore started, if one is still running.
+    pub fn finish_checkpoint(&mut self) -> Result<()> {
+        match self.checkpoint.take().map(std::thread::JoinHandle::join) {
+            None => Ok(()),
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(Error::Database("the WAL checkpoint thread panicked".into())),
         }
-        self.reinstall()
     }
 }
 
-struct CountingReader<'a, R: Read> {
-    inner: R,
-    done: u64,
-    total: u64,
-    progress: Progress<'a>,
-}
-
-impl<R: Read> Read for CountingReader<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.done += n as u64;
-        (self.progress)(self.done, self.total);
-        Ok(n)
+/// Copies `source` over `dest` in one backup step: the destination changes in a single
+/// transaction, so readers never see a half-restored database.
+fn copy_all(source: &Connection, dest: &mut Connection) -> Result<()> {
+    use rusqlite::backup::{Backup, StepResult};
+    let backup = Backup::new(source, dest).ctx(|| "starting the online backup".into())?;
+    match backup.step(-1).ctx(|| "copying the snapshot into the database".into())? {
+        StepResult::Done => Ok(()),
+        other => Err(Error::Database(format!(
+            "copying the snapshot into the database did not finish ({other:?}): the database stayed busy; \
+             it is unchanged"
+        ))),
     }
 }
 
