@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::{Connection, Transaction, TransactionBehavior};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
 use tracing::warn;
 
 use super::schema::{quote, Schema, TableInfo, PREFIX};
@@ -73,30 +73,54 @@ CREATE VIEW IF NOT EXISTS __marmot__replication AS SELECT
 pub fn install(conn: &Connection, opts: &CaptureOptions) -> Result<Schema> {
     let tx =
         Transaction::new_unchecked(conn, TransactionBehavior::Immediate).ctx(|| "starting capture install".into())?;
+    let first_install = !object_exists(&tx, "__marmot__clock")?;
     tx.execute_batch(META_SQL).ctx(|| "creating __marmot__ tables".into())?;
+    ensure_captured_columns(&tx)?;
+    // Right after a snapshot restore no table has triggers, and none lost a change.
+    let restored = tx
+        .query_row("DELETE FROM __marmot__state WHERE key = 'capture_stripped' RETURNING value", [], |_| Ok(()))
+        .optional()
+        .ctx(|| "reading the restore marker".into())?
+        .is_some();
     let schema = Schema::read(&tx)?;
     for skipped in &schema.skipped {
         warn!(table = %skipped.name, reason = %skipped.reason, "table not replicated");
     }
     let width = schema.tables.iter().map(|t| t.columns.len()).max().unwrap_or(0);
     ensure_log_width(&tx, width)?;
+    let existing = existing_triggers(&tx)?;
+    follow_renames(&tx, &existing)?;
     let mut wanted = BTreeMap::new();
     for table in &schema.tables {
+        let captured = captured_columns(&tx, &table.name)?;
         let id = table_id(&tx, &table.name)?;
+        if captured.as_ref() != Some(&table.columns) {
+            if let Some(old) = &captured {
+                remap_log(&tx, table, id, old)?;
+            }
+            tx.execute(
+                "UPDATE __marmot__tables SET columns = ?2 WHERE id = ?1",
+                (id, serde_json::to_string(&table.columns).expect("names serialize")),
+            )
+            .ctx(|| format!("recording the columns of {:?}", table.name))?;
+        }
+        let has_capture = existing.values().any(|(on, _)| on == &table.name);
+        if !has_capture && !first_install && !restored {
+            backfill(&tx, table, id, &opts.time_ms_sql)?;
+        }
         let sqls = trigger_sql(table, id, &opts.time_ms_sql);
         for (what, sql) in ["insert", "update", "delete"].into_iter().zip(sqls) {
             wanted.insert(format!("{PREFIX}{}__{what}", table.name), sql);
         }
     }
-    let existing = existing_triggers(&tx)?;
-    for (name, sql) in &existing {
+    for (name, (_, sql)) in &existing {
         if wanted.get(name).map(|w| w.trim_end_matches(';')) != Some(sql.as_str()) {
             tx.execute_batch(&format!("DROP TRIGGER IF EXISTS {}", quote(name)))
                 .ctx(|| format!("dropping trigger {name:?}"))?;
         }
     }
     for (name, sql) in &wanted {
-        if existing.get(name).map(String::as_str) != Some(sql.trim_end_matches(';')) {
+        if existing.get(name).map(|(_, s)| s.as_str()) != Some(sql.trim_end_matches(';')) {
             tx.execute_batch(sql).ctx(|| format!("creating trigger {name:?}"))?;
         }
     }
@@ -104,13 +128,128 @@ pub fn install(conn: &Connection, opts: &CaptureOptions) -> Result<Schema> {
     Ok(schema)
 }
 
-/// Marmot's triggers now in the database: name → SQL as SQLite stores it.
-fn existing_triggers(conn: &Connection) -> Result<BTreeMap<String, String>> {
+fn object_exists(conn: &Connection, name: &str) -> Result<bool> {
+    conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = ?1", [name], |r| r.get::<_, i64>(0))
+        .map(|n| n > 0)
+        .ctx(|| format!("looking for {name}"))
+}
+
+/// Adds `__marmot__tables.columns` (the column names the triggers capture, as JSON) to
+/// databases installed before it existed.
+fn ensure_captured_columns(conn: &Connection) -> Result<()> {
+    let has: i64 = conn
+        .query_row("SELECT count(*) FROM pragma_table_info('__marmot__tables') WHERE name = 'columns'", [], |r| {
+            r.get(0)
+        })
+        .ctx(|| "reading __marmot__tables".into())?;
+    if has == 0 {
+        conn.execute_batch("ALTER TABLE __marmot__tables ADD COLUMN columns TEXT")
+            .ctx(|| "adding __marmot__tables.columns".into())?;
+    }
+    Ok(())
+}
+
+/// The columns the current triggers of `table` capture, when recorded.
+fn captured_columns(conn: &Connection, table: &str) -> Result<Option<Vec<String>>> {
+    let json: Option<String> = conn
+        .query_row("SELECT columns FROM __marmot__tables WHERE name = ?1", [table], |r| r.get(0))
+        .optional()
+        .ctx(|| format!("reading the captured columns of {table:?}"))?
+        .flatten();
+    Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+}
+
+/// A renamed table keeps its triggers (SQLite moves them), which keep logging under the
+/// table's old id: give that id the new name, so those log rows and the table's versions
+/// stay the table's.
+fn follow_renames(conn: &Connection, existing: &BTreeMap<String, (String, String)>) -> Result<()> {
+    for (trigger, (on, _)) in existing {
+        let Some(old) = trigger.strip_prefix(PREFIX).and_then(|t| t.strip_suffix("__insert")) else { continue };
+        if old == on {
+            continue;
+        }
+        let taken: i64 = conn
+            .query_row("SELECT count(*) FROM __marmot__tables WHERE name = ?1", [on], |r| r.get(0))
+            .ctx(|| "reading __marmot__tables".into())?;
+        if taken == 0 {
+            conn.execute("UPDATE __marmot__tables SET name = ?2 WHERE name = ?1", (old, on))
+                .ctx(|| format!("following the rename of {old:?} to {on:?}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Logs every row of a table that had no capture (created, or dropped and created again,
+/// since the last install), so rows written before Marmot noticed are not missed.
+fn backfill(conn: &Connection, t: &TableInfo, id: i64, time_ms_sql: &str) -> Result<()> {
+    let cols: String = (0..t.columns.len()).map(|i| format!(", c{i}")).collect();
+    let vals: String = t.columns.iter().map(|c| format!(", {}", quote(c))).collect();
+    let base = format!(
+        "(SELECT max(({time_ms_sql}) * 65536, c.hlc + 1, coalesce((SELECT max(hlc) FROM __marmot__log), 0) + 1) \
+         FROM __marmot__clock AS c WHERE c.id = 0)"
+    );
+    let sql = format!(
+        "INSERT INTO __marmot__log(hlc, tbl, op{cols}) \
+         SELECT {base} + row_number() OVER () - 1, {id}, 0{vals} FROM {}",
+        quote(&t.name)
+    );
+    let n = conn.execute(&sql, []).ctx(|| format!("logging the rows of new table {:?}", t.name))?;
+    if n > 0 {
+        tracing::info!(table = %t.name, rows = n, "logged rows written before capture was installed");
+    }
+    Ok(())
+}
+
+/// Rewrites the unpublished log rows of a table whose columns changed (`ALTER TABLE ADD
+/// COLUMN`, a rebuilt table) from the captured layout `old` to the current one: columns
+/// that were captured move to their new position, new ones are read from the row as it
+/// is now (the newest image of that row, and every later change to it is logged too).
+fn remap_log(conn: &Connection, t: &TableInfo, id: i64, old: &[String]) -> Result<()> {
+    let old_pos = |name: &str| old.iter().position(|c| c == name);
+    let Some(pk_old): Option<Vec<usize>> = t.pk.iter().map(|&i| old_pos(&t.columns[i])).collect() else {
+        warn!(table = %t.name, "primary key columns changed; unpublished changes keep their captured layout");
+        return Ok(());
+    };
+    let key_match: Vec<String> =
+        t.pk.iter().zip(&pk_old).map(|(&i, p)| format!("r.{} = __marmot__log.c{p}", quote(&t.columns[i]))).collect();
+    let key_match = key_match.join(" AND ");
+    let table = quote(&t.name);
+    let wide = t.columns.len().max(old.len());
+    let targets: Vec<String> = (0..wide).map(|i| format!("c{i}")).collect();
+    let upsert: Vec<String> = (0..wide)
+        .map(|i| match t.columns.get(i) {
+            None => "NULL".to_owned(),
+            Some(c) => match old_pos(c) {
+                Some(p) => format!("c{p}"),
+                None => format!("(SELECT r.{} FROM {table} AS r WHERE {key_match})", quote(c)),
+            },
+        })
+        .collect();
+    let delete: Vec<String> = (0..wide)
+        .map(|i| match t.pk.iter().position(|&k| k == i) {
+            Some(n) => format!("c{}", pk_old[n]),
+            None => "NULL".to_owned(),
+        })
+        .collect();
+    let unpublished = "hlc > (SELECT value FROM __marmot__state WHERE key = 'published_hlc')";
+    for (op, exprs) in [(0, upsert), (1, delete)] {
+        let sql = format!(
+            "UPDATE __marmot__log SET ({}) = ({}) WHERE tbl = {id} AND op = {op} AND {unpublished}",
+            targets.join(", "),
+            exprs.join(", ")
+        );
+        conn.execute(&sql, []).ctx(|| format!("re-laying out unpublished changes of {:?}", t.name))?;
+    }
+    Ok(())
+}
+
+/// Marmot's triggers now in the database: name → (table it is on, SQL as SQLite stores it).
+fn existing_triggers(conn: &Connection) -> Result<BTreeMap<String, (String, String)>> {
     let mut stmt = conn
-        .prepare("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND substr(name, 1, 10) = ?1")
+        .prepare("SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'trigger' AND substr(name, 1, 10) = ?1")
         .ctx(|| "listing __marmot__ triggers".into())?;
     let triggers = stmt
-        .query_map([PREFIX], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_map([PREFIX], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))
         .and_then(|rows| rows.collect())
         .ctx(|| "listing __marmot__ triggers".into())?;
     Ok(triggers)

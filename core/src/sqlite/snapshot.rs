@@ -205,7 +205,8 @@ fn strip_capture(copy: &Path) -> Result<Vec<(Shard, Position)>> {
            coalesce((SELECT max(hlc) FROM __marmot__log), 0), \
            coalesce((SELECT max(hlc) FROM __marmot__versions), 0)); \
          DELETE FROM __marmot__log; DELETE FROM __marmot__parked; \
-         UPDATE __marmot__state SET value = 0 WHERE key IN ('published_hlc', 'folded_hlc');",
+         UPDATE __marmot__state SET value = 0 WHERE key IN ('published_hlc', 'folded_hlc'); \
+         INSERT OR REPLACE INTO __marmot__state(key, value) VALUES ('capture_stripped', 1);",
     )
     .ctx(|| "stripping the copy".into())?;
     let positions = conn

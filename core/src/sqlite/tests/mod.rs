@@ -9,6 +9,7 @@ mod foreign_writers;
 mod identifiers;
 mod install;
 mod merge;
+mod schema_changes;
 mod unique;
 
 use std::path::PathBuf;
