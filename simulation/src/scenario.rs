@@ -77,6 +77,9 @@ pub enum Action {
     Tick,
     /// Shards drop entries every node has already consumed.
     Truncate,
+    /// The application on `node` runs the schema migration (adds `items.extra`), if it has
+    /// not yet; every node runs it when the chaos phase ends.
+    Migrate { node: usize },
 }
 
 /// Fault knobs of a run.
@@ -143,7 +146,8 @@ fn action() -> impl Strategy<Value = Action> {
         1 => node.clone().prop_map(|node| Action::Crash { node }),
         1 => node.clone().prop_map(|node| Action::CrashBeforeAck { node }),
         1 => (node.clone(), 0u8..4).prop_map(|(node, rows)| Action::CrashMidApply { node, rows }),
-        1 => (node, any::<bool>()).prop_map(|(node, on)| Action::Partition { node, on }),
+        1 => (node.clone(), any::<bool>()).prop_map(|(node, on)| Action::Partition { node, on }),
+        1 => node.prop_map(|node| Action::Migrate { node }),
         4 => Just(Action::Tick),
         1 => Just(Action::Truncate),
     ]

@@ -250,11 +250,18 @@ fn upsert_sql(t: &TableInfo, cols: &[usize]) -> String {
     let names: Vec<String> = cols.iter().map(|&i| quote(&t.columns[i])).collect();
     let params: Vec<String> = (1..=cols.len()).map(|n| format!("?{n}")).collect();
     let pk: Vec<String> = t.pk.iter().map(|&i| quote(&t.columns[i])).collect();
-    let sets: Vec<String> = cols
+    let mut sets: Vec<String> = cols
         .iter()
         .filter(|i| !t.pk.contains(i))
         .map(|&i| format!("{0} = excluded.{0}", quote(&t.columns[i])))
         .collect();
+    // Columns the origin does not have yet take the value the origin will give them when
+    // it adds them, so the row ends the same everywhere: the winning image is the row.
+    for (i, absent) in t.absent.iter().enumerate() {
+        if let Some(value) = absent.as_ref().filter(|_| !cols.contains(&i) && !t.pk.contains(&i)) {
+            sets.push(format!("{} = {value}", quote(&t.columns[i])));
+        }
+    }
     let action = if sets.is_empty() { "NOTHING".to_owned() } else { format!("UPDATE SET {}", sets.join(", ")) };
     format!(
         "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO {action}",

@@ -32,6 +32,10 @@ pub struct TableInfo {
     pub pk: Vec<usize>,
     /// Secondary unique indexes (not the primary key), on plain columns.
     pub unique: Vec<UniqueIndex>,
+    /// Per column, the SQL value it takes when a remote row does not carry it (the origin
+    /// does not have that column yet): its `DEFAULT`, else `NULL`; `None` for a `NOT NULL`
+    /// column without a default, which then keeps its value.
+    pub absent: Vec<Option<String>>,
 }
 
 impl TableInfo {
@@ -147,8 +151,13 @@ fn is_shadow_of(name: &str, vtab: &str, suffixes: Option<&[&str]>) -> bool {
 fn read_table(conn: &Connection, name: &str) -> Result<Option<TableInfo>> {
     let sql = format!("PRAGMA table_info({})", quote(name));
     let mut stmt = conn.prepare(&sql).ctx(|| format!("reading columns of {name:?}"))?;
-    let cols: Vec<(String, i64)> = stmt
-        .query_map([], |r| Ok((r.get::<_, String>(1)?, r.get::<_, i64>(5)?)))
+    // (name, pk position, value when absent)
+    let cols: Vec<(String, i64, Option<String>)> = stmt
+        .query_map([], |r| {
+            let (not_null, default): (bool, Option<String>) = (r.get(3)?, r.get(4)?);
+            let absent = default.map(|d| format!("({d})")).or_else(|| (!not_null).then(|| "NULL".to_owned()));
+            Ok((r.get::<_, String>(1)?, r.get::<_, i64>(5)?, absent))
+        })
         .and_then(|rows| rows.collect())
         .ctx(|| format!("reading columns of {name:?}"))?;
     let mut pk: Vec<(i64, usize)> = cols.iter().enumerate().filter(|(_, c)| c.1 > 0).map(|(i, c)| (c.1, i)).collect();
@@ -156,9 +165,11 @@ fn read_table(conn: &Connection, name: &str) -> Result<Option<TableInfo>> {
         return Ok(None);
     }
     pk.sort();
+    let absent: Vec<Option<String>> = cols.iter().map(|c| c.2.clone()).collect();
     let columns: Vec<String> = cols.into_iter().map(|c| c.0).collect();
     let unique = read_unique(conn, name, &columns)?;
-    Ok(Some(TableInfo { name: name.to_owned(), columns, pk: pk.into_iter().map(|(_, i)| i).collect(), unique }))
+    let pk = pk.into_iter().map(|(_, i)| i).collect();
+    Ok(Some(TableInfo { name: name.to_owned(), columns, pk, unique, absent }))
 }
 
 fn read_unique(conn: &Connection, table: &str, columns: &[String]) -> Result<Vec<UniqueIndex>> {

@@ -204,9 +204,12 @@ fn applying_raises_the_clock_above_the_applied_change() {
 }
 
 #[test]
-fn partial_image_leaves_other_columns_as_they_are() {
-    let mut n = node(1, T);
-    n.exec("INSERT INTO t VALUES (1, 'a', 1.5)");
+fn columns_a_remote_row_does_not_carry_take_their_default() {
+    // The origin does not have `score` (yet): when it adds the column, its row gets the
+    // default, so the winning image sets the default here too and the nodes agree.
+    let mut n =
+        node(1, "CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT, score REAL, kept TEXT NOT NULL DEFAULT 'k');");
+    n.exec("INSERT INTO t VALUES (1, 'a', 1.5, 'mine')");
     let b = batch(
         2,
         "t",
@@ -215,5 +218,5 @@ fn partial_image_leaves_other_columns_as_they_are() {
         vec![upsert(Hlc::from_millis(now_ms() + 60_000).0, vec![int(1), text("b")])],
     );
     n.apply(&b);
-    assert_eq!(n.dump("t"), vec![vec![int(1), text("b"), real(1.5)]]);
+    assert_eq!(n.dump("t"), vec![vec![int(1), text("b"), NULL, text("k")]], "no default: NULL; a default: the default");
 }

@@ -139,3 +139,28 @@ fn a_restored_snapshot_is_not_published_again() {
     b.exec("INSERT INTO t VALUES (3, 'three', 3.0)");
     assert_eq!(rows_of(&b.pending().batch, "t").len(), 1, "capture works after the restore");
 }
+
+#[test]
+fn a_row_last_written_by_a_node_without_the_new_column_ends_with_its_default_everywhere() {
+    let mut a = node(1, T);
+    let mut b = node(2, T);
+    a.exec("ALTER TABLE t ADD COLUMN extra TEXT DEFAULT 'dflt'");
+    a.exec("INSERT INTO t VALUES (1, 'from a', 1.0, 'x')");
+    let from_a = a.acknowledge_all();
+    // b has not migrated yet, and writes the same row later (its clock has seen a later
+    // version, so its write wins everywhere).
+    let later = batch(3, "t", &T_COLS, &[0], vec![upsert((now_ms() + 60_000) << 16, vec![int(9), NULL, NULL])]);
+    b.apply(&later);
+    b.exec("INSERT INTO t VALUES (1, 'from b', 2.0)");
+    let from_b = b.acknowledge_all();
+    a.apply(&later);
+    a.apply(&from_b.batch);
+    b.exec("ALTER TABLE t ADD COLUMN extra TEXT DEFAULT 'dflt'");
+    b.apply(&from_a.batch);
+    assert_eq!(
+        a.dump("t"),
+        vec![vec![int(1), text("from b"), real(2.0), text("dflt")], vec![int(9), NULL, NULL, text("dflt")]],
+        "the winning write did not carry `extra`: the row takes the default, as on b after its migration"
+    );
+    assert_eq!(b.dump("t"), a.dump("t"));
+}
