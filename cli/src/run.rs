@@ -151,7 +151,7 @@ async fn run_node(config: Config, flags: Flags) -> Result<(), RunError> {
             match outcome {
                 LoopEnd::Stopped => break,
                 LoopEnd::SleepTimeout => {
-                    snap.start_save();
+                    snap.start_save(false);
                     snap.wait().await;
                     break;
                 }
@@ -177,8 +177,9 @@ struct SnapshotContext {
 
 impl SnapshotContext {
     /// Starts a save when snapshots are enabled and none is running; failures are logged
-    /// and replication goes on.
-    fn start_save(&self) {
+    /// and replication goes on. With `wait_for_lease`, a save that finds another node
+    /// saving waits for it and saves if that one failed ([`snapshot::save_when_free`]).
+    fn start_save(&self, wait_for_lease: bool) {
         let Some(snapshots) = self.snapshots.clone() else { return };
         let mut running = self.running.lock().expect("snapshot task mutex");
         if running.as_ref().is_some_and(|h| !h.is_finished()) {
@@ -187,7 +188,12 @@ impl SnapshotContext {
         }
         let (config, transport) = (self.config.clone(), self.transport.clone());
         *running = Some(tokio::spawn(async move {
-            if let Err(e) = snapshot::save(&config, &transport, &snapshots).await {
+            let saved = if wait_for_lease {
+                snapshot::save_when_free(&config, &transport, &snapshots).await
+            } else {
+                snapshot::save(&config, &transport, &snapshots).await
+            };
+            if let Err(e) = saved {
                 warn!(error = %e, "snapshot not saved; replication continues");
             }
         }));
@@ -415,7 +421,7 @@ async fn node_loop(
             t.entries_since_snapshot = 0;
             t.last_snapshot = Instant::now();
             engine.flush().await?;
-            snap.start_save();
+            snap.start_save(true);
         }
         if t.last_maintain.elapsed() >= config.cleanup_interval() {
             t.last_maintain = Instant::now();

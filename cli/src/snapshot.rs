@@ -12,7 +12,7 @@ use marmot_core::{LogTransport, NodeId, Shard, SnapshotStore};
 use marmot_storage::{S3Options, SftpOptions, StoreOptions};
 use marmot_transports::nats::lease;
 use marmot_transports::NatsTransport;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{Config, SnapshotStoreKind};
 use crate::run::RunError;
@@ -20,6 +20,8 @@ use crate::run::RunError;
 /// How long a save may hold the lease before another node may take it.
 const LEASE_TTL: Duration = Duration::from_secs(300);
 const LEASE_KEY: &str = "snapshot";
+/// How often a background save that found the lease taken looks again.
+const LEASE_RETRY: Duration = Duration::from_secs(5);
 /// Interval between progress log lines when not attached to a terminal.
 const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(5);
 
@@ -71,7 +73,7 @@ pub async fn save(
     let store = lease::lease_bucket(transport.jetstream(), &bucket, LEASE_TTL, replicas).await?;
     let holder = format!("node-{}", config.node_id);
     let Some(held) = lease::try_acquire(&store, LEASE_KEY, &holder).await? else {
-        info!("another node is saving a snapshot; skipping");
+        debug!("another node holds the snapshot lease");
         return Ok(None);
     };
     let started = Instant::now();
@@ -82,6 +84,40 @@ pub async fn save(
     let manifest = result?;
     info!(ms = started.elapsed().as_millis() as u64, db_bytes = manifest.db_bytes, "snapshot uploaded");
     Ok(Some(manifest))
+}
+
+/// A save in the background. When another node holds the lease, waits for it to end and
+/// then saves, unless a snapshot newer than the newest at the start appeared meanwhile:
+/// a node whose saves fail (a broken store, no space) cannot keep the cluster without
+/// snapshots by holding the lease at the moments the others try. Gives up after the
+/// lease's time to live.
+pub async fn save_when_free(
+    config: &Config,
+    transport: &NatsTransport,
+    snapshots: &Snapshots,
+) -> Result<Option<Manifest>, RunError> {
+    let newest = |list: Vec<Manifest>| list.iter().map(|m| m.created_ms).max();
+    let mut before = None;
+    let give_up = Instant::now() + LEASE_TTL;
+    loop {
+        if let Some(manifest) = save(config, transport, snapshots).await? {
+            return Ok(Some(manifest));
+        }
+        if before.is_none() {
+            before = Some(newest(snapshots.list(&config.data_dir()).await?));
+            info!("waiting for the other node's snapshot; saving after it if it fails");
+        }
+        if Instant::now() >= give_up {
+            warn!("the snapshot lease stayed taken; not saving this time");
+            return Ok(None);
+        }
+        tokio::time::sleep(LEASE_RETRY).await;
+        let now = newest(snapshots.list(&config.data_dir()).await?);
+        if before.is_some_and(|b| now > b) {
+            info!("another node saved a snapshot; not saving this time");
+            return Ok(None);
+        }
+    }
 }
 
 async fn save_held(config: &Config, snapshots: &Snapshots) -> Result<Manifest, RunError> {
