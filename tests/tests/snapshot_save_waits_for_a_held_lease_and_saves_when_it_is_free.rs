@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use marmot_tests::{create_db, require_tools, wait_until, NatsServer, Node, TestDir, DEADLINE};
-use snapshot_common::{file_store_config, snapshots_in, write_published_rounds, MAX_ENTRIES, SCHEMA};
+use snapshot_common::{file_store_config, position, snapshots_in, write_published_rounds, MAX_ENTRIES, SCHEMA};
 
 const LEASE_BUCKET: &str = "marmot-changes-snapshot-lease";
 
@@ -39,8 +39,13 @@ fn snapshot_save_waits_for_a_held_lease_and_saves_when_it_is_free() {
     create_db(&db, SCHEMA);
     let mut node = Node::start(dir.path(), &file_store_config(1, &db, &server.url(), &store, 3), &[]);
     node.wait_replicating(DEADLINE);
-    // More entries than `max_entries / shards`: a save is due.
-    write_published_rounds(&db, 1, 1, MAX_ENTRIES as i64 + 2, 1, 100);
+    // More entries than `max_entries / shards`: a save is due. Each one read back before
+    // the next, so the node never lags its stream by more than the stream keeps.
+    for round in 0..MAX_ENTRIES as i64 + 2 {
+        let before = position(&db);
+        write_published_rounds(&db, 1, 1 + 2 * round, 1, 1, 100);
+        wait_until("the node reads its entry back", DEADLINE, || position(&db) > before);
+    }
     wait_until("the save waits for the lease", DEADLINE, || {
         node.assert_running();
         node.log_since_start().contains("waiting for the other node's snapshot")
@@ -52,7 +57,7 @@ fn snapshot_save_waits_for_a_held_lease_and_saves_when_it_is_free() {
         node.assert_running();
         !snapshots_in(&store).is_empty()
     });
-    let log = node.log_since_start();
-    assert!(log.contains("snapshot uploaded"), "{log}");
-    assert!(node.terminate(DEADLINE).success());
+    wait_until("the save is logged", DEADLINE, || node.log_since_start().contains("snapshot uploaded"));
+    let status = node.terminate(DEADLINE);
+    assert!(status.success(), "{status:?}; its log:\n{}", node.log_since_start());
 }
