@@ -30,6 +30,8 @@ const LOCAL_CHECK_FALLBACK: Duration = Duration::from_secs(1);
 const PUBLISH_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long shutdown spends publishing what is pending.
 const SHUTDOWN_PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a node that must restore, with no usable snapshot in the store, looks again.
+const NO_SNAPSHOT_RETRY: Duration = Duration::from_secs(15);
 
 /// Runs the node (or the one-shot mode the flags select) until it stops.
 pub fn run(config: Config, flags: Flags) -> Result<(), RunError> {
@@ -144,7 +146,10 @@ async fn run_node(config: Config, flags: Flags) -> Result<(), RunError> {
             running: std::sync::Mutex::new(None),
         };
         loop {
-            restore_if_behind(&config, &transport, snapshots.as_deref(), flags.force_restore).await?;
+            restore_if_behind(&config, &transport, snapshots.as_deref(), flags.force_restore, &stop).await?;
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
             let mut engine = open_engine(&config, transport.clone())?;
             let outcome = node_loop(&config, &mut engine, &stop, &dirty, &snap).await?;
             shutdown_publish(&mut engine).await;
@@ -229,6 +234,7 @@ async fn restore_if_behind(
     transport: &Arc<NatsTransport>,
     snapshots: Option<&Snapshots>,
     force: bool,
+    stop: &AtomicBool,
 ) -> Result<(), RunError> {
     let node = NodeId(config.node_id);
     let db = Db::open(&config.db_path, node, CaptureOptions::default())?;
@@ -259,7 +265,29 @@ async fn restore_if_behind(
             }
         }
     }
-    let manifest = snapshot::restore(config, snapshots).await?;
+    let manifest = loop {
+        match snapshot::restore(config, snapshots).await {
+            Ok(manifest) => break manifest,
+            // No snapshot yet, or none that verifies: exiting would only crash-loop under
+            // a supervisor. Wait for a node that is up to date to save one.
+            Err(e) if matches!(e.downcast_ref(), Some(Error::NotFound(_) | Error::Corrupt(_))) => {
+                warn!(
+                    error = %e,
+                    retry_in_s = NO_SNAPSHOT_RETRY.as_secs(),
+                    "this node is behind the streams and no usable snapshot exists yet; waiting for one \
+                     (an up-to-date node saves one every max_entries / shards entries, or run marmot -save-snapshot there)"
+                );
+                let until = Instant::now() + NO_SNAPSHOT_RETRY;
+                while Instant::now() < until {
+                    if stop.load(Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let db = Db::open(&config.db_path, node, CaptureOptions::default())?;
     for s in 0..transport.shard_count() {
         let last = transport.bounds(Shard(s)).await?.last;
