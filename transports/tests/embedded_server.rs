@@ -219,3 +219,19 @@ async fn server_dies_with_a_killed_marmot() {
     helper.wait().unwrap();
     wait_until("the orphaned nats-server is gone", || !process_running(server_pid)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_exits_during_start_says_so_and_why() {
+    require_nats_server();
+    let dir = tempfile::tempdir().unwrap();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let opts = EmbeddedOptions { bind_address: format!("127.0.0.1:{port}"), ..embedded_options(1, dir.path()) };
+    let err = match EmbeddedServer::start(opts).await {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a taken client port must fail the start"),
+    };
+    assert!(err.contains("exited during start"), "not a readiness timeout: {err}");
+    assert!(err.contains("address already in use"), "the server's own reason is quoted: {err}");
+    drop(taken);
+}

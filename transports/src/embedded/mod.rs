@@ -94,8 +94,12 @@ impl EmbeddedServer {
         status.pid.store(child.id().unwrap_or(0), Ordering::SeqCst);
         let ready = ready::wait(&launch.monitor, opts.ready_timeout, || matches!(child.try_wait(), Ok(None))).await;
         if !ready {
+            let exited = child.try_wait().ok().flatten();
             process::stop(&mut child, opts.stop_timeout).await;
-            return Err(not_ready(&launch, opts.ready_timeout));
+            return Err(match exited {
+                Some(status) => failed_to_start(&launch, &status.to_string()),
+                None => not_ready(&launch, opts.ready_timeout),
+            });
         }
         let client_url = format!("nats://{}", server.client.local_url());
         info!(server = %opts.server_name(), url = %client_url, pid = ?child.id(),
@@ -224,15 +228,21 @@ fn include_path(nats_dir: &Path, extra: &Path) -> Result<PathBuf> {
 }
 
 fn not_ready(launch: &Launch, timeout: Duration) -> Error {
+    server_error(launch, &format!("embedded nats-server not ready within {timeout:?}"))
+}
+
+/// The server exited before it was ready (a port taken, a bad `server_config`, …).
+fn failed_to_start(launch: &Launch, status: &str) -> Error {
+    server_error(launch, &format!("embedded nats-server exited during start ({status})"))
+}
+
+/// `what`, the log's path and its last lines, which name the cause.
+fn server_error(launch: &Launch, what: &str) -> Error {
     let log = std::fs::read_to_string(&launch.log_path).unwrap_or_default();
     let tail: Vec<&str> = log.lines().rev().take(LOG_LINES_QUOTED).collect();
     let tail: Vec<&str> = tail.into_iter().rev().collect();
     Error::Transport {
-        message: format!(
-            "embedded nats-server not ready within {timeout:?} (log {}): {}",
-            launch.log_path.display(),
-            tail.join(" | ")
-        ),
+        message: format!("{what} (log {}): {}", launch.log_path.display(), tail.join(" | ")),
         retryable: false,
     }
 }
