@@ -2,6 +2,14 @@
 //! SIGKILLed while every node writes, writing goes on, the server comes back, and all
 //! nodes converge with nothing lost. Then a second server is killed: the restarted one
 //! must have rejoined as a working replica for the stream to keep its quorum.
+//!
+//! Node 1 is given only the first server's URL (it finds the others in the server's INFO),
+//! so the server killed is always the one node 1 is connected to: its publishes in flight
+//! lose their acknowledgements with the connection, and its consumer may die with the
+//! server. How long each node then received nothing is printed, not asserted: when the
+//! killed server led the stream, the cluster itself needs a leader election (seen taking
+//! 4 to 14 s) before anything can be stored, which no bound below the old stalls of
+//! 10 to 24 s would survive.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -42,11 +50,26 @@ fn events_from_others(db: &Path, node: u64) -> i64 {
 }
 
 /// Waits until node 1 has received `more` events from the others beyond what it has now.
-fn wait_progress(db: &Path, more: i64, what: &str) -> Duration {
-    let start = Instant::now();
+fn wait_progress(db: &Path, more: i64, what: &str) {
     let from = events_from_others(db, 1);
     wait_until(what, DEADLINE, || events_from_others(db, 1) >= from + more);
-    start.elapsed()
+}
+
+/// Waits until every node (`dbs[i]` is node `i + 1`) has received an event from the others
+/// beyond what it has now; returns how long each one waited.
+fn wait_each_receives(dbs: &[PathBuf], what: &str) -> Vec<Duration> {
+    let start = Instant::now();
+    let from: Vec<i64> = dbs.iter().zip(1..).map(|(db, id)| events_from_others(db, id)).collect();
+    let mut waited: Vec<Option<Duration>> = vec![None; dbs.len()];
+    wait_until(what, DEADLINE, || {
+        for ((db, id), (from, waited)) in dbs.iter().zip(1..).zip(from.iter().zip(&mut waited)) {
+            if waited.is_none() && events_from_others(db, id) > *from {
+                *waited = Some(start.elapsed());
+            }
+        }
+        waited.iter().all(Option::is_some)
+    });
+    waited.into_iter().flatten().collect()
 }
 
 #[test]
@@ -59,7 +82,9 @@ fn nats_server_restart_with_three_replicas_keeps_replicating() {
         .map(|id| {
             let db = dir.join(format!("node-{id}.db"));
             create_db(&db, SCHEMA);
-            let config = NodeConfig { replicas: 3, ..NodeConfig::new(id, &db).with_urls(urls.clone()) };
+            // See the module documentation.
+            let urls = if id == 1 { vec![urls[0].clone()] } else { urls.clone() };
+            let config = NodeConfig { replicas: 3, ..NodeConfig::new(id, &db).with_urls(urls) };
             Node::start(dir.path(), &config, &[])
         })
         .collect();
@@ -84,7 +109,7 @@ fn nats_server_restart_with_three_replicas_keeps_replicating() {
 
     wait_progress(&dbs[0], 50, "node 1 receives the others' events");
     servers[0].kill();
-    let stalled = wait_progress(&dbs[0], 1, "replication resumes with one server down");
+    let stalled = wait_each_receives(&dbs, "replication resumes with one server down");
     wait_progress(&dbs[0], 200, "replication goes on with one server down");
     servers[0].restart();
     wait_progress(&dbs[0], 200, "replication goes on after the server's return");
@@ -92,7 +117,9 @@ fn nats_server_restart_with_three_replicas_keeps_replicating() {
         assert!(writer.is_running(), "the writers kept writing through the server's death and return");
     }
     std::fs::write(&stop, b"").unwrap();
-    eprintln!("node 1 received nothing for {stalled:?} after the server was killed");
+    for (id, stalled) in (1..).zip(&stalled) {
+        eprintln!("node {id} received nothing for {stalled:.1?} after the server was killed");
+    }
 
     let mut committed = Vec::new();
     for writer in &mut writers {

@@ -1,15 +1,20 @@
 //! Connecting to NATS: credentials and TLS from [`NatsOptions`], an initial connection
 //! that keeps trying with backoff until it succeeds or fails for a reason retrying cannot
-//! fix, and a client that reconnects forever afterwards. Connection events are logged.
+//! fix, and a client that reconnects forever afterwards. Connection events are logged, and
+//! every connection loss is counted (a [`Counter`]) so that callers waiting for a reply can
+//! stop waiting for one that went down with the connection.
 //!
 //! Tolerates: servers that are down or unreachable at start (waits for them), connection
-//! loss at any time (the client reconnects and resubscribes). Does not tolerate: bad
-//! credentials, unreadable key files, malformed URLs (reported at once).
+//! loss at any time (the client reconnects and resubscribes), servers that go silent
+//! without closing the connection (pings detect them). Does not tolerate: bad credentials,
+//! unreadable key files, malformed URLs (reported at once).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{ConnectErrorKind, ConnectOptions, Event};
 use marmot_core::{Error, Result};
+use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use super::errors::permanent;
@@ -17,6 +22,29 @@ use super::options::NatsOptions;
 
 /// First delay between connection attempts; it doubles up to `reconnect_wait_max`.
 const BACKOFF_FIRST: Duration = Duration::from_millis(50);
+/// How often the client pings its server. A server that stops answering without closing the
+/// connection (its host died, a partition) is given up after three unanswered pings, so
+/// within about three times this, instead of about three minutes with the client's default.
+/// A server killed on a live host closes the connection and is noticed at once anyway.
+const PING_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A count of events after which the reply to a request sent before may never come:
+/// connection losses (the reply was routed to the connection that is gone) or stream leader
+/// elections (the request went to the leader that is gone).
+pub(crate) type Counter = watch::Receiver<u64>;
+
+/// The count so far.
+pub(crate) fn count(counter: &Counter) -> u64 {
+    *counter.borrow()
+}
+
+/// Resolves once the count differs from `seen` (at once if it already does). Never resolves
+/// once nothing counts any more (the client is gone).
+pub(crate) async fn changed_from(counter: &mut Counter, seen: u64) {
+    if counter.wait_for(|&n| n != seen).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
 
 /// The wait before connection attempt `attempt` (0-based), exponential and capped.
 pub(crate) fn backoff(attempt: usize, max: Duration) -> Duration {
@@ -27,17 +55,20 @@ pub(crate) fn backoff(attempt: usize, max: Duration) -> Duration {
     BACKOFF_FIRST.saturating_mul(factor).min(max)
 }
 
-/// Connects to the servers in `opts`, retrying transient failures forever.
-pub(crate) async fn connect(opts: &NatsOptions) -> Result<async_nats::Client> {
+/// Connects to the servers in `opts`, retrying transient failures forever. Returns the
+/// client and the count of its connection losses.
+pub(crate) async fn connect(opts: &NatsOptions) -> Result<(async_nats::Client, Counter)> {
     let urls = opts.urls.join(",");
+    let (counter, losses) = watch::channel(0u64);
+    let counter = Arc::new(counter);
     let mut attempt = 0usize;
     loop {
         tokio::time::sleep(backoff(attempt, opts.reconnect_wait_max)).await;
         attempt += 1;
-        match connect_options(opts)?.connect(opts.urls.as_slice()).await {
+        match connect_options(opts, counter.clone())?.connect(opts.urls.as_slice()).await {
             Ok(client) => {
                 info!(urls = %urls, attempts = attempt, "connected to NATS");
-                return Ok(client);
+                return Ok((client, losses));
             }
             Err(err) => match err.kind() {
                 ConnectErrorKind::TimedOut | ConnectErrorKind::Io | ConnectErrorKind::Dns => {
@@ -49,8 +80,9 @@ pub(crate) async fn connect(opts: &NatsOptions) -> Result<async_nats::Client> {
     }
 }
 
-/// Builds the client options: credentials, TLS, unlimited reconnects and event logging.
-fn connect_options(opts: &NatsOptions) -> Result<ConnectOptions> {
+/// Builds the client options: credentials, TLS, unlimited reconnects, pings, and event
+/// logging that also counts connection losses in `losses`.
+fn connect_options(opts: &NatsOptions, losses: Arc<watch::Sender<u64>>) -> Result<ConnectOptions> {
     let wait_max = opts.reconnect_wait_max;
     let urls = opts.urls.join(",");
     let mut o = ConnectOptions::new()
@@ -58,7 +90,11 @@ fn connect_options(opts: &NatsOptions) -> Result<ConnectOptions> {
         .reconnect_delay_callback(move |attempts| backoff(attempts, wait_max))
         .request_timeout(Some(opts.request_timeout))
         .connection_timeout(opts.request_timeout)
+        .ping_interval(PING_INTERVAL)
         .event_callback(move |event| {
+            if matches!(event, Event::Disconnected) {
+                losses.send_modify(|n| *n += 1);
+            }
             let urls = urls.clone();
             async move { log_event(&urls, event) }
         });

@@ -44,6 +44,15 @@ pub(crate) fn publish(subject: &str, err: PublishError) -> Error {
     }
 }
 
+/// Whether a publish failed because its stream has no leader right now: nothing listens on
+/// the subject ("no responders") while a leader is elected, or JetStream answers 503.
+pub(crate) fn is_leaderless(err: &PublishError) -> bool {
+    matches!(err.kind(), PublishErrorKind::StreamNotFound)
+        || std::error::Error::source(err)
+            .and_then(|source| source.downcast_ref::<async_nats::jetstream::Error>())
+            .is_some_and(api_error_is_transient)
+}
+
 /// Whether JetStream refused a publish because an entry with the same id is still being
 /// stored (clustered streams, 2.11+): the caller waits and asks again.
 pub(crate) fn is_duplicate_in_flight(err: &PublishError) -> bool {

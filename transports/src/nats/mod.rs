@@ -6,8 +6,12 @@
 //! in the `Nats-Msg-Id` header, and a duplicate within the stream's duplicate window is
 //! acknowledged with the sequence of the entry stored first.
 //!
-//! Tolerates: servers down at start or lost later (unlimited reconnects with backoff;
-//! calls made meanwhile fail with retryable errors), stream leader elections (retryable),
+//! Tolerates: servers down at start or lost later (unlimited reconnects with backoff; a
+//! publish whose acknowledgement went down with the connection is sent again with the same
+//! id at once instead of waiting out its timeout, subscriptions replace their consumers;
+//! other calls made meanwhile fail with retryable errors), stream leader elections (a
+//! publish keeps asking while there is no leader, for a while, and one whose
+//! acknowledgement the old leader still owed is sent again once a new one is elected),
 //! several nodes creating the same streams at once. Detects: entries dropped by
 //! `max_msgs` before a subscriber read them ([`Error::Truncated`]), streams configured
 //! differently from the options (a clear error, or an update with `update_existing`).
@@ -19,15 +23,15 @@ mod options;
 mod streams;
 mod subscription;
 
+use std::future::IntoFuture;
 use std::time::Duration;
 
 use async_nats::header::{HeaderMap, NATS_MESSAGE_ID};
-use async_nats::jetstream::consumer::pull::OrderedConfig;
-use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::{self, Context};
 use async_trait::async_trait;
 use bytes::Bytes;
 use marmot_core::{Bounds, Error, LogTransport, Position, Result, Shard, Subscription};
+use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 pub use options::{NatsOptions, DEFAULT_STREAM_PREFIX, DEFAULT_SUBJECT_PREFIX};
@@ -39,18 +43,48 @@ pub use subscription::NatsSubscription;
 const DUPLICATE_IN_FLIGHT_RETRIES: u32 = 20;
 /// The wait between those retries.
 const DUPLICATE_IN_FLIGHT_WAIT: Duration = Duration::from_millis(50);
-/// Longest life of one pull request of a subscription. Idle heartbeats come at half of
-/// it, and two missed heartbeats make the ordered consumer recreate itself, so this bounds
-/// how long a subscription stays silent after its server restarted (about twice this).
+/// How long one publish keeps asking while its stream has no leader (JetStream answers "no
+/// responders" from the moment the leader is lost until the next one is elected, a few
+/// seconds) before failing with a retryable error and leaving the retries to the caller's
+/// backoff. Asking often lets the publish through as soon as the leader is there; failing
+/// soon lets the caller do other work meanwhile.
+const LEADERLESS_RETRY_FOR: Duration = Duration::from_secs(2);
+/// The wait between those attempts.
+const LEADERLESS_RETRY_WAIT: Duration = Duration::from_millis(100);
+/// Longest life of one pull request of a subscription.
 pub const PULL_EXPIRES_MAX: Duration = Duration::from_secs(4);
+/// How often the server tells an idle subscription that its consumer is alive. A consumer
+/// silent for twice this is presumed lost with its server and replaced, so this bounds how
+/// long a subscription stays silent after the server holding its consumer died.
+pub const IDLE_HEARTBEAT: Duration = Duration::from_secs(1);
 /// Most publish acknowledgements awaited at once per transport; further publishes wait.
 pub const ACKS_IN_FLIGHT_MAX: usize = 4096;
+/// How often one publish is sent again because the connection was lost, or its stream
+/// elected a new leader, while its acknowledgement was awaited; after that it waits for the
+/// acknowledgement until `request_timeout`.
+const REPUBLISHES_MAX: u32 = 8;
+/// How long an acknowledgement no caller waits for any more (its publish was sent again, or
+/// given up) keeps its place among the [`ACKS_IN_FLIGHT_MAX`]. Short, so that
+/// acknowledgements lost with a connection or a leader do not hold back the publishes that
+/// replace them.
+const ABANDONED_ACK_WAIT: Duration = Duration::from_secs(1);
 
 /// A [`LogTransport`] over NATS JetStream.
 pub struct NatsTransport {
     client: async_nats::Client,
     js: Context,
+    /// Losses of the connection.
+    losses: connect::Counter,
+    /// Leader elections of each shard stream, counted by `advisories`.
+    elections: Vec<connect::Counter>,
+    advisories: JoinHandle<()>,
     opts: NatsOptions,
+}
+
+impl Drop for NatsTransport {
+    fn drop(&mut self) {
+        self.advisories.abort();
+    }
 }
 
 impl NatsTransport {
@@ -61,9 +95,10 @@ impl NatsTransport {
     /// and a stream with different settings while `update_existing` is false.
     pub async fn connect(opts: NatsOptions) -> Result<NatsTransport> {
         opts.validate().map_err(|m| Error::Transport { message: m, retryable: false })?;
-        let client = connect::connect(&opts).await?;
+        let (client, losses) = connect::connect(&opts).await?;
         let js = jetstream::ContextBuilder::new()
             .timeout(opts.request_timeout)
+            .ack_timeout(ABANDONED_ACK_WAIT)
             .max_ack_inflight(ACKS_IN_FLIGHT_MAX)
             .backpressure_on_inflight(true)
             .build(client.clone());
@@ -71,7 +106,8 @@ impl NatsTransport {
             let wanted = streams::desired_config(&opts, shard);
             streams::ensure_with_retry(&js, &wanted, opts.update_existing, opts.reconnect_wait_max).await?;
         }
-        Ok(NatsTransport { client, js, opts })
+        let (elections, advisories) = streams::count_leader_elections(&client, &opts).await?;
+        Ok(NatsTransport { client, js, losses, elections, advisories, opts })
     }
 
     /// The options this transport was made with.
@@ -100,17 +136,35 @@ impl NatsTransport {
         }
     }
 
-    /// One publish and its acknowledgement.
+    /// One publish and its acknowledgement. When the connection is lost, or the stream
+    /// elects a new leader, before the acknowledgement came, the acknowledgement may never
+    /// come (the reply was routed to the lost connection, or the request to the lost leader)
+    /// and the entry may or may not be stored: it is sent again at once with the same id,
+    /// which the stream stores at most once.
     async fn publish_once(
         &self,
+        shard: Shard,
         subject: &str,
         id: &str,
         payload: Bytes,
     ) -> Result<jetstream::publish::PublishAck, jetstream::context::PublishError> {
-        let mut headers = HeaderMap::new();
-        headers.insert(NATS_MESSAGE_ID, id);
-        let ack = self.js.publish_with_headers(subject.to_string(), headers, payload).await?;
-        ack.await
+        let mut losses = self.losses.clone();
+        let mut elections = self.elections[shard.0 as usize].clone();
+        let mut republished = 0;
+        loop {
+            let (losses_seen, elections_seen) = (connect::count(&losses), connect::count(&elections));
+            let mut headers = HeaderMap::new();
+            headers.insert(NATS_MESSAGE_ID, id);
+            let ack = self.js.publish_with_headers(subject.to_string(), headers, payload.clone()).await?;
+            let can_republish = republished < REPUBLISHES_MAX;
+            let why = tokio::select! {
+                ack = ack.into_future() => return ack,
+                () = connect::changed_from(&mut losses, losses_seen), if can_republish => "connection lost",
+                () = connect::changed_from(&mut elections, elections_seen), if can_republish => "new stream leader",
+            };
+            republished += 1;
+            debug!(subject, id, republished, why, "acknowledgement may never come; publishing again");
+        }
     }
 }
 
@@ -124,12 +178,19 @@ impl LogTransport for NatsTransport {
         self.check(shard)?;
         let subject = self.opts.subject(shard.0);
         let stream = self.opts.stream_name(shard.0);
-        for _ in 0..DUPLICATE_IN_FLIGHT_RETRIES {
-            let ack = match self.publish_once(&subject, id, payload.clone()).await {
+        let leaderless_until = tokio::time::Instant::now() + LEADERLESS_RETRY_FOR;
+        let mut duplicates = 0;
+        while duplicates < DUPLICATE_IN_FLIGHT_RETRIES {
+            let ack = match self.publish_once(shard, &subject, id, payload.clone()).await {
                 Ok(ack) => ack,
                 // The original is still being replicated: its position comes soon.
                 Err(e) if errors::is_duplicate_in_flight(&e) => {
+                    duplicates += 1;
                     tokio::time::sleep(DUPLICATE_IN_FLIGHT_WAIT).await;
+                    continue;
+                }
+                Err(e) if errors::is_leaderless(&e) && tokio::time::Instant::now() < leaderless_until => {
+                    tokio::time::sleep(LEADERLESS_RETRY_WAIT).await;
                     continue;
                 }
                 Err(e) => return Err(errors::publish(&subject, e)),
@@ -148,6 +209,7 @@ impl LogTransport for NatsTransport {
                 }
                 return Ok(Position(ack.sequence));
             }
+            duplicates += 1;
             tokio::time::sleep(DUPLICATE_IN_FLIGHT_WAIT).await;
         }
         Err(errors::retryable(
@@ -165,20 +227,16 @@ impl LogTransport for NatsTransport {
             warn!(shard = %shard, after = %after, last = %bounds.last,
                   "subscribing after a position the stream never reached; was it recreated?");
         }
-        let stream = self.opts.stream_name(shard.0);
-        let config = OrderedConfig {
-            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: after.0 + 1 },
-            max_expires: PULL_EXPIRES_MAX,
-            ..OrderedConfig::default()
+        let source = subscription::ConsumerSource {
+            js: self.js.clone(),
+            stream: self.opts.stream_name(shard.0),
+            losses: self.losses.clone(),
+            request_timeout: self.opts.request_timeout,
+            wait_max: self.opts.reconnect_wait_max,
         };
-        let consumer = self
-            .js
-            .create_consumer_on_stream(config, &stream)
-            .await
-            .map_err(|e| errors::retryable(format!("create consumer on {stream}"), e))?;
-        let messages = consumer.messages().await.map_err(|e| errors::retryable(format!("read {stream}"), e))?;
-        debug!(shard = %shard, after = %after, stream = %stream, "subscribed");
-        Ok(Box::new(NatsSubscription::new(shard, stream, messages, after)))
+        let sub = NatsSubscription::open(shard, source, after).await?;
+        debug!(shard = %shard, after = %after, "subscribed");
+        Ok(Box::new(sub))
     }
 
     async fn bounds(&self, shard: Shard) -> Result<Bounds> {

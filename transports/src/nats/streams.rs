@@ -1,19 +1,60 @@
 //! The shard streams: the configuration Marmot wants for each, creating missing streams,
-//! and comparing existing ones with it (updating them only when asked to).
+//! comparing existing ones with it (updating them only when asked to), and counting their
+//! leader elections.
 //!
 //! Tolerates: several nodes creating the same stream at once (the loser adopts the
-//! winner's stream), a JetStream that is still electing leaders (retryable errors).
+//! winner's stream), a JetStream that is still electing leaders (retryable errors), no
+//! permission to read JetStream's advisories (no elections are counted then).
 //! Reports: a stream whose settings differ, naming the stream and each setting.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::Context;
+use futures::StreamExt;
 use marmot_core::{Error, Result};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tracing::info;
 
+use super::connect::Counter;
 use super::errors;
 use super::options::NatsOptions;
+
+/// Subject prefix of the advisories JetStream publishes when a stream elected a leader; the
+/// stream's name is the last token.
+const LEADER_ELECTED_ADVISORY: &str = "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED";
+
+/// Counts the leader elections of each shard stream of `opts` (indexed by shard), as
+/// JetStream announces them, in a task that runs until it is aborted or the client closes.
+/// A new leader means the old one is gone (or stepped down), with the acknowledgements it
+/// still owed.
+pub(crate) async fn count_leader_elections(
+    client: &async_nats::Client,
+    opts: &NatsOptions,
+) -> Result<(Vec<Counter>, JoinHandle<()>)> {
+    let mut advisories = client
+        .subscribe(format!("{LEADER_ELECTED_ADVISORY}.*"))
+        .await
+        .map_err(|e| errors::retryable("subscribe to stream leader advisories", e))?;
+    let (counters, elections): (BTreeMap<String, watch::Sender<u64>>, Vec<Counter>) = (0..opts.shards)
+        .map(|shard| {
+            let (counter, elections) = watch::channel(0u64);
+            ((opts.stream_name(shard), counter), elections)
+        })
+        .unzip();
+    let task = tokio::spawn(async move {
+        while let Some(advisory) = advisories.next().await {
+            let stream = advisory.subject.as_str().rsplit('.').next().unwrap_or_default();
+            if let Some(counter) = counters.get(stream) {
+                counter.send_modify(|n| *n += 1);
+                info!(stream, "stream elected a new leader");
+            }
+        }
+    });
+    Ok((elections, task))
+}
 
 /// The configuration of the stream for `shard`.
 pub(crate) fn desired_config(opts: &NatsOptions, shard: u32) -> Config {
