@@ -184,10 +184,7 @@ fn follow_renames(conn: &Connection, existing: &BTreeMap<String, (String, String
 fn backfill(conn: &Connection, t: &TableInfo, id: i64, time_ms_sql: &str) -> Result<()> {
     let cols: String = (0..t.columns.len()).map(|i| format!(", c{i}")).collect();
     let vals: String = t.columns.iter().map(|c| format!(", {}", quote(c))).collect();
-    let base = format!(
-        "(SELECT max(({time_ms_sql}) * 65536, c.hlc + 1, coalesce((SELECT max(hlc) FROM __marmot__log), 0) + 1) \
-         FROM __marmot__clock AS c WHERE c.id = 0)"
-    );
+    let base = next_hlc_sql(time_ms_sql);
     let sql = format!(
         "INSERT INTO __marmot__log(hlc, tbl, op{cols}) \
          SELECT {base} + row_number() OVER () - 1, {id}, 0{vals} FROM {}",
@@ -307,15 +304,20 @@ fn ensure_log_width(conn: &Connection, width: usize) -> Result<()> {
     Ok(())
 }
 
+/// The next local version, computed by reads only: `max(now, clock + 1, max(log) + 1)`.
+fn next_hlc_sql(time_ms_sql: &str) -> String {
+    format!(
+        "(SELECT max(({time_ms_sql}) * 65536, c.hlc + 1, \
+         coalesce((SELECT max(hlc) FROM __marmot__log), 0) + 1) \
+         FROM __marmot__clock AS c WHERE c.id = 0)"
+    )
+}
+
 fn trigger_sql(t: &TableInfo, id: i64, time_ms_sql: &str) -> [String; 3] {
     let name = |what: &str| quote(&format!("{PREFIX}{}__{what}", t.name));
     let table = quote(&t.name);
     let when = "WHEN (SELECT applying FROM __marmot__clock WHERE id = 0) = 0";
-    let hlc = format!(
-        "(SELECT max(({time_ms_sql}) * 65536, c.hlc + 1, \
-         coalesce((SELECT max(hlc) FROM __marmot__log), 0) + 1) \
-         FROM __marmot__clock AS c WHERE c.id = 0)"
-    );
+    let hlc = next_hlc_sql(time_ms_sql);
     let all_cols: String = (0..t.columns.len()).map(|i| format!(", c{i}")).collect();
     let image = |row: &str| -> String { t.columns.iter().map(|c| format!(", {row}.{}", quote(c))).collect() };
     let pk_cols: String = t.pk.iter().map(|i| format!(", c{i}")).collect();
