@@ -267,9 +267,14 @@ impl<S: ChangeSource> Engine<S> {
     /// schema change.
     pub async fn maintain(&mut self) -> Result<()> {
         self.flush().await?;
-        self.db.clean_published()?;
-        self.db.reconcile()?;
+        // Schema first: no log row is folded or cleaned against a schema Marmot has not read.
         self.db.refresh_if_schema_changed()?;
+        match self.db.clean_published().and_then(|_| self.db.reconcile()) {
+            Err(Error::SchemaChanged) => debug!("schema changed during maintenance; the next one catches up"),
+            other => {
+                other?;
+            }
+        }
         if self.db.schema_generation() != self.parked_generation {
             self.parked_generation = self.db.schema_generation();
             self.retry_parked()?;

@@ -78,6 +78,10 @@ pub enum Error {
     /// The database is not usable by Marmot (not WAL, wrong file, …).
     #[error("database: {0}")]
     Database(String),
+    /// The application changed the schema while Marmot was about to read or write against
+    /// the schema it knew; Marmot re-reads the schema and tries again.
+    #[error("the schema changed during the operation; retrying against the new schema")]
+    SchemaChanged,
     /// A fault injected by a test or the simulator at a named point.
     #[error("injected crash at {0}")]
     InjectedCrash(&'static str),
@@ -92,7 +96,7 @@ impl Error {
                 source.sqlite_error_code(),
                 Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
             ),
-            Error::Io { .. } => true,
+            Error::Io { .. } | Error::SchemaChanged => true,
             _ => false,
         }
     }

@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS __marmot__positions(shard INTEGER PRIMARY KEY, positi
 CREATE TABLE IF NOT EXISTS __marmot__parked(
   id INTEGER PRIMARY KEY, shard INTEGER NOT NULL, position INTEGER NOT NULL,
   error TEXT NOT NULL, bytes BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS __marmot__displaced(tbl INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS __marmot__state(key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 INSERT OR IGNORE INTO __marmot__state(key, value) VALUES ('published_hlc', 0), ('folded_hlc', 0);
 CREATE VIEW IF NOT EXISTS __marmot__replication AS SELECT
@@ -88,6 +89,8 @@ pub fn install(conn: &Connection, opts: &CaptureOptions) -> Result<Schema> {
     }
     let width = schema.tables.iter().map(|t| t.columns.len()).max().unwrap_or(0);
     ensure_log_width(&tx, width)?;
+    let key_width = schema.tables.iter().map(|t| t.pk.len()).max().unwrap_or(0);
+    ensure_width(&tx, "__marmot__displaced", "k", 1, key_width)?;
     let existing = existing_triggers(&tx)?;
     follow_renames(&tx, &existing)?;
     let mut wanted = BTreeMap::new();
@@ -108,8 +111,7 @@ pub fn install(conn: &Connection, opts: &CaptureOptions) -> Result<Schema> {
         if !has_capture && !first_install && !restored {
             backfill(&tx, table, id, &opts.time_ms_sql)?;
         }
-        let sqls = trigger_sql(table, id, &opts.time_ms_sql);
-        for (what, sql) in ["insert", "update", "delete"].into_iter().zip(sqls) {
+        for (what, sql) in trigger_sql(table, id, &opts.time_ms_sql) {
             wanted.insert(format!("{PREFIX}{}__{what}", table.name), sql);
         }
     }
@@ -183,11 +185,12 @@ fn follow_renames(conn: &Connection, existing: &BTreeMap<String, (String, String
 /// since the last install), so rows written before Marmot noticed are not missed.
 fn backfill(conn: &Connection, t: &TableInfo, id: i64, time_ms_sql: &str) -> Result<()> {
     let cols: String = (0..t.columns.len()).map(|i| format!(", c{i}")).collect();
-    let vals: String = t.columns.iter().map(|c| format!(", {}", quote(c))).collect();
+    let vals: String = t.columns.iter().map(|c| format!(", r.{}", quote(c))).collect();
     let base = next_hlc_sql(time_ms_sql);
+    let keyed = key_not_null(t, "r").map(|c| format!(" WHERE {c}")).unwrap_or_default();
     let sql = format!(
         "INSERT INTO __marmot__log(hlc, tbl, op{cols}) \
-         SELECT {base} + row_number() OVER () - 1, {id}, 0{vals} FROM {}",
+         SELECT {base} + row_number() OVER () - 1, {id}, 0{vals} FROM {} AS r{keyed}",
         quote(&t.name)
     );
     let n = conn.execute(&sql, []).ctx(|| format!("logging the rows of new table {:?}", t.name))?;
@@ -294,12 +297,17 @@ pub fn table_id(conn: &Connection, name: &str) -> Result<i64> {
 }
 
 fn ensure_log_width(conn: &Connection, width: usize) -> Result<()> {
+    ensure_width(conn, "__marmot__log", "c", 3, width)
+}
+
+/// Gives `table` (which has `fixed` other columns) value columns `{prefix}0..{prefix}{width}`.
+fn ensure_width(conn: &Connection, table: &str, prefix: &str, fixed: usize, width: usize) -> Result<()> {
     let have: usize = conn
-        .query_row("SELECT count(*) - 3 FROM pragma_table_info('__marmot__log')", [], |r| r.get::<_, i64>(0))
-        .ctx(|| "reading log width".into())? as usize;
-    for i in have..width {
-        conn.execute_batch(&format!("ALTER TABLE __marmot__log ADD COLUMN c{i}"))
-            .ctx(|| "widening __marmot__log".into())?;
+        .query_row(&format!("SELECT count(*) FROM pragma_table_info('{table}')"), [], |r| r.get::<_, i64>(0))
+        .ctx(|| format!("reading the width of {table}"))? as usize;
+    for i in have.saturating_sub(fixed)..width {
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {prefix}{i}"))
+            .ctx(|| format!("widening {table}"))?;
     }
     Ok(())
 }
@@ -313,10 +321,19 @@ fn next_hlc_sql(time_ms_sql: &str) -> String {
     )
 }
 
-fn trigger_sql(t: &TableInfo, id: i64, time_ms_sql: &str) -> [String; 3] {
+/// `AND`-joined `{row}.k IS NOT NULL` for the key columns of a table whose key may hold
+/// NULL (such rows are not replicated), or `None`.
+fn key_not_null(t: &TableInfo, row: &str) -> Option<String> {
+    t.pk_nullable.then(|| {
+        t.pk.iter().map(|&i| format!("{row}.{} IS NOT NULL", quote(&t.columns[i]))).collect::<Vec<_>>().join(" AND ")
+    })
+}
+
+fn trigger_sql(t: &TableInfo, id: i64, time_ms_sql: &str) -> Vec<(&'static str, String)> {
     let name = |what: &str| quote(&format!("{PREFIX}{}__{what}", t.name));
     let table = quote(&t.name);
-    let when = "WHEN (SELECT applying FROM __marmot__clock WHERE id = 0) = 0";
+    let applying = "(SELECT applying FROM __marmot__clock WHERE id = 0) = 0";
+    let when = format!("WHEN {applying}");
     let hlc = next_hlc_sql(time_ms_sql);
     let all_cols: String = (0..t.columns.len()).map(|i| format!(", c{i}")).collect();
     let image = |row: &str| -> String { t.columns.iter().map(|c| format!(", {row}.{}", quote(c))).collect() };
@@ -324,28 +341,119 @@ fn trigger_sql(t: &TableInfo, id: i64, time_ms_sql: &str) -> [String; 3] {
     let pk_vals = |row: &str| -> String { t.pk.iter().map(|&i| format!(", {row}.{}", quote(&t.columns[i]))).collect() };
     let pk_changed: Vec<String> =
         t.pk.iter().map(|&i| format!("OLD.{0} IS NOT NEW.{0}", quote(&t.columns[i]))).collect();
+    let displaced = displaced_sql(t, id, &hlc);
+    let (insert_when, new_image) = match key_not_null(t, "NEW") {
+        None => (
+            when.clone(),
+            format!("INSERT INTO __marmot__log(hlc, tbl, op{all_cols}) VALUES ({hlc}, {id}, 0{});", image("NEW")),
+        ),
+        Some(c) => (
+            format!("{when} AND {c}"),
+            format!(
+                "INSERT INTO __marmot__log(hlc, tbl, op{all_cols}) SELECT {hlc}, {id}, 0{} WHERE {c};",
+                image("NEW")
+            ),
+        ),
+    };
+    let old_key = key_not_null(t, "OLD").map(|c| format!(" AND {c}")).unwrap_or_default();
+    let changed = match (old_key.is_empty(), pk_changed.len()) {
+        (false, n) if n > 1 => format!("({})", pk_changed.join(" OR ")),
+        _ => pk_changed.join(" OR "),
+    };
+    let after = |body: &str| displaced.as_ref().map(|d| format!("{} {body}", d.1)).unwrap_or_else(|| body.to_owned());
     let insert = format!(
-        "CREATE TRIGGER {} AFTER INSERT ON {table} {when} BEGIN \
-         INSERT INTO __marmot__log(hlc, tbl, op{all_cols}) VALUES ({hlc}, {id}, 0{}); END;",
+        "CREATE TRIGGER {} AFTER INSERT ON {table} {insert_when} BEGIN {} END;",
         name("insert"),
-        image("NEW"),
+        after(&format!("INSERT INTO __marmot__log(hlc, tbl, op{all_cols}) VALUES ({hlc}, {id}, 0{});", image("NEW"))),
     );
     let update = format!(
-        "CREATE TRIGGER {} AFTER UPDATE ON {table} {when} BEGIN \
-         INSERT INTO __marmot__log(hlc, tbl, op{pk_cols}) SELECT {hlc}, {id}, 1{} WHERE {}; \
-         INSERT INTO __marmot__log(hlc, tbl, op{all_cols}) VALUES ({hlc}, {id}, 0{}); END;",
+        "CREATE TRIGGER {} AFTER UPDATE ON {table} {when} BEGIN {} END;",
         name("update"),
-        pk_vals("OLD"),
-        pk_changed.join(" OR "),
-        image("NEW"),
+        after(&format!(
+            "INSERT INTO __marmot__log(hlc, tbl, op{pk_cols}) SELECT {hlc}, {id}, 1{} WHERE {changed}{old_key}; {new_image}",
+            pk_vals("OLD"),
+        )),
     );
     let delete = format!(
-        "CREATE TRIGGER {} AFTER DELETE ON {table} {when} BEGIN \
+        "CREATE TRIGGER {} AFTER DELETE ON {table} {when}{} BEGIN \
          INSERT INTO __marmot__log(hlc, tbl, op{pk_cols}) VALUES ({hlc}, {id}, 1{}); END;",
         name("delete"),
+        old_key,
         pk_vals("OLD"),
     );
-    [insert, update, delete]
+    let mut out = vec![("insert", insert), ("update", update), ("delete", delete)];
+    if let Some((before, _)) = displaced {
+        let unique_cols: Vec<String> =
+            t.unique.iter().flat_map(|u| u.columns.iter().map(|&c| quote(&t.columns[c]))).collect();
+        out.push((
+            "displace_insert",
+            format!("CREATE TRIGGER {} BEFORE INSERT ON {table} {when} BEGIN {before} END;", name("displace_insert")),
+        ));
+        out.push((
+            "displace_update",
+            format!(
+                "CREATE TRIGGER {} BEFORE UPDATE OF {} ON {table} {when} BEGIN {before} END;",
+                name("displace_update"),
+                unique_cols.join(", ")
+            ),
+        ));
+    }
+    out
+}
+
+/// For a table with secondary unique indexes, the SQL that captures rows SQLite deletes to
+/// make room under `REPLACE` (`INSERT OR REPLACE`, `UPDATE OR REPLACE`, a constraint's
+/// `ON CONFLICT REPLACE`), which fire no delete trigger unless the application's connection
+/// set `recursive_triggers`: (before the write, after the write).
+///
+/// Before: the rows that share a unique value with the new row (a superset of what SQLite
+/// will replace: partial indexes' conditions are not checked) are noted in
+/// `__marmot__displaced`. After: those that no longer exist were displaced, and are logged
+/// as deletes. An ignored or failed write leaves notes that the next write clears, and a
+/// note whose row still exists is no delete.
+fn displaced_sql(t: &TableInfo, id: i64, hlc: &str) -> Option<(String, String)> {
+    if t.unique.is_empty() {
+        return None;
+    }
+    let keys: String = (0..t.pk.len()).map(|n| format!(", k{n}")).collect();
+    let key_vals =
+        |row: &str| -> String { t.pk.iter().map(|&i| format!(", {row}.{}", quote(&t.columns[i]))).collect() };
+    let matches: Vec<String> = t
+        .unique
+        .iter()
+        .map(|u| {
+            let eq: Vec<String> = u
+                .columns
+                .iter()
+                .zip(&u.collations)
+                .map(|(&c, coll)| format!("r.{0} = NEW.{0} COLLATE {1}", quote(&t.columns[c]), coll.sql()))
+                .collect();
+            format!("({})", eq.join(" AND "))
+        })
+        .collect();
+    let before = format!(
+        "DELETE FROM __marmot__displaced; \
+         INSERT INTO __marmot__displaced(tbl{keys}) SELECT {id}{} FROM {} AS r WHERE {};",
+        key_vals("r"),
+        quote(&t.name),
+        matches.join(" OR ")
+    );
+    let gone: Vec<String> =
+        t.pk.iter()
+            .zip(&t.pk_collations)
+            .enumerate()
+            .map(|(n, (&i, c))| format!("r.{} IS d.k{n} COLLATE {}", quote(&t.columns[i]), c.sql()))
+            .collect();
+    let pk_cols: String = t.pk.iter().map(|i| format!(", c{i}")).collect();
+    let d_keys: String = (0..t.pk.len()).map(|n| format!(", d.k{n}")).collect();
+    let after = format!(
+        "INSERT INTO __marmot__log(hlc, tbl, op{pk_cols}) SELECT {hlc} + row_number() OVER () - 1, {id}, 1{d_keys} \
+         FROM __marmot__displaced AS d WHERE d.tbl = {id} AND NOT EXISTS (SELECT 1 FROM {} AS r WHERE {}); \
+         DELETE FROM __marmot__displaced;",
+        quote(&t.name),
+        gone.join(" AND ")
+    );
+    Some((before, after))
 }
 
 #[cfg(test)]

@@ -8,8 +8,8 @@
 use rusqlite::{Connection, OptionalExtension};
 use tracing::warn;
 
-use super::schema::{quote, TableInfo};
-use super::{get_state, pk_key, set_state_max, store_position, version_of, Db};
+use super::schema::{quote, Collation, TableInfo};
+use super::{get_state, set_state_max, store_position, version_of, Db};
 use crate::error::{Error, Result, SqlContext};
 use crate::model::{Batch, Hlc, Op, Position, Shard, TableChanges, Value, Version};
 
@@ -20,7 +20,12 @@ pub struct ApplyOutcome {
     pub applied: u64,
     /// Row changes skipped because the stored version was as new or newer.
     pub skipped: u64,
+    /// Row changes skipped because their primary key holds NULL (not replicated).
+    pub null_keys: u64,
 }
+
+/// How often an apply starts again when the application changes the schema meanwhile.
+const SCHEMA_RETRIES_MAX: usize = 3;
 
 /// Upper bound on placement rounds when returning set-aside rows, per table.
 const RECONCILE_ROUNDS_MAX: usize = 100_000;
@@ -40,7 +45,23 @@ impl Db {
         batch: &Batch,
         crash_after_rows: Option<u64>,
     ) -> Result<ApplyOutcome> {
-        self.refresh_if_schema_changed()?;
+        let mut attempts = 0;
+        loop {
+            self.refresh_if_schema_changed()?;
+            match self.apply_batch_once(shard, position, batch, crash_after_rows) {
+                Err(Error::SchemaChanged) if attempts < SCHEMA_RETRIES_MAX => attempts += 1,
+                other => return other,
+            }
+        }
+    }
+
+    fn apply_batch_once(
+        &mut self,
+        shard: Shard,
+        position: Position,
+        batch: &Batch,
+        crash_after_rows: Option<u64>,
+    ) -> Result<ApplyOutcome> {
         let tx = self.immediate()?;
         tx.execute_batch("UPDATE __marmot__clock SET applying = 1 WHERE id = 0").ctx(|| "marking apply".into())?;
         self.fold_local(&tx)?;
@@ -89,7 +110,11 @@ impl Db {
                 return Err(Error::InjectedCrash("apply: before commit"));
             }
             let pk: Vec<Value> = tc.pk.iter().map(|&i| row.values[i].clone()).collect();
-            let key = pk_key(&pk);
+            if pk.iter().any(Value::is_null) {
+                out.null_keys += 1;
+                continue;
+            }
+            let key = info.key(&pk);
             let v = Version { hlc: row.hlc, node: batch.origin };
             if version_of(conn, tid, &key)?.is_some_and(|(cur, _)| cur >= v) {
                 out.skipped += 1;
@@ -98,7 +123,7 @@ impl Db {
             set_version(conn, tid, &key, v, row.op == Op::Delete)?;
             match row.op {
                 Op::Delete => {
-                    delete_row(conn, info, &pk)?;
+                    delete_row(conn, info, tid, &pk)?;
                     if aside_any {
                         remove_aside(conn, tid, &key)?;
                     }
@@ -121,6 +146,7 @@ impl Db {
     /// merge compares remote changes with local ones. Runs inside the caller's write
     /// transaction.
     pub(crate) fn fold_local(&self, conn: &Connection) -> Result<()> {
+        self.check_schema()?;
         let folded = get_state(conn, "folded_hlc")?;
         let mut stmt = conn
             .prepare_cached("SELECT * FROM __marmot__log WHERE hlc > ?1 ORDER BY hlc")
@@ -139,7 +165,10 @@ impl Db {
                 .map(|&i| r.get_ref(3 + i).map(Value::from))
                 .collect::<rusqlite::Result<_>>()
                 .ctx(|| "folding".into())?;
-            let key = pk_key(&pk);
+            if pk.iter().any(Value::is_null) {
+                continue;
+            }
+            let key = info.key(&pk);
             let v = Version { hlc: Hlc(hlc), node: self.node };
             set_version(conn, tbl, &key, v, op == 1)?;
             remove_aside(conn, tbl, &key)?;
@@ -217,13 +246,27 @@ fn put_aside(conn: &Connection, t: &TableInfo, tbl: i64, key: &[u8], v: Version,
 
 fn pk_where(t: &TableInfo, first_param: usize) -> String {
     t.pk.iter()
+        .zip(&t.pk_collations)
         .enumerate()
-        .map(|(n, &i)| format!("{} IS ?{}", quote(&t.columns[i]), first_param + n))
+        .map(|(n, (&i, c))| format!("{} IS ?{} COLLATE {}", quote(&t.columns[i]), first_param + n, c.sql()))
         .collect::<Vec<_>>()
         .join(" AND ")
 }
 
-fn delete_row(conn: &Connection, t: &TableInfo, pk: &[Value]) -> Result<()> {
+/// Lets the next write of the merge to row `pk` of table `tbl` through the guard triggers
+/// (see [`super::guard`]); every other write to a replicated table made on this
+/// connection — by an application trigger firing on a replica — is skipped.
+fn arm(conn: &Connection, tbl: i64, pk: &[Value]) -> Result<()> {
+    let sets: String = (0..pk.len()).map(|n| format!(", k{n} = ?{}", n + 2)).collect();
+    let sql = format!("UPDATE temp.__marmot__arm SET tbl = ?1{sets}");
+    conn.prepare_cached(&sql)
+        .and_then(|mut s| s.execute(rusqlite::params_from_iter(std::iter::once(&Value::Integer(tbl)).chain(pk))))
+        .map(|_| ())
+        .ctx(|| "arming the merge's write".into())
+}
+
+fn delete_row(conn: &Connection, t: &TableInfo, tbl: i64, pk: &[Value]) -> Result<()> {
+    arm(conn, tbl, pk)?;
     let sql = format!("DELETE FROM {} WHERE {}", quote(&t.name), pk_where(t, 1));
     conn.prepare_cached(&sql)
         .and_then(|mut s| s.execute(rusqlite::params_from_iter(pk)))
@@ -246,13 +289,26 @@ fn read_image(conn: &Connection, t: &TableInfo, pk: &[Value]) -> Result<Option<I
 
 /// The upsert statement for an image carrying the columns `cols` (local indexes), built once
 /// per table and batch rather than per row.
+///
+/// The key columns are written too: the winning image's key bytes are the row's, also
+/// when the stored key is equal but spelled differently (`'Bob'` for `'bob'` under
+/// NOCASE). `OR ABORT` overrides a constraint's own `ON CONFLICT REPLACE`, so the merge
+/// never deletes a row behind its own back.
 fn upsert_sql(t: &TableInfo, cols: &[usize]) -> String {
     let names: Vec<String> = cols.iter().map(|&i| quote(&t.columns[i])).collect();
     let params: Vec<String> = (1..=cols.len()).map(|n| format!("?{n}")).collect();
-    let pk: Vec<String> = t.pk.iter().map(|&i| quote(&t.columns[i])).collect();
+    let target: Vec<String> =
+        t.pk.iter()
+            .zip(&t.pk_collations)
+            .map(|(&i, c)| match c {
+                Collation::Binary => quote(&t.columns[i]),
+                c => format!("{} COLLATE {}", quote(&t.columns[i]), c.sql()),
+            })
+            .collect();
+    let rowid_alias = t.pk.len() == 1 && !t.pk_nullable && t.pk_collations == [Collation::Binary];
     let mut sets: Vec<String> = cols
         .iter()
-        .filter(|i| !t.pk.contains(i))
+        .filter(|i| !rowid_alias || !t.pk.contains(i))
         .map(|&i| format!("{0} = excluded.{0}", quote(&t.columns[i])))
         .collect();
     // Columns the origin does not have yet take the value the origin will give them when
@@ -264,30 +320,67 @@ fn upsert_sql(t: &TableInfo, cols: &[usize]) -> String {
     }
     let action = if sets.is_empty() { "NOTHING".to_owned() } else { format!("UPDATE SET {}", sets.join(", ")) };
     format!(
-        "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO {action}",
+        "INSERT OR ABORT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO {action}",
         quote(&t.name),
         names.join(", "),
         params.join(", "),
-        pk.join(", ")
+        target.join(", ")
     )
 }
 
-fn upsert_row(conn: &Connection, t: &TableInfo, sql: &str, image: &Image) -> Result<()> {
-    conn.prepare_cached(sql)
+fn upsert_row(conn: &Connection, t: &TableInfo, tbl: i64, sql: &str, pk: &[Value], image: &Image) -> Result<()> {
+    arm(conn, tbl, pk)?;
+    let n = conn
+        .prepare_cached(sql)
         .and_then(|mut s| s.execute(rusqlite::params_from_iter(image.iter().map(|(_, v)| v))))
-        .map(|_| ())
-        .ctx(|| format!("writing a row of {:?}", t.name))
+        .ctx(|| format!("writing a row of {:?}", t.name))?;
+    if n == 0 && !sql.ends_with("DO NOTHING") {
+        // The guard skipped the merge's own write: it must never do so silently.
+        return Err(Error::Database(format!("the apply guard skipped a write to {:?}", t.name)));
+    }
+    Ok(())
 }
 
-/// Rows (by primary key) other than `pk` that hold a unique value `image` claims.
+/// Whether `image` is in the partial index whose `WHERE` clause is `predicate`, evaluated
+/// on the image's values (columns it lacks are NULL).
+fn image_indexed(conn: &Connection, t: &TableInfo, predicate: &str, image: &Image) -> Result<bool> {
+    let cols: Vec<String> = t
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| match image.iter().position(|(k, _)| *k == i) {
+            Some(n) => format!("?{} AS {}", n + 1, quote(c)),
+            None => format!("NULL AS {}", quote(c)),
+        })
+        .collect();
+    let sql = format!("SELECT EXISTS (SELECT 1 FROM (SELECT {}) WHERE {predicate})", cols.join(", "));
+    conn.prepare_cached(&sql)
+        .and_then(|mut s| s.query_row(rusqlite::params_from_iter(image.iter().map(|(_, v)| v)), |r| r.get(0)))
+        .ctx(|| format!("evaluating a partial index of {:?}", t.name))
+}
+
+/// Rows (by primary key) other than `pk` that hold a unique value `image` claims, as
+/// SQLite compares them: with each index's collations, within a partial index's `WHERE`.
 fn conflicts(conn: &Connection, t: &TableInfo, pk: &[Value], image: &Image) -> Result<Vec<Vec<Value>>> {
     let mut out: Vec<Vec<Value>> = Vec::new();
+    let own = t.key(pk);
     for u in &t.unique {
         let vals: Option<Vec<&Value>> =
             u.columns.iter().map(|c| image.iter().find(|(i, _)| i == c).map(|(_, v)| v)).collect();
         let Some(vals) = vals.filter(|v| v.iter().all(|x| !x.is_null())) else { continue };
-        let conds: Vec<String> =
-            u.columns.iter().enumerate().map(|(n, &c)| format!("{} = ?{}", quote(&t.columns[c]), n + 1)).collect();
+        if let Some(p) = &u.predicate {
+            if !image_indexed(conn, t, p, image)? {
+                continue;
+            }
+        }
+        let mut conds: Vec<String> = u
+            .columns
+            .iter()
+            .zip(&u.collations)
+            .enumerate()
+            .map(|(n, (&c, coll))| format!("{} = ?{} COLLATE {}", quote(&t.columns[c]), n + 1, coll.sql()))
+            .collect();
+        conds.extend(u.predicate.iter().map(|p| format!("({p})")));
         let pk_cols: Vec<String> = t.pk.iter().map(|&i| quote(&t.columns[i])).collect();
         let sql = format!("SELECT {} FROM {} WHERE {}", pk_cols.join(", "), quote(&t.name), conds.join(" AND "));
         let mut stmt = conn.prepare_cached(&sql).ctx(|| format!("checking unique {:?}", u.name))?;
@@ -298,7 +391,7 @@ fn conflicts(conn: &Connection, t: &TableInfo, pk: &[Value], image: &Image) -> R
             .and_then(|rows| rows.collect())
             .ctx(|| format!("checking unique {:?}", u.name))?;
         for r in rows {
-            if r != pk && !out.contains(&r) {
+            if t.key(&r) != own && !out.contains(&r) {
                 out.push(r);
             }
         }
@@ -324,10 +417,10 @@ fn place(conn: &Connection, t: &TableInfo, p: &Placement<'_>, image: &Image, asi
     let (tbl, key, pk, v) = (p.tbl, p.key, p.pk, p.version);
     let mut losers = Vec::new();
     for q in conflicts(conn, t, pk, image)? {
-        let qkey = pk_key(&q);
+        let qkey = t.key(&q);
         let qv = version_of(conn, tbl, &qkey)?.map(|(v, _)| v).unwrap_or_default();
         if qv > v {
-            delete_row(conn, t, pk)?;
+            delete_row(conn, t, tbl, pk)?;
             put_aside(conn, t, tbl, key, v, image)?;
             *aside_any = true;
             return Ok(false);
@@ -339,12 +432,12 @@ fn place(conn: &Connection, t: &TableInfo, p: &Placement<'_>, image: &Image, asi
             put_aside(conn, t, tbl, &qkey, qv, &qimage)?;
             *aside_any = true;
         }
-        delete_row(conn, t, &q)?;
+        delete_row(conn, t, tbl, &q)?;
     }
     if *aside_any {
         remove_aside(conn, tbl, key)?;
     }
-    upsert_row(conn, t, p.upsert_sql, image)?;
+    upsert_row(conn, t, tbl, p.upsert_sql, pk, image)?;
     Ok(true)
 }
 
@@ -391,7 +484,7 @@ fn reconcile_table(conn: &Connection, t: &TableInfo, tbl: i64) -> Result<()> {
                     .map(|&i| image.iter().find(|(c, _)| *c == i).map(|(_, v)| v.clone()).unwrap_or(Value::Null))
                     .collect();
             let blocked = conflicts(conn, t, &pk, &image)?.iter().try_fold(false, |acc, q| {
-                let qv = version_of(conn, tbl, &pk_key(q))?.map(|(v, _)| v).unwrap_or_default();
+                let qv = version_of(conn, tbl, &t.key(q))?.map(|(v, _)| v).unwrap_or_default();
                 Ok::<_, Error>(acc || qv > row.version)
             })?;
             if !blocked {

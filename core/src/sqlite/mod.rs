@@ -14,6 +14,7 @@
 //! - `positions`, `parked`, `state`, `tables` — bookkeeping.
 
 mod capture;
+mod guard;
 mod merge;
 mod reader;
 mod schema;
@@ -28,7 +29,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 pub use capture::{cleanup, install, table_id, CaptureOptions, WALL_CLOCK_MS};
 pub use merge::ApplyOutcome;
 pub use reader::SqliteChangeSource;
-pub use schema::{quote, Schema, SkippedTable, TableInfo, UniqueIndex, PREFIX};
+pub use schema::{pk_key, quote, Collation, Schema, SkippedTable, TableInfo, UniqueIndex, PREFIX};
 pub use snapshot::{checksum_file, Progress, SnapshotFile};
 
 use crate::error::{Error, Result, SqlContext};
@@ -66,13 +67,6 @@ pub struct Db {
     generation: u64,
     /// The WAL checkpoint a restore left running on its own connection.
     checkpoint: Option<std::thread::JoinHandle<Result<()>>>,
-}
-
-/// Encodes primary-key values into the canonical key used by `versions` and `aside`.
-pub fn pk_key(values: &[Value]) -> Vec<u8> {
-    let mut out = Vec::new();
-    ciborium::into_writer(&values, &mut out).expect("CBOR into a Vec");
-    out
 }
 
 impl Db {
@@ -114,9 +108,30 @@ impl Db {
             let id = table_id(&self.conn, &t.name)?;
             self.ids.insert(id, i);
         }
+        guard::install(&self.conn, &self.schema, |name| self.id_of(name))?;
         self.schema_version = self.read_schema_version()?;
+        for (table, rows) in self.null_key_rows()? {
+            tracing::warn!(table = %table, rows, "rows whose primary key holds NULL are not replicated \
+                (nodes cannot tell such rows apart); give them a key or declare the key NOT NULL");
+        }
         self.generation += 1;
         Ok(())
+    }
+
+    /// Per replicated table whose key may hold NULL, the number of rows whose key does (not
+    /// replicated); tables without such rows are left out.
+    pub fn null_key_rows(&self) -> Result<Vec<(String, u64)>> {
+        let mut out = Vec::new();
+        for t in self.schema.tables.iter().filter(|t| t.pk_nullable) {
+            let null: Vec<String> = t.pk.iter().map(|&i| format!("{} IS NULL", quote(&t.columns[i]))).collect();
+            let sql = format!("SELECT count(*) FROM {} WHERE {}", quote(&t.name), null.join(" OR "));
+            let n: i64 =
+                self.conn.query_row(&sql, [], |r| r.get(0)).ctx(|| format!("counting NULL keys of {:?}", t.name))?;
+            if n > 0 {
+                out.push((t.name.clone(), n as u64));
+            }
+        }
+        Ok(out)
     }
 
     /// Re-installs capture when the application changed the schema. Returns whether it did.
@@ -130,6 +145,16 @@ impl Db {
 
     fn read_schema_version(&self) -> Result<i64> {
         self.conn.query_row("PRAGMA schema_version", [], |r| r.get(0)).ctx(|| "reading schema_version".into())
+    }
+
+    /// Fails with [`Error::SchemaChanged`] when the schema seen by the transaction open on
+    /// this connection is not the one capture was installed for: no log row is read,
+    /// folded or published against a stale schema.
+    pub(crate) fn check_schema(&self) -> Result<()> {
+        if self.read_schema_version()? != self.schema_version {
+            return Err(Error::SchemaChanged);
+        }
+        Ok(())
     }
 
     /// Increases each time capture is (re)installed after a schema change.
@@ -259,7 +284,8 @@ impl Db {
     /// tombstone.
     pub fn version_of(&self, table: &str, pk: &[Value]) -> Result<Option<(Version, bool)>> {
         let Some(id) = self.id_of(table) else { return Ok(None) };
-        version_of(&self.conn, id, &pk_key(pk))
+        let info = self.table_by_id(id).expect("id maps to a table");
+        version_of(&self.conn, id, &info.key(pk))
     }
 }
 

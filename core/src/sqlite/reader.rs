@@ -6,12 +6,15 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 
 use super::{get_state, set_state_max, Db};
-use crate::error::{Result, SqlContext};
+use crate::error::{Error, Result, SqlContext};
 use crate::model::{Batch, Hlc, Op, RowChange, TableChanges, Value};
 use crate::source::{ChangeSource, Pending};
 
 /// Log columns read besides the image: `hlc`, `tbl`, `op`.
 const LOG_FIXED: usize = 3;
+
+/// How often a read starts again when the application changes the schema meanwhile.
+const SCHEMA_RETRIES_MAX: usize = 3;
 
 impl Db {
     /// Every local change committed after the last acknowledged point, read in one read
@@ -23,8 +26,21 @@ impl Db {
     /// Like [`read_pending`](Self::read_pending), after `after` or the stored published
     /// point, whichever is higher.
     pub fn read_pending_after(&mut self, after: Hlc) -> Result<Option<Pending>> {
-        self.refresh_if_schema_changed()?;
+        let mut attempts = 0;
+        loop {
+            self.refresh_if_schema_changed()?;
+            match self.read_pending_once(after) {
+                Err(Error::SchemaChanged) if attempts < SCHEMA_RETRIES_MAX => attempts += 1,
+                other => return other,
+            }
+        }
+    }
+
+    fn read_pending_once(&mut self, after: Hlc) -> Result<Option<Pending>> {
         let tx = self.conn.unchecked_transaction().ctx(|| "beginning a read".into())?;
+        // The first read pins the snapshot: its schema must be the one capture knows, or
+        // rows of a table created a moment ago would be skipped and passed over.
+        self.check_schema()?;
         let published = get_state(&tx, "published_hlc")?.max(after.0);
         let width: usize = tx
             .query_row("SELECT count(*) FROM pragma_table_info('__marmot__log')", [], |r| r.get::<_, i64>(0))

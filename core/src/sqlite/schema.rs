@@ -1,8 +1,9 @@
 //! Schema introspection: which tables replicate, their columns, keys and unique indexes.
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 
 use crate::error::{Result, SqlContext};
+use crate::model::Value;
 
 /// Prefix of every object Marmot creates in a database.
 pub const PREFIX: &str = "__marmot__";
@@ -12,6 +13,54 @@ pub fn quote(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
+/// A collating sequence SQLite ships: how an index or key compares text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Collation {
+    /// Byte for byte.
+    Binary,
+    /// ASCII letters without case (SQLite folds only `A`–`Z`).
+    NoCase,
+    /// Trailing spaces ignored.
+    RTrim,
+}
+
+impl Collation {
+    fn parse(name: &str) -> Option<Collation> {
+        match name.to_ascii_uppercase().as_str() {
+            "BINARY" => Some(Collation::Binary),
+            "NOCASE" => Some(Collation::NoCase),
+            "RTRIM" => Some(Collation::RTrim),
+            _ => None,
+        }
+    }
+
+    /// The SQL name of the collation.
+    pub fn sql(self) -> &'static str {
+        match self {
+            Collation::Binary => "BINARY",
+            Collation::NoCase => "NOCASE",
+            Collation::RTrim => "RTRIM",
+        }
+    }
+
+    /// `value` in the form every value SQLite takes as equal to it shares under this
+    /// collation: integral reals as integers (`1.0 = 1`), text folded as the collation
+    /// compares it. Row identity and unique values are compared in this form.
+    pub fn canonical(self, value: &Value) -> Value {
+        match value {
+            Value::Real(f) if f.fract() == 0.0 && *f >= -9.223_372_036_854_776e18 && *f < 9.223_372_036_854_776e18 => {
+                Value::Integer(*f as i64)
+            }
+            Value::Text(t) => match self {
+                Collation::Binary => value.clone(),
+                Collation::NoCase => Value::Text(t.to_ascii_lowercase()),
+                Collation::RTrim => Value::Text(t.trim_end_matches(' ').to_owned()),
+            },
+            _ => value.clone(),
+        }
+    }
+}
+
 /// A secondary unique index: a set of columns whose non-NULL values no two rows share.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UniqueIndex {
@@ -19,6 +68,10 @@ pub struct UniqueIndex {
     pub name: String,
     /// Indexes into [`TableInfo::columns`].
     pub columns: Vec<usize>,
+    /// The collation of each indexed column, as the index compares it.
+    pub collations: Vec<Collation>,
+    /// The `WHERE` clause of a partial index: only rows for which it holds are indexed.
+    pub predicate: Option<String>,
 }
 
 /// A table Marmot replicates.
@@ -30,6 +83,11 @@ pub struct TableInfo {
     pub columns: Vec<String>,
     /// Indexes into `columns` of the primary key, in key order.
     pub pk: Vec<usize>,
+    /// The collation of each primary-key column, as the key's index compares it.
+    pub pk_collations: Vec<Collation>,
+    /// Whether a primary-key column may hold NULL (a rowid table whose key is not the
+    /// rowid): such rows are not replicated, as nodes cannot tell them apart.
+    pub pk_nullable: bool,
     /// Secondary unique indexes (not the primary key), on plain columns.
     pub unique: Vec<UniqueIndex>,
     /// Per column, the SQL value it takes when a remote row does not carry it (the origin
@@ -43,6 +101,21 @@ impl TableInfo {
     pub fn column_index(&self, column: &str) -> Option<usize> {
         self.columns.iter().position(|c| c == column)
     }
+
+    /// The canonical key of the row with primary-key values `pk`: two keys are equal
+    /// exactly when SQLite takes them as the same row (the key's collations, `1 = 1.0`).
+    pub fn key(&self, pk: &[Value]) -> Vec<u8> {
+        let canonical: Vec<Value> = pk.iter().zip(&self.pk_collations).map(|(v, c)| c.canonical(v)).collect();
+        pk_key(&canonical)
+    }
+}
+
+/// Encodes primary-key values into the key bytes used by `versions` and `aside`. Callers
+/// with a table at hand use [`TableInfo::key`], which canonicalizes first.
+pub fn pk_key(values: &[Value]) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(&values, &mut out).expect("CBOR into a Vec");
+    out
 }
 
 /// A table that is not replicated, and why.
@@ -95,10 +168,8 @@ impl Schema {
                 continue;
             }
             match read_table(conn, &name)? {
-                Some(t) => schema.tables.push(t),
-                None => schema
-                    .skipped
-                    .push(SkippedTable { name, reason: "no PRIMARY KEY (its rowids differ between nodes)".into() }),
+                Ok(t) => schema.tables.push(t),
+                Err(reason) => schema.skipped.push(SkippedTable { name, reason }),
             }
         }
         Ok(schema)
@@ -148,55 +219,135 @@ fn is_shadow_of(name: &str, vtab: &str, suffixes: Option<&[&str]>) -> bool {
     }
 }
 
-fn read_table(conn: &Connection, name: &str) -> Result<Option<TableInfo>> {
+fn read_table(conn: &Connection, name: &str) -> Result<std::result::Result<TableInfo, String>> {
     let sql = format!("PRAGMA table_info({})", quote(name));
     let mut stmt = conn.prepare(&sql).ctx(|| format!("reading columns of {name:?}"))?;
-    // (name, pk position, value when absent)
-    let cols: Vec<(String, i64, Option<String>)> = stmt
+    // (name, pk position, value when absent, not null)
+    let cols: Vec<(String, i64, Option<String>, bool)> = stmt
         .query_map([], |r| {
             let (not_null, default): (bool, Option<String>) = (r.get(3)?, r.get(4)?);
             let absent = default.map(|d| format!("({d})")).or_else(|| (!not_null).then(|| "NULL".to_owned()));
-            Ok((r.get::<_, String>(1)?, r.get::<_, i64>(5)?, absent))
+            Ok((r.get::<_, String>(1)?, r.get::<_, i64>(5)?, absent, not_null))
         })
         .and_then(|rows| rows.collect())
         .ctx(|| format!("reading columns of {name:?}"))?;
     let mut pk: Vec<(i64, usize)> = cols.iter().enumerate().filter(|(_, c)| c.1 > 0).map(|(i, c)| (c.1, i)).collect();
     if pk.is_empty() {
-        return Ok(None);
+        return Ok(Err("no PRIMARY KEY (its rowids differ between nodes)".into()));
     }
     pk.sort();
+    let pk: Vec<usize> = pk.into_iter().map(|(_, i)| i).collect();
     let absent: Vec<Option<String>> = cols.iter().map(|c| c.2.clone()).collect();
+    let not_null: Vec<bool> = cols.iter().map(|c| c.3).collect();
     let columns: Vec<String> = cols.into_iter().map(|c| c.0).collect();
-    let unique = read_unique(conn, name, &columns)?;
-    let pk = pk.into_iter().map(|(_, i)| i).collect();
-    Ok(Some(TableInfo { name: name.to_owned(), columns, pk, unique, absent }))
+    let indexes = read_indexes(conn, name)?;
+    // No key index: the key is the rowid itself (`INTEGER PRIMARY KEY`), never NULL.
+    let (mut pk_collations, mut keyed_rowid_table) = (vec![Collation::Binary; pk.len()], false);
+    let mut unique = Vec::new();
+    for ix in indexes {
+        let keys: Vec<&(i64, String)> = ix.columns.iter().filter(|c| c.1).map(|c| &c.0).collect();
+        let mut collations = Vec::new();
+        for (_, coll) in &keys {
+            match Collation::parse(coll) {
+                Some(c) => collations.push(c),
+                None => {
+                    return Ok(Err(format!("index {:?} uses collation {coll:?}, which Marmot cannot compare", ix.name)))
+                }
+            }
+        }
+        if ix.origin == "pk" {
+            keyed_rowid_table = ix.columns.iter().any(|c| c.0 .0 == -1);
+            for ((cid, _), coll) in keys.iter().zip(collations) {
+                if let Some(n) = pk.iter().position(|&p| p as i64 == *cid) {
+                    pk_collations[n] = coll;
+                }
+            }
+            continue;
+        }
+        if !ix.unique {
+            continue;
+        }
+        if keys.iter().any(|(cid, _)| *cid < 0) {
+            return Ok(Err(format!("unique index {:?} is on an expression, which Marmot cannot compare", ix.name)));
+        }
+        let predicate = match (ix.partial, ix.sql.as_deref().and_then(partial_predicate)) {
+            (false, _) => None,
+            (true, Some(p)) => Some(p),
+            (true, None) => return Ok(Err(format!("cannot read the WHERE clause of partial index {:?}", ix.name))),
+        };
+        let columns = keys.iter().map(|(cid, _)| *cid as usize).collect();
+        unique.push(UniqueIndex { name: ix.name, columns, collations, predicate });
+    }
+    unique.sort_by(|a, b| a.name.cmp(&b.name));
+    let pk_nullable = keyed_rowid_table && pk.iter().any(|&i| !not_null[i]);
+    Ok(Ok(TableInfo { name: name.to_owned(), columns, pk, pk_collations, pk_nullable, unique, absent }))
 }
 
-fn read_unique(conn: &Connection, table: &str, columns: &[String]) -> Result<Vec<UniqueIndex>> {
+struct IndexInfo {
+    name: String,
+    unique: bool,
+    origin: String,
+    partial: bool,
+    sql: Option<String>,
+    /// ((column id, or -1 for the rowid, -2 for an expression; collation), is key column)
+    columns: Vec<((i64, String), bool)>,
+}
+
+fn read_indexes(conn: &Connection, table: &str) -> Result<Vec<IndexInfo>> {
     let sql = format!("PRAGMA index_list({})", quote(table));
     let mut stmt = conn.prepare(&sql).ctx(|| format!("reading indexes of {table:?}"))?;
-    // (name, unique, origin, partial)
     let list: Vec<(String, bool, String, bool)> = stmt
         .query_map([], |r| Ok((r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
         .and_then(|rows| rows.collect())
         .ctx(|| format!("reading indexes of {table:?}"))?;
     let mut out = Vec::new();
     for (name, unique, origin, partial) in list {
-        if !unique || origin == "pk" || partial {
-            continue;
-        }
-        let sql = format!("PRAGMA index_info({})", quote(&name));
+        let sql = format!("PRAGMA index_xinfo({})", quote(&name));
         let mut stmt = conn.prepare(&sql).ctx(|| format!("reading index {name:?}"))?;
-        let names: Vec<Option<String>> = stmt
-            .query_map([], |r| r.get(2))
+        let columns = stmt
+            .query_map([], |r| Ok(((r.get::<_, i64>(1)?, r.get::<_, String>(4)?), r.get::<_, bool>(5)?)))
             .and_then(|rows| rows.collect())
             .ctx(|| format!("reading index {name:?}"))?;
-        let idx: Option<Vec<usize>> =
-            names.iter().map(|n| n.as_ref().and_then(|n| columns.iter().position(|c| c == n))).collect();
-        if let Some(columns) = idx {
-            out.push(UniqueIndex { name, columns });
-        }
+        let sql: Option<String> = conn
+            .query_row("SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?1", [&name], |r| r.get(0))
+            .optional()
+            .ctx(|| format!("reading index {name:?}"))?
+            .flatten();
+        out.push(IndexInfo { name, unique, origin, partial, sql, columns });
     }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
+}
+
+/// The `WHERE` clause of a `CREATE INDEX` statement: what follows the column list.
+fn partial_predicate(sql: &str) -> Option<String> {
+    let bytes = sql.as_bytes();
+    let (mut i, mut depth, mut closed_at) = (0, 0i32, None);
+    while i < bytes.len() {
+        match bytes[i] {
+            q @ (b'\'' | b'"' | b'`') => {
+                i += 1;
+                while i < bytes.len() && !(bytes[i] == q && bytes.get(i + 1) != Some(&q)) {
+                    i += if bytes[i] == q { 2 } else { 1 };
+                }
+            }
+            b'[' => {
+                while i < bytes.len() && bytes[i] != b']' {
+                    i += 1;
+                }
+            }
+            b'(' => depth += 1,
+            b')' => {
+                depth -= 1;
+                if depth == 0 {
+                    closed_at = Some(i);
+                    break;
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    let rest = sql[closed_at? + 1..].trim();
+    let head = rest.get(..5)?;
+    head.eq_ignore_ascii_case("WHERE").then(|| rest[5..].trim().to_owned()).filter(|p| !p.is_empty())
 }

@@ -95,6 +95,7 @@ impl Db {
     fn save_via(&self, copy: &Path, out: &Path) -> Result<SnapshotFile> {
         let target = copy.to_str().ok_or_else(|| Error::Database("work dir is not UTF-8".into()))?;
         self.conn.execute("VACUUM INTO ?1", [target]).ctx(|| "copying the database (VACUUM INTO)".into())?;
+        self.fold_copy(copy)?;
         let positions = strip_capture(copy)?;
         let db_bytes = std::fs::metadata(copy).map_err(io("sizing the copy"))?.len();
         let file = File::create(out).map_err(io(format!("creating {}", out.display())))?;
@@ -110,6 +111,17 @@ impl Db {
             checksum: format!("xxh3-128:{:032x}", writer.hasher.digest128()),
             positions,
         })
+    }
+
+    /// Folds the copy's unpublished local changes into its versions before its log is
+    /// stripped: a node restored from it must know the versions of those rows (and their
+    /// tombstones), or an older concurrent write would win there only.
+    fn fold_copy(&self, copy: &Path) -> Result<()> {
+        let mut db = Db::open(copy, self.node, self.opts.clone())?;
+        db.refresh_if_schema_changed()?;
+        let tx = db.immediate()?;
+        db.fold_local(&tx)?;
+        tx.commit().ctx(|| "folding the copy's log".into())
     }
 
     /// Replaces the database's content with the snapshot at `compressed` (checked against

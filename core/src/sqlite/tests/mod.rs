@@ -9,6 +9,7 @@ mod foreign_writers;
 mod identifiers;
 mod install;
 mod merge;
+mod real_schemas;
 mod schema_changes;
 mod unique;
 
