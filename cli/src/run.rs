@@ -227,8 +227,9 @@ async fn save_snapshot_once(
 }
 
 /// Restores the newest snapshot when the streams no longer hold what this node missed.
-/// Local changes not yet published are published first; if that fails the restore is
-/// refused unless `force`.
+/// Local changes not yet published are published first, also those committed while the
+/// node waits for a snapshot (the restore itself refuses to copy over an unpublished
+/// commit); if publishing fails the restore is refused unless `force`.
 async fn restore_if_behind(
     config: &Config,
     transport: &Arc<NatsTransport>,
@@ -244,30 +245,16 @@ async fn restore_if_behind(
     let snapshots = snapshots.ok_or(
         "this node is behind the streams' first entries and snapshots are disabled ([snapshot] enabled = false)",
     )?;
-    let pending = db.pending_count()?;
     drop(db);
-    if pending > 0 {
-        let mut engine = open_engine(config, transport.clone())?;
-        let published = tokio::time::timeout(SHUTDOWN_PUBLISH_TIMEOUT, async {
-            while engine.publish_once().await? > 0 {}
-            engine.flush().await
-        })
-        .await;
-        match published {
-            Ok(Ok(())) => info!(changes = pending, "published local changes before restoring"),
-            _ if force => warn!(changes = pending, "-force-restore: restoring over local changes that could not be published"),
-            _ => {
-                return Err(format!(
-                    "refusing to restore a snapshot: {pending} local changes are not published yet and publishing them failed; \
-                     fix the connection, or start with -force-restore to restore anyway (those changes are then lost)"
-                )
-                .into())
-            }
-        }
-    }
     let manifest = loop {
+        publish_before_restore(config, transport, force).await?;
         match snapshot::restore(config, snapshots).await {
             Ok(manifest) => break manifest,
+            // The application committed after the publish above: publish that too, never
+            // restore over it.
+            Err(e) if matches!(e.downcast_ref(), Some(Error::PendingChanges(_))) => {
+                info!(error = %e, "publishing local changes committed meanwhile before restoring");
+            }
             // No snapshot yet, or none that verifies: exiting would only crash-loop under
             // a supervisor. Wait for a node that is up to date to save one.
             Err(e) if matches!(e.downcast_ref(), Some(Error::NotFound(_) | Error::Corrupt(_))) => {
@@ -302,6 +289,37 @@ async fn restore_if_behind(
         .into());
     }
     info!(object = %manifest.object, "restored; replaying the streams from the snapshot's positions");
+    Ok(())
+}
+
+/// Publishes every local change not yet published. With `force`, changes that cannot be
+/// published are discarded instead (the user asked to restore over them).
+async fn publish_before_restore(config: &Config, transport: &Arc<NatsTransport>, force: bool) -> Result<(), RunError> {
+    let db = Db::open(&config.db_path, NodeId(config.node_id), CaptureOptions::default())?;
+    let pending = db.pending_count()?;
+    if pending == 0 {
+        return Ok(());
+    }
+    let mut engine = open_engine(config, transport.clone())?;
+    let published = tokio::time::timeout(SHUTDOWN_PUBLISH_TIMEOUT, async {
+        while engine.publish_once().await? > 0 {}
+        engine.flush().await
+    })
+    .await;
+    match published {
+        Ok(Ok(())) => info!(changes = pending, "published local changes before restoring"),
+        _ if force => {
+            let lost = db.discard_pending()?;
+            warn!(changes = lost, "-force-restore: restoring over local changes that could not be published")
+        }
+        _ => {
+            return Err(format!(
+                "refusing to restore a snapshot: {pending} local changes are not published yet and publishing them failed; \
+                 fix the connection, or start with -force-restore to restore anyway (those changes are then lost)"
+            )
+            .into())
+        }
+    }
     Ok(())
 }
 

@@ -82,6 +82,10 @@ pub enum Error {
     /// the schema it knew; Marmot re-reads the schema and tries again.
     #[error("the schema changed during the operation; retrying against the new schema")]
     SchemaChanged,
+    /// A restore was refused because the database holds local changes that are committed
+    /// and not yet published: the copy would erase them. Publish them, then restore.
+    #[error("{0} local changes are not published yet; a restore now would erase them")]
+    PendingChanges(u64),
     /// A fault injected by a test or the simulator at a named point.
     #[error("injected crash at {0}")]
     InjectedCrash(&'static str),

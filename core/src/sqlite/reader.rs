@@ -87,6 +87,14 @@ impl Db {
         set_state_max(&self.conn, "published_hlc", through.0)
     }
 
+    /// Marks every captured local change as published without publishing it (a forced
+    /// restore over changes that cannot be published). Returns how many were discarded.
+    pub fn discard_pending(&self) -> Result<u64> {
+        let n = self.pending_count()?;
+        set_state_max(&self.conn, "published_hlc", self.clock()?.0)?;
+        Ok(n)
+    }
+
     /// Number of captured local changes not yet published.
     pub fn pending_count(&self) -> Result<u64> {
         let published = get_state(&self.conn, "published_hlc")?;

@@ -191,14 +191,44 @@ impl Db {
 /// transaction, so readers never see a half-restored database.
 fn copy_all(source: &Connection, dest: &mut Connection) -> Result<()> {
     use rusqlite::backup::{Backup, StepResult};
+    let path = dest.path().map(PathBuf::from);
     let backup = Backup::new(source, dest).ctx(|| "starting the online backup".into())?;
-    match backup.step(-1).ctx(|| "copying the snapshot into the database".into())? {
+    // The first step takes the database's write lock and keeps it until the copy ends: no
+    // commit can happen from here on. A commit the application made before it and that is
+    // not published yet would be erased by the copy: refuse, so it is published first.
+    let first = backup.step(1).ctx(|| "copying the snapshot into the database".into())?;
+    if let Some(path) = path.filter(|_| first != StepResult::Done) {
+        let pending = unpublished_changes(&path)?;
+        if pending > 0 {
+            return Err(Error::PendingChanges(pending));
+        }
+    }
+    let result = match first {
+        StepResult::Done => StepResult::Done,
+        _ => backup.step(-1).ctx(|| "copying the snapshot into the database".into())?,
+    };
+    match result {
         StepResult::Done => Ok(()),
         other => Err(Error::Database(format!(
             "copying the snapshot into the database did not finish ({other:?}): the database stayed busy; \
              it is unchanged"
         ))),
     }
+}
+
+/// Local changes committed and not yet published, read on a connection of its own (which
+/// sees every commit made before the restore took the write lock).
+fn unpublished_changes(path: &Path) -> Result<u64> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .ctx(|| "opening the database to check for unpublished changes".into())?;
+    conn.query_row(
+        "SELECT count(*) FROM __marmot__log WHERE hlc > \
+         (SELECT value FROM __marmot__state WHERE key = 'published_hlc')",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n as u64)
+    .ctx(|| "counting unpublished changes".into())
 }
 
 /// Removes capture from a copy: triggers, this node's log, parked entries; raises the clock

@@ -261,3 +261,20 @@ fn a_snapshot_keeps_the_versions_of_unpublished_local_writes() {
     b.apply(&older);
     assert_eq!(b.dump("t"), vec![vec![int(1), text("newer on a"), NULL]], "the restored row keeps its version");
 }
+
+#[test]
+fn a_restore_refuses_to_erase_a_commit_that_is_not_published() {
+    let (mut a, mut b) = (node(1, T), node(2, T));
+    b.exec("INSERT INTO t VALUES (9, 'from the snapshot', NULL)");
+    b.acknowledge_all();
+    let dir = tempfile::tempdir().unwrap();
+    let file = b.db.save_snapshot(dir.path(), &dir.path().join("snap.zst")).unwrap();
+    a.exec("INSERT INTO t VALUES (1, 'committed while waiting for a snapshot', NULL)");
+    let refused = a.db.restore_snapshot(&file.path, &file.checksum, &mut |_, _| {});
+    assert!(matches!(refused, Err(crate::Error::PendingChanges(1))), "{refused:?}");
+    assert_eq!(a.dump("t"), vec![vec![int(1), text("committed while waiting for a snapshot"), NULL]], "unchanged");
+    // Once published, the restore goes ahead (and the stream brings the change back).
+    a.acknowledge_all();
+    a.db.restore_snapshot(&file.path, &file.checksum, &mut |_, _| {}).unwrap();
+    assert_eq!(a.dump("t"), vec![vec![int(9), text("from the snapshot"), NULL]]);
+}
