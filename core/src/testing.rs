@@ -35,6 +35,7 @@ where
     subscription_tails_new_entries_and_waits_bounded(make(1, 1000).await).await;
     shards_are_independent(make(3, 1000).await).await;
     truncated_log_is_reported(make(1, 5).await).await;
+    live_subscription_reports_entries_dropped_before_it_read_them(make(1, 5).await).await;
 }
 
 fn payload(i: u64) -> Bytes {
@@ -167,6 +168,66 @@ async fn truncated_log_is_reported(t: Arc<dyn LogTransport>) {
     let mut sub = t.subscribe(Shard(0), Position(b.first.0 - 1)).await.expect("resume at first");
     let got = drain(&mut sub, (b.last.0 - b.first.0 + 1) as usize).await;
     assert_eq!(got.first().map(|e| e.position), Some(b.first), "resume delivers from first");
+}
+
+/// Entries published behind a live subscription in
+/// [`live_subscription_reports_entries_dropped_before_it_read_them`]: far more than the log
+/// keeps and than a transport may reasonably have fetched ahead for its reader.
+const LIVE_TRUNCATION_ENTRIES: u64 = 3000;
+
+/// A subscription that is already reading when the log drops entries it has not read yet
+/// must not skip them: it may still deliver entries it had fetched before they were dropped
+/// (in order, without gaps), then it reports `Truncated` — naming a first entry beyond its
+/// position — and keeps reporting it.
+async fn live_subscription_reports_entries_dropped_before_it_read_them(t: Arc<dyn LogTransport>) {
+    let first = t.publish(Shard(0), "live-0", payload(0)).await.unwrap();
+    let mut sub = t.subscribe(Shard(0), Position(0)).await.expect("subscribe from the start");
+    let got = drain(&mut sub, 1).await;
+    assert_eq!(got.first().map(|e| e.position), Some(first), "a live subscription delivers the first entry");
+    let mut last = first;
+    for i in 1..=LIVE_TRUNCATION_ENTRIES {
+        last = t.publish(Shard(0), &format!("live-{i}"), payload(i)).await.unwrap();
+    }
+    let held = t.bounds(Shard(0)).await.unwrap();
+    assert!(held.first.0 > first.0 + 1, "the log dropped entries the subscription has not read");
+    let mut delivered = first;
+    let deadline = tokio::time::Instant::now() + DELIVERY_WAIT;
+    let reported = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a live subscription whose next entries were dropped must report Truncated \
+             (delivered through {delivered}, log holds {}..={})",
+            held.first,
+            held.last
+        );
+        match sub.next_entries(1000, Duration::from_millis(200)).await {
+            Ok(entries) => {
+                for e in entries {
+                    assert_eq!(
+                        e.position.0,
+                        delivered.0 + 1,
+                        "a live subscription never skips entries dropped by truncation"
+                    );
+                    delivered = e.position;
+                }
+                assert!(
+                    delivered < last,
+                    "a live subscription cannot deliver every entry of a log that dropped them unread \
+                     (it delivered through {delivered})"
+                );
+            }
+            Err(Error::Truncated { first, position, .. }) => {
+                assert_eq!(position, delivered, "Truncated names the last position delivered");
+                assert!(first.0 > delivered.0 + 1, "Truncated names a first entry beyond the gap: {first}");
+                break first;
+            }
+            Err(e) => panic!("a live subscription whose next entries were dropped must report Truncated, got {e}"),
+        }
+    };
+    match sub.next_entries(10, Duration::from_millis(200)).await {
+        Err(Error::Truncated { .. }) => {}
+        other => panic!("a truncated subscription keeps reporting Truncated (first {reported}), got {other:?}"),
+    }
 }
 
 /// Bytes of the large object in [`snapshot_store_conformance`]: more than one 5 MiB S3

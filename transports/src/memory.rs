@@ -10,7 +10,12 @@
 //! - **publish errors**: a publish fails, either before storing or after storing (the
 //!   caller cannot tell, as with a lost acknowledgement);
 //! - **partition**: a node's publishes fail and its subscriptions see nothing;
-//! - **truncation**: `max_entries` per shard, and [`MemoryLog::truncate`].
+//! - **truncation**: `max_entries` per shard, and [`MemoryLog::truncate`]. A subscription
+//!   whose next entry was dropped reports [`Error::Truncated`] (at subscribe time, or on its
+//!   next read if it was already reading), as the JetStream transport does; it never skips.
+//!
+//! [`MemoryLog::fired`] counts the faults that actually happened, so a simulation can tell
+//! a fault that fired from one that was merely configured.
 //!
 //! Time is a tick counter advanced by the caller ([`MemoryLog::tick`]); nothing here reads
 //! a clock, so it is deterministic when driven from one thread.
@@ -41,6 +46,21 @@ pub struct FaultConfig {
     pub publish_lost_ack_probability: f64,
 }
 
+/// How many times each fault of a [`MemoryLog`] fired (across all node views).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FiredFaults {
+    /// Publishes that failed before storing (injected, not partitions).
+    pub publish_failures: u64,
+    /// Publishes that stored the entry and reported failure.
+    pub lost_acks: u64,
+    /// Reads that rewound a subscription by at least one entry.
+    pub redeliveries: u64,
+    /// Entries that became visible to a node later than they were stored.
+    pub delayed_entries: u64,
+    /// Reads of a live subscription that reported [`Error::Truncated`].
+    pub live_truncations: u64,
+}
+
 struct StoredEntry {
     id: String,
     payload: Bytes,
@@ -69,6 +89,7 @@ struct State {
     tick: u64,
     rng: ChaCha8Rng,
     nodes: Vec<NodeView>,
+    fired: FiredFaults,
 }
 
 /// The shared logs of a memory transport.
@@ -87,6 +108,7 @@ impl MemoryLog {
             tick: 0,
             rng: ChaCha8Rng::seed_from_u64(seed),
             nodes: Vec::new(),
+            fired: FiredFaults::default(),
         };
         MemoryLog { state: Arc::new(Mutex::new(state)), notify: Arc::new(Notify::new()) }
     }
@@ -119,15 +141,23 @@ impl MemoryLog {
         st.nodes[node].visible.clear();
     }
 
-    /// Drops the entries of `shard` before `position`.
-    pub fn truncate(&self, shard: Shard, position: Position) {
+    /// Drops the entries of `shard` before `position`. Returns how many were dropped.
+    pub fn truncate(&self, shard: Shard, position: Position) -> u64 {
         let mut st = self.lock();
         let log = &mut st.shards[shard.0 as usize];
+        let mut dropped = 0;
         while log.first < position.0 && !log.entries.is_empty() {
             let e = log.entries.pop_front().expect("non-empty");
             log.ids.remove(&e.id);
             log.first += 1;
+            dropped += 1;
         }
+        dropped
+    }
+
+    /// The faults fired so far.
+    pub fn fired(&self) -> FiredFaults {
+        self.lock().fired
     }
 
     /// The last position of `shard`.
@@ -179,6 +209,7 @@ impl LogTransport for MemoryTransport {
         }
         let (fail, lost) = (node.faults.publish_fail_probability, node.faults.publish_lost_ack_probability);
         if fail > 0.0 && st.rng.gen_bool(fail) {
+            st.fired.publish_failures += 1;
             return Err(Error::transport("injected publish failure"));
         }
         let tick = st.tick;
@@ -199,6 +230,7 @@ impl LogTransport for MemoryTransport {
             }
         };
         if lost > 0.0 && st.rng.gen_bool(lost) {
+            st.fired.lost_acks += 1;
             return Err(Error::transport("injected lost acknowledgement"));
         }
         drop(st);
@@ -211,7 +243,7 @@ impl LogTransport for MemoryTransport {
         if !b.can_resume_after(after) {
             return Err(Error::Truncated { shard, position: after, first: b.first });
         }
-        Ok(Box::new(MemorySubscription { view: self.clone(), shard, next: after.0 + 1 }))
+        Ok(Box::new(MemorySubscription { view: self.clone(), shard, next: after.0 + 1, delivered: after.0 }))
     }
 
     async fn bounds(&self, shard: Shard) -> Result<Bounds> {
@@ -225,23 +257,39 @@ impl LogTransport for MemoryTransport {
 struct MemorySubscription {
     view: MemoryTransport,
     shard: Shard,
+    /// The next position to read (below `delivered + 1` after a redelivery rewind).
     next: u64,
+    /// The highest position delivered (or the `after` the subscription started with).
+    delivered: u64,
 }
 
 impl MemorySubscription {
-    fn take(&mut self, max: usize) -> Vec<Entry> {
+    fn take(&mut self, max: usize) -> Result<Vec<Entry>> {
         let mut st = self.view.log.lock();
         let st = &mut *st;
         let node = &mut st.nodes[self.view.node];
         if node.partitioned {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         let faults = node.faults.clone();
         if faults.redeliver_probability > 0.0 && st.rng.gen_bool(faults.redeliver_probability) {
             let back = st.rng.gen_range(0..=faults.redeliver_entries_max);
-            self.next = self.next.saturating_sub(back).max(1);
+            let rewound = self.next.saturating_sub(back).max(1);
+            if rewound < self.next {
+                st.fired.redeliveries += 1;
+            }
+            self.next = rewound;
         }
         let log = &st.shards[self.shard.0 as usize];
+        if self.delivered + 1 < log.first {
+            st.fired.live_truncations += 1;
+            return Err(Error::Truncated {
+                shard: self.shard,
+                position: Position(self.delivered),
+                first: Position(log.first),
+            });
+        }
+        // A rewind may reach entries dropped since they were delivered: resume at the first.
         self.next = self.next.max(log.first);
         let mut out = Vec::new();
         let mut prev_visible = 0;
@@ -253,6 +301,9 @@ impl MemorySubscription {
                 None => {
                     let d = if faults.delay_ticks_max > 0 { st.rng.gen_range(0..=faults.delay_ticks_max) } else { 0 };
                     let v = (e.tick + d).max(prev_visible);
+                    if v > e.tick {
+                        st.fired.delayed_entries += 1;
+                    }
                     node.visible.insert(key, v);
                     v
                 }
@@ -262,16 +313,17 @@ impl MemorySubscription {
                 break;
             }
             out.push(Entry { position: Position(self.next), payload: e.payload.clone() });
+            self.delivered = self.delivered.max(self.next);
             self.next += 1;
         }
-        out
+        Ok(out)
     }
 }
 
 #[async_trait]
 impl Subscription for MemorySubscription {
     async fn next_entries(&mut self, max: usize, wait: Duration) -> Result<Vec<Entry>> {
-        let got = self.take(max);
+        let got = self.take(max)?;
         if !got.is_empty() || wait.is_zero() {
             return Ok(got);
         }
@@ -279,12 +331,12 @@ impl Subscription for MemorySubscription {
         let notify = self.view.log.notify.clone();
         loop {
             let notified = notify.notified();
-            let got = self.take(max);
+            let got = self.take(max)?;
             if !got.is_empty() {
                 return Ok(got);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Ok(self.take(max));
+                return self.take(max);
             }
         }
     }
@@ -336,5 +388,71 @@ mod tests {
         }
         let positions: Vec<u64> = seen.iter().map(|e| e.position.0).collect();
         assert_eq!(positions, (1..=20).collect::<Vec<_>>(), "all delivered, in order");
+    }
+
+    #[tokio::test]
+    async fn truncation_behind_a_live_reader_is_reported_not_skipped() {
+        let log = MemoryLog::new(1, 100, 3);
+        let t = log.connect(FaultConfig::default());
+        for i in 0..6 {
+            t.publish(Shard(0), &format!("{i}"), Bytes::from(vec![i as u8])).await.unwrap();
+        }
+        let mut sub = t.subscribe(Shard(0), Position(0)).await.unwrap();
+        assert_eq!(sub.next_entries(2, Duration::ZERO).await.unwrap().len(), 2);
+        assert_eq!(log.truncate(Shard(0), Position(3)), 2, "entries 1 and 2 dropped");
+        assert_eq!(sub.next_entries(1, Duration::ZERO).await.unwrap()[0].position, Position(3), "nothing unread lost");
+        assert_eq!(log.truncate(Shard(0), Position(6)), 3, "entries 3 to 5 dropped");
+        for _ in 0..2 {
+            match sub.next_entries(10, Duration::ZERO).await {
+                Err(Error::Truncated { shard, position, first }) => {
+                    assert_eq!((shard, position, first), (Shard(0), Position(3), Position(6)));
+                }
+                other => panic!("a reader whose next entry was dropped gets Truncated, got {other:?}"),
+            }
+        }
+        assert_eq!(log.fired().live_truncations, 2, "each report is counted");
+    }
+
+    #[tokio::test]
+    async fn redelivery_into_truncated_entries_resumes_at_the_first_held() {
+        let log = MemoryLog::new(1, 100, 5);
+        let t =
+            log.connect(FaultConfig { redeliver_probability: 1.0, redeliver_entries_max: 4, ..FaultConfig::default() });
+        for i in 0..8 {
+            t.publish(Shard(0), &format!("{i}"), Bytes::from(vec![i as u8])).await.unwrap();
+        }
+        let mut sub = t.subscribe(Shard(0), Position(0)).await.unwrap();
+        let mut seen = 0;
+        while seen < 8 {
+            let got = sub.next_entries(1, Duration::ZERO).await.unwrap();
+            seen = seen.max(got[0].position.0);
+        }
+        log.truncate(Shard(0), Position(8));
+        for _ in 0..10 {
+            let got = sub.next_entries(10, Duration::ZERO).await.expect("rewinds are not truncation");
+            assert!(got.iter().all(|e| e.position == Position(8)), "only entry 8 is held: {got:?}");
+        }
+        let fired = log.fired();
+        assert!(fired.redeliveries > 0, "rewinds are counted");
+        assert_eq!(fired.live_truncations, 0);
+    }
+
+    #[tokio::test]
+    async fn fired_faults_are_counted() {
+        let log = MemoryLog::new(1, 100, 11);
+        let faults = FaultConfig { publish_fail_probability: 0.3, delay_ticks_max: 3, ..FaultConfig::default() };
+        let a = log.connect(faults);
+        let mut failed = 0;
+        for i in 0..50 {
+            failed += u64::from(a.publish(Shard(0), &format!("{i}"), Bytes::new()).await.is_err());
+        }
+        let mut sub = a.subscribe(Shard(0), Position(0)).await.unwrap();
+        sub.next_entries(100, Duration::ZERO).await.unwrap();
+        let lossy = log.connect(FaultConfig { publish_lost_ack_probability: 1.0, ..FaultConfig::default() });
+        assert!(lossy.publish(Shard(0), "lost", Bytes::new()).await.is_err());
+        let fired = log.fired();
+        assert_eq!(fired.publish_failures, failed, "every injected failure is counted");
+        assert!(failed > 0 && fired.delayed_entries > 0, "{fired:?}");
+        assert_eq!(fired.lost_acks, 1, "the stored-but-failed publish is counted");
     }
 }
