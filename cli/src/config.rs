@@ -55,6 +55,10 @@ pub struct Config {
     /// Poll the database at this interval instead of watching it, in milliseconds (0 = off).
     #[serde(rename = "polling_interval")]
     pub polling_interval_ms: u64,
+    /// Log remote changes versioned further ahead of this node's clock than this, in
+    /// milliseconds (0 = never). Not a v1 key.
+    #[serde(rename = "max_clock_skew")]
+    pub max_clock_skew_ms: u64,
     /// `[snapshot]`.
     pub snapshot: SnapshotConfig,
     /// `[replication_log]`.
@@ -79,6 +83,7 @@ impl Default for Config {
             cleanup_interval_ms: 5000,
             sleep_timeout_ms: 0,
             polling_interval_ms: 0,
+            max_clock_skew_ms: marmot_core::engine::CLOCK_SKEW_MS_MAX_DEFAULT,
             snapshot: SnapshotConfig::default(),
             replication_log: ReplicationLogConfig::default(),
             nats: NatsConfig::default(),

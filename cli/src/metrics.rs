@@ -114,6 +114,8 @@ struct State {
     pending_publish: u64,
     parked_batches: u64,
     aside_rows: u64,
+    null_key_rows: u64,
+    clock_ahead_ms: u64,
     positions: BTreeMap<u32, u64>,
     stream_first: BTreeMap<u32, u64>,
     stream_last: BTreeMap<u32, u64>,
@@ -251,6 +253,8 @@ impl Metrics {
                     s.pending_publish = sample.pending;
                     s.parked_batches = sample.parked;
                     s.aside_rows = sample.aside;
+                    s.null_key_rows = sample.null_keys;
+                    s.clock_ahead_ms = sample.clock_ahead_ms;
                     s.positions = sample.positions;
                     s.last_db_sample = Some(Instant::now());
                 }
@@ -350,6 +354,30 @@ impl Metrics {
             "Rows set aside in __marmot__aside (lost a UNIQUE value to a newer write).",
             s.aside_rows,
         );
+        out.scalar(
+            "null_key_rows",
+            "gauge",
+            "Rows whose primary key holds NULL: not replicated (nodes cannot tell them apart).",
+            s.null_key_rows,
+        );
+        out.scalar(
+            "clock_ahead_milliseconds",
+            "gauge",
+            "How far this node's clock (highest version produced or applied) is ahead of its wall clock.",
+            s.clock_ahead_ms,
+        );
+        out.scalar(
+            "remote_clock_ahead_milliseconds",
+            "gauge",
+            "How far the last remote batch's versions were ahead of this node's wall clock (skew plus transit).",
+            st.remote_ahead_ms,
+        );
+        out.scalar(
+            "skewed_batches_total",
+            "counter",
+            "Remote batches versioned more than max_clock_skew ahead of this node's clock.",
+            st.skewed_batches,
+        );
         out.histogram(
             "replication_lag_seconds",
             "Origin commit to apply here, sampled once per receive step from the newest batch applied.",
@@ -398,6 +426,8 @@ struct DbSample {
     pending: u64,
     parked: u64,
     aside: u64,
+    null_keys: u64,
+    clock_ahead_ms: u64,
     positions: BTreeMap<u32, u64>,
 }
 
@@ -416,6 +446,8 @@ fn sample_db(engine: &Engine<SqliteChangeSource>) -> marmot_core::Result<DbSampl
         pending: count("SELECT count(*) FROM __marmot__log WHERE hlc > ?1", &[published.0 as i64])?,
         parked: db.parked_count()?,
         aside: count("SELECT count(*) FROM __marmot__aside", &[])?,
+        null_keys: db.null_key_rows()?.iter().map(|(_, n)| n).sum(),
+        clock_ahead_ms: db.clock_ahead_ms()?,
         positions: db.positions()?.into_iter().map(|(s, p)| (s.0, p.0)).collect(),
     })
 }

@@ -340,6 +340,7 @@ fn open_engine(config: &Config, transport: Arc<dyn LogTransport>) -> Result<Engi
         encode: EncodeOptions { compress: config.replication_log.compress, ..EncodeOptions::default() },
         publish: config.publish,
         replicate: config.replicate,
+        clock_skew_ms_max: config.max_clock_skew_ms,
         ..EngineConfig::default()
     };
     Ok(Engine::new(source, db, transport, engine_config))

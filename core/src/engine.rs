@@ -24,6 +24,9 @@ use crate::sqlite::Db;
 use crate::transport::{LogTransport, Subscription};
 use crate::wire::{self, Assembled, EncodeOptions, Reassembler};
 
+/// Default of [`EngineConfig::clock_skew_ms_max`]: one minute.
+pub const CLOCK_SKEW_MS_MAX_DEFAULT: u64 = 60_000;
+
 /// Tunables of an engine.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -35,11 +38,20 @@ pub struct EngineConfig {
     pub publish: bool,
     /// Apply remote changes (Marmot's `replicate`).
     pub replicate: bool,
+    /// A remote batch whose versions are further ahead of this node's wall clock than this
+    /// is logged as clock skew (0: never). Every node's clock follows the fastest one.
+    pub clock_skew_ms_max: u64,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { encode: EncodeOptions::default(), fetch_entries_max: 256, publish: true, replicate: true }
+        EngineConfig {
+            encode: EncodeOptions::default(),
+            fetch_entries_max: 256,
+            publish: true,
+            replicate: true,
+            clock_skew_ms_max: CLOCK_SKEW_MS_MAX_DEFAULT,
+        }
     }
 }
 
@@ -73,6 +85,11 @@ pub struct EngineStats {
     /// milliseconds are the origin's commit time, so `now - last_applied_hlc.millis()`
     /// right after a receive step is the replication lag (the metrics endpoint samples it).
     pub last_applied_hlc: Hlc,
+    /// How far ahead of this node's wall clock the last remote batch's versions were, in
+    /// milliseconds (clock skew plus transit).
+    pub remote_ahead_ms: u64,
+    /// Remote batches whose versions were more than `clock_skew_ms_max` ahead.
+    pub skewed_batches: u64,
 }
 
 struct ShardReader {
@@ -230,6 +247,7 @@ impl<S: ChangeSource> Engine<S> {
                             self.stats.rows_applied += out.applied;
                             self.stats.rows_skipped += out.skipped;
                             self.stats.last_applied_hlc = batch.max_hlc().unwrap_or_default();
+                            self.note_skew(batch.origin, out.remote_ahead_ms);
                             debug!(shard = %shard, position = %position, origin = %batch.origin,
                                 applied = out.applied, skipped = out.skipped, "applied batch");
                         }
@@ -243,6 +261,21 @@ impl<S: ChangeSource> Engine<S> {
                     Err(e) => Err(e),
                 }
             }
+        }
+    }
+
+    fn note_skew(&mut self, origin: NodeId, ahead_ms: u64) {
+        self.stats.remote_ahead_ms = ahead_ms;
+        let max = self.config.clock_skew_ms_max;
+        if max == 0 || ahead_ms <= max {
+            return;
+        }
+        self.stats.skewed_batches += 1;
+        // Once per hundred such batches: a skewed peer would otherwise flood the log.
+        if self.stats.skewed_batches % 100 == 1 {
+            warn!(origin = %origin, ahead_ms, max_clock_skew_ms = max,
+                "a remote change is versioned further ahead of this node's clock than max_clock_skew: \
+                 check NTP on node {origin}; every node's clock follows the fastest one");
         }
     }
 

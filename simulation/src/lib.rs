@@ -6,12 +6,25 @@
 //! quiescence. Oracles: during the run no node shows part of a remote transaction; at the
 //! end every node's user tables equal the last-writer-wins model of all writes made.
 //! Determinism: no clocks, no thread RNG, no hash-map iteration; a seed replays exactly.
+//!
+//! Modules: [`schema`] (the tables nodes start with, as SQL and as the oracle sees them;
+//! the migration), [`workload`] (the SQL applications run; reading capture's log into the
+//! model), [`faults`] (transport fault mix, crash points, partitions, truncation, healing),
+//! [`oracle`] (atomicity, convergence, dumps) with [`model`] (the last-writer-wins model),
+//! [`scenario`] (the proptest strategies), [`counters`] (what a run exercised) and
+//! [`world`] (the nodes and the loop driving them).
 #![warn(missing_docs)]
 
+pub mod counters;
+pub mod faults;
 pub mod model;
+pub mod oracle;
 pub mod scenario;
+pub mod schema;
+pub mod workload;
 pub mod world;
 
+pub use counters::{Counters, NOT_YET_REACHABLE};
 pub use scenario::{from_seed, Scenario};
 pub use world::{run_scenario, Failure, World};
 

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use marmot_core::{Value, Version};
 
+use crate::schema::Table;
+
 /// One captured write, as the origin's capture recorded it.
 #[derive(Clone, Debug)]
 pub struct Write {
@@ -38,11 +40,11 @@ pub type Dump = BTreeMap<String, Vec<Vec<Value>>>;
 /// Computes the converged state: per primary key the highest-version write; then, per
 /// unique column, the highest version holds a value and the other claimants are set
 /// aside (greedy by descending version, which is the unique stable assignment).
-pub fn expected(writes: &[Write], tables: &[(&str, Vec<usize>, Vec<usize>)]) -> Dump {
+pub fn expected(writes: &[Write], tables: &[Table]) -> Dump {
     let mut out = Dump::new();
-    for (table, pk_cols, unique_cols) in tables {
+    for table in tables {
         let mut winners: BTreeMap<Vec<ValueKey>, &Write> = BTreeMap::new();
-        for w in writes.iter().filter(|w| w.table == *table) {
+        for w in writes.iter().filter(|w| w.table == table.name) {
             let k: Vec<_> = w.pk.iter().map(value_key).collect();
             match winners.get(&k) {
                 Some(cur) if cur.version >= w.version => {}
@@ -58,15 +60,15 @@ pub fn expected(writes: &[Write], tables: &[(&str, Vec<usize>, Vec<usize>)]) -> 
         for w in live {
             let image = w.image.as_ref().expect("live rows have images");
             let claims: Vec<(usize, ValueKey)> =
-                unique_cols.iter().filter(|&&c| !image[c].is_null()).map(|&c| (c, value_key(&image[c]))).collect();
+                table.unique.iter().filter(|&&c| !image[c].is_null()).map(|&c| (c, value_key(&image[c]))).collect();
             if claims.iter().any(|c| held.contains(c)) {
                 continue;
             }
             held.extend(claims);
             rows.push(image.clone());
         }
-        rows.sort_by_key(|r| pk_cols.iter().map(|&i| value_key(&r[i])).collect::<Vec<_>>());
-        out.insert(table.to_string(), rows);
+        rows.sort_by_key(|r| table.pk.iter().map(|&i| value_key(&r[i])).collect::<Vec<_>>());
+        out.insert(table.name.to_owned(), rows);
     }
     out
 }

@@ -57,7 +57,8 @@ pub enum WriteOp {
 pub enum Action {
     /// The application on `node` commits one transaction.
     Write { node: usize, ops: Vec<WriteOp> },
-    /// The application on `node` inserts `size` fresh rows of one group in one transaction.
+    /// The application on `node` inserts `size` fresh rows of one group into `groups` and
+    /// the group's row into `group_tags`, in one transaction (for the atomicity oracle).
     Group { node: usize, size: u8 },
     /// The engine of `node` publishes what is pending.
     Publish { node: usize },

@@ -1,57 +1,44 @@
 //! The simulated world: nodes (each a real SQLite file with real triggers, an application
 //! connection and a `marmot` engine) on one memory transport, driven one action at a time.
+//!
+//! What the nodes start with is in [`crate::schema`], what applications write in
+//! [`crate::workload`], the faults in [`crate::faults`] and the checks in
+//! [`crate::oracle`]; this module runs the phases and counts what happened
+//! ([`crate::counters`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use futures::executor::block_on;
-use marmot_core::engine::{Engine, EngineConfig, Faults};
+use marmot_core::engine::{Engine, EngineConfig, EngineStats, Faults};
 use marmot_core::sqlite::{CaptureOptions, Db, SqliteChangeSource};
 use marmot_core::wire::EncodeOptions;
-use marmot_core::{Error, Hlc, LogTransport, NodeId, Position, Shard, Value, Version};
-use marmot_transports::{FaultConfig, MemoryLog, MemoryTransport};
-use rusqlite::{params, Connection};
+use marmot_core::{Error, LogTransport, NodeId, Shard};
+use marmot_transports::{MemoryLog, MemoryTransport};
+use rusqlite::Connection;
 
-use crate::model::{self, Dump, Write};
+use crate::counters::Counters;
+use crate::faults::fault_config;
+use crate::model::Write;
 use crate::scenario::{Action, Scenario, WriteOp};
+use crate::{oracle, schema, workload};
 
-/// The schema every node starts with: a table of every value type, a composite-key
-/// `WITHOUT ROWID` table with awkward identifiers, a table with a secondary `UNIQUE`,
-/// and the group table for the atomicity oracle.
-pub const SCHEMA: &str = r#"
-PRAGMA journal_mode = WAL;
-CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, price REAL, data BLOB, val);
-CREATE TABLE "order" ("key" TEXT NOT NULL, "a ""b""" INTEGER NOT NULL, "ü", PRIMARY KEY ("key", "a ""b""")) WITHOUT ROWID;
-CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT UNIQUE, name);
-CREATE TABLE groups (gid INTEGER PRIMARY KEY, grp INTEGER NOT NULL, size INTEGER NOT NULL);
-CREATE TABLE __marmot__simtime (ms INTEGER NOT NULL);
-INSERT INTO __marmot__simtime VALUES (1700000000000);
-"#;
-
-/// (table, primary-key columns, unique columns) of [`SCHEMA`], for the oracle.
-pub fn tables() -> Vec<(&'static str, Vec<usize>, Vec<usize>)> {
-    vec![
-        ("groups", vec![0], vec![]),
-        ("items", vec![0], vec![]),
-        ("order", vec![0, 1], vec![]),
-        ("users", vec![0], vec![1]),
-    ]
-}
-
-/// The migration nodes run at different times: a column added while writes go on.
-pub const MIGRATION: &str = "ALTER TABLE items ADD COLUMN extra TEXT DEFAULT 'd'";
-
-const TIME_SQL: &str = "(SELECT ms FROM __marmot__simtime)";
 const QUIESCE_ROUNDS_MAX: usize = 400;
+/// What [`Engine::publish_once`] fails with when `Faults::crash_before_ack` fires.
+const CRASH_BEFORE_ACK: &str = "publish: after publish, before acknowledge";
+/// What applying a batch fails with when `Faults::crash_after_rows` fires.
+const CRASH_MID_APPLY: &str = "apply: before commit";
 
-struct Node {
+pub(crate) struct Node {
     path: PathBuf,
-    app: Connection,
+    pub(crate) app: Connection,
     transport: MemoryTransport,
-    engine: Option<Engine<SqliteChangeSource>>,
+    pub(crate) engine: Option<Engine<SqliteChangeSource>>,
     log_seen: u64,
     next_gid: i64,
     migrated: bool,
+    /// Rows set aside when last looked at (new ones are counted).
+    aside: u64,
 }
 
 /// A failed check, with what was seen.
@@ -61,31 +48,24 @@ pub struct Failure(pub String);
 /// The simulated cluster.
 pub struct World {
     _dir: tempfile::TempDir,
-    log: MemoryLog,
-    nodes: Vec<Node>,
-    scenario: Scenario,
+    pub(crate) log: MemoryLog,
+    pub(crate) nodes: Vec<Node>,
+    pub(crate) scenario: Scenario,
     writes: Vec<Write>,
     /// Events, in order; equal traces mean equal runs.
     pub trace: Vec<String>,
     tick: u64,
+    /// What the world itself counted; [`World::counters`] adds the transport's and engines'.
+    pub(crate) counters: Counters,
+    /// Stats of engines dropped by crashes.
+    retired: Vec<EngineStats>,
 }
 
 fn engine_config(s: &Scenario) -> EngineConfig {
     EngineConfig {
         encode: EncodeOptions { compress: s.faults.compress, part_bytes_max: s.faults.part_bytes_max },
         fetch_entries_max: 8,
-        publish: true,
-        replicate: true,
-    }
-}
-
-fn fault_config(s: &Scenario) -> FaultConfig {
-    FaultConfig {
-        delay_ticks_max: s.faults.delay_ticks_max,
-        redeliver_probability: s.faults.redeliver_probability,
-        redeliver_entries_max: 4,
-        publish_fail_probability: s.faults.publish_fail_probability,
-        publish_lost_ack_probability: s.faults.publish_lost_ack_probability,
+        ..EngineConfig::default()
     }
 }
 
@@ -98,8 +78,10 @@ impl World {
         for i in 0..scenario.nodes {
             let path = dir.path().join(format!("node-{}.db", i + 1));
             let app = Connection::open(&path).map_err(|e| Failure(format!("open: {e}")))?;
-            app.execute_batch(SCHEMA).map_err(|e| Failure(format!("schema: {e}")))?;
-            let transport = log.connect(fault_config(&scenario));
+            // The simulation models process crashes, not power loss: no fsync per commit.
+            app.execute_batch("PRAGMA synchronous = OFF").map_err(|e| Failure(format!("synchronous: {e}")))?;
+            app.execute_batch(schema::SCHEMA).map_err(|e| Failure(format!("schema: {e}")))?;
+            let transport = log.connect(fault_config(&scenario.faults));
             nodes.push(Node {
                 path,
                 app,
@@ -108,9 +90,20 @@ impl World {
                 log_seen: 0,
                 next_gid: (i as i64 + 1) << 32,
                 migrated: false,
+                aside: 0,
             });
         }
-        let mut world = World { _dir: dir, log, nodes, scenario, writes: Vec::new(), trace: Vec::new(), tick: 0 };
+        let mut world = World {
+            _dir: dir,
+            log,
+            nodes,
+            scenario,
+            writes: Vec::new(),
+            trace: Vec::new(),
+            tick: 0,
+            counters: Counters::default(),
+            retired: Vec::new(),
+        };
         for i in 0..world.nodes.len() {
             world.start(i)?;
         }
@@ -121,7 +114,7 @@ impl World {
     fn start(&mut self, i: usize) -> Result<(), Failure> {
         let node = &mut self.nodes[i];
         let id = NodeId(i as u64 + 1);
-        let opts = CaptureOptions { time_ms_sql: TIME_SQL.to_owned() };
+        let opts = CaptureOptions { time_ms_sql: schema::TIME_SQL.to_owned() };
         let open = || Db::open(&node.path, id, opts.clone()).map_err(|e| Failure(format!("node {id}: open: {e}")));
         let source = SqliteChangeSource::new(open()?);
         let db = open()?;
@@ -130,7 +123,13 @@ impl World {
         Ok(())
     }
 
-    fn set_time(&mut self) -> Result<(), Failure> {
+    /// Advances logical time by one tick (the capture clocks follow at [`World::set_time`]).
+    pub(crate) fn advance_tick(&mut self) {
+        self.tick += 1;
+        self.log.tick();
+    }
+
+    pub(crate) fn set_time(&mut self) -> Result<(), Failure> {
         for (i, n) in self.nodes.iter().enumerate() {
             let ms = 1_700_000_000_000u64 + self.tick * 3 + self.scenario.skew_ms[i % self.scenario.skew_ms.len()];
             n.app
@@ -141,14 +140,18 @@ impl World {
     }
 
     /// Runs the chaos phase, heals everything, runs to quiescence and checks the oracles.
+    /// Atomicity is checked on every node after every action.
     pub fn run(&mut self) -> Result<(), Failure> {
         let actions = self.scenario.actions.clone();
         for (step, action) in actions.iter().enumerate() {
-            self.act(action).map_err(|Failure(m)| Failure(format!("step {step} ({action:?}): {m}")))?;
+            self.act(action)
+                .and_then(|()| self.check_atomicity_everywhere())
+                .map_err(|Failure(m)| Failure(format!("step {step} ({action:?}): {m}")))?;
         }
         self.heal()?;
+        self.check_atomicity_everywhere()?;
         self.quiesce()?;
-        self.check_convergence()
+        oracle::check_convergence(&self.writes, self.nodes.iter().map(|n| &n.app))
     }
 
     fn act(&mut self, action: &Action) -> Result<(), Failure> {
@@ -157,7 +160,10 @@ impl World {
             Action::Write { node, ops } => self.write(node % n, ops),
             Action::Group { node, size } => self.group(node % n, *size),
             Action::Publish { node } => {
-                self.engine_op(node % n, |e| block_on(e.publish_once()).map(|c| format!("published {c}")))
+                let before = self.entries_stored();
+                self.engine_op(node % n, |e| block_on(e.publish_once()).map(|c| format!("published {c}")))?;
+                self.count_parts(before);
+                Ok(())
             }
             Action::Receive { node, shard } => {
                 let shard = Shard(shard % self.scenario.shards);
@@ -169,51 +175,55 @@ impl World {
             Action::Maintain { node } => {
                 self.engine_op(node % n, |e| block_on(e.maintain()).map(|_| "maintained".into()))
             }
-            Action::Crash { node } => self.crash(node % n, "crash"),
+            Action::Crash { node } => {
+                self.counters.crashes += 1;
+                self.crash(node % n, "crash")
+            }
             Action::CrashBeforeAck { node } => {
                 self.arm(node % n, Faults { crash_before_ack: true, crash_after_rows: None })
             }
             Action::CrashMidApply { node, rows } => {
                 self.arm(node % n, Faults { crash_before_ack: false, crash_after_rows: Some(*rows as u64) })
             }
-            Action::Partition { node, on } => {
-                self.log.set_partitioned(node % n, *on);
-                self.trace.push(format!("partition {} {on}", node % n));
-                Ok(())
-            }
+            Action::Partition { node, on } => self.partition(node % n, *on),
             Action::Tick => {
-                self.tick += 1;
-                self.log.tick();
+                self.advance_tick();
                 self.set_time()
             }
             Action::Truncate => self.truncate(),
-            Action::Migrate { node } => self.migrate(node % n),
+            Action::Migrate { node } => {
+                let ran = self.migrate(node % n)?;
+                self.counters.migrations += u64::from(ran);
+                Ok(())
+            }
         }
     }
 
-    fn migrate(&mut self, i: usize) -> Result<(), Failure> {
+    /// Runs the migration on node `i` unless it already has; returns whether it ran.
+    pub(crate) fn migrate(&mut self, i: usize) -> Result<bool, Failure> {
         let node = &mut self.nodes[i];
-        if !node.migrated {
-            node.app.execute_batch(MIGRATION).map_err(|e| Failure(format!("node {i}: migration: {e}")))?;
-            node.migrated = true;
-            self.trace.push(format!("node {i}: migrated"));
+        if node.migrated {
+            return Ok(false);
         }
-        Ok(())
+        node.app.execute_batch(schema::MIGRATION).map_err(|e| Failure(format!("node {i}: migration: {e}")))?;
+        node.migrated = true;
+        self.trace.push(format!("node {i}: migrated"));
+        Ok(true)
     }
 
-    fn arm(&mut self, i: usize, faults: Faults) -> Result<(), Failure> {
-        self.trace.push(format!("arm {i} {faults:?}"));
-        self.nodes[i].engine.as_mut().expect("engine running").set_faults(faults);
-        Ok(())
-    }
-
+    /// The `marmot` process of node `i` crashes and restarts; its database stays.
     fn crash(&mut self, i: usize, why: &str) -> Result<(), Failure> {
         self.trace.push(format!("node {i} {why}; restart"));
-        self.nodes[i].engine = None;
-        self.start(i)
+        if let Some(engine) = self.nodes[i].engine.take() {
+            self.retired.push(engine.stats().clone());
+        }
+        self.start(i)?;
+        oracle::check_atomicity(&self.nodes[i].app, i)
     }
 
-    fn engine_op(
+    /// Runs `f` on node `i`'s engine: an injected crash restarts the node, a retryable
+    /// error is traced, any other error fails the run.
+    pub(crate) fn engine_op(
         &mut self,
         i: usize,
         f: impl FnOnce(&mut Engine<SqliteChangeSource>) -> marmot_core::Result<String>,
@@ -221,29 +231,25 @@ impl World {
         let result = f(self.nodes[i].engine.as_mut().expect("engine running"));
         match result {
             Ok(what) => self.trace.push(format!("node {i}: {what}")),
-            Err(Error::InjectedCrash(at)) => return self.crash(i, at),
+            Err(Error::InjectedCrash(at)) => {
+                match at {
+                    CRASH_BEFORE_ACK => self.counters.crash_before_ack += 1,
+                    CRASH_MID_APPLY => self.counters.crash_mid_apply += 1,
+                    other => return Err(Failure(format!("node {i}: unexpected injected crash {other:?}"))),
+                }
+                return self.crash(i, at);
+            }
             Err(e) if e.is_retryable() => self.trace.push(format!("node {i}: retryable error: {e}")),
             Err(e) => return Err(Failure(format!("node {i}: {e}"))),
         }
-        self.check_atomicity(i)
+        self.count_aside(i)?;
+        oracle::check_atomicity(&self.nodes[i].app, i)
     }
 
     fn write(&mut self, i: usize, ops: &[WriteOp]) -> Result<(), Failure> {
-        let app = &self.nodes[i].app;
-        app.execute_batch("BEGIN IMMEDIATE").map_err(|e| Failure(format!("begin: {e}")))?;
-        let mut done = 0;
-        for op in ops {
-            app.execute_batch("SAVEPOINT op").map_err(|e| Failure(format!("savepoint: {e}")))?;
-            match run_op(app, op, self.nodes[i].migrated) {
-                Ok(_) => done += 1,
-                Err(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
-                    app.execute_batch("ROLLBACK TO op").map_err(|e| Failure(format!("rollback: {e}")))?;
-                }
-                Err(e) => return Err(Failure(format!("node {i}: {op:?}: {e}"))),
-            }
-            app.execute_batch("RELEASE op").map_err(|e| Failure(format!("release: {e}")))?;
-        }
-        app.execute_batch("COMMIT").map_err(|e| Failure(format!("commit: {e}")))?;
+        let node = &self.nodes[i];
+        let done = workload::transaction(&node.app, ops, node.migrated, &mut self.counters)
+            .map_err(|Failure(m)| Failure(format!("node {i}: {m}")))?;
         self.trace.push(format!("node {i}: wrote {done}/{} ops", ops.len()));
         self.record_writes(i)
     }
@@ -251,80 +257,41 @@ impl World {
     fn group(&mut self, i: usize, size: u8) -> Result<(), Failure> {
         let node = &mut self.nodes[i];
         let grp = node.next_gid;
-        node.app.execute_batch("BEGIN").map_err(|e| Failure(format!("begin: {e}")))?;
-        for k in 0..size as i64 {
-            node.app
-                .execute("INSERT INTO groups(gid, grp, size) VALUES (?1, ?2, ?3)", params![grp + k, grp, size])
-                .map_err(|e| Failure(format!("group insert: {e}")))?;
-        }
-        node.app.execute_batch("COMMIT").map_err(|e| Failure(format!("commit: {e}")))?;
+        workload::group(&node.app, grp, size).map_err(|Failure(m)| Failure(format!("node {i}: {m}")))?;
         node.next_gid += 16;
+        self.counters.group_transactions += 1;
         self.trace.push(format!("node {i}: group {grp} of {size}"));
         self.record_writes(i)
     }
 
-    /// Adds what capture logged for the application's last transaction to the model.
+    /// Adds what capture logged for node `i`'s last transaction to the model's writes.
     fn record_writes(&mut self, i: usize) -> Result<(), Failure> {
         let node = &mut self.nodes[i];
-        let err = |e: rusqlite::Error| Failure(format!("reading the log: {e}"));
-        let mut stmt = node
-            .app
-            .prepare("SELECT l.*, t.name FROM __marmot__log l JOIN __marmot__tables t ON t.id = l.tbl WHERE l.hlc > ?1 ORDER BY l.hlc")
-            .map_err(err)?;
-        let ncols = stmt.column_count();
-        let rows: Vec<(u64, i64, Vec<Value>, String)> = stmt
-            .query_map([node.log_seen as i64], |r| {
-                let values =
-                    (3..ncols - 1).map(|c| r.get_ref(c).map(Value::from)).collect::<rusqlite::Result<Vec<_>>>()?;
-                Ok((r.get::<_, i64>(0)? as u64, r.get(2)?, values, r.get(ncols - 1)?))
-            })
-            .and_then(|rows| rows.collect())
-            .map_err(err)?;
-        drop(stmt);
-        let tables = tables();
-        for (hlc, op, values, table) in rows {
-            node.log_seen = node.log_seen.max(hlc);
-            let (_, pk_cols, _) = tables
-                .iter()
-                .find(|t| t.0 == table)
-                .ok_or_else(|| Failure(format!("captured unknown table {table}")))?;
-            let width = table_width(&table);
-            let image: Vec<Value> = values.into_iter().take(width).collect();
-            let pk = pk_cols.iter().map(|&c| image[c].clone()).collect();
-            let version = Version { hlc: Hlc(hlc), node: NodeId(i as u64 + 1) };
-            self.writes.push(Write { table, pk, version, image: (op == 0).then_some(image) });
-        }
+        workload::record_writes(&node.app, NodeId(i as u64 + 1), &mut node.log_seen, &mut self.writes)
+    }
+
+    /// Entries stored in all shards so far (a publish that adds more than one stored a
+    /// multi-part batch).
+    fn entries_stored(&self) -> u64 {
+        (0..self.scenario.shards).map(|s| self.log.last(Shard(s)).0).sum()
+    }
+
+    fn count_parts(&mut self, before: u64) {
+        self.counters.multi_part_batches += u64::from(self.entries_stored() > before + 1);
+    }
+
+    /// Counts rows node `i` set aside since last looked at.
+    fn count_aside(&mut self, i: usize) -> Result<(), Failure> {
+        let node = &mut self.nodes[i];
+        let aside =
+            node.engine.as_ref().expect("engine running").db().aside_count().map_err(|e| Failure(e.to_string()))?;
+        self.counters.set_aside_rows += aside.saturating_sub(node.aside);
+        node.aside = aside;
         Ok(())
     }
 
-    fn truncate(&mut self) -> Result<(), Failure> {
-        for s in 0..self.scenario.shards {
-            let mut min = u64::MAX;
-            for n in &self.nodes {
-                let p =
-                    n.engine.as_ref().expect("engine").db().position(Shard(s)).map_err(|e| Failure(e.to_string()))?;
-                min = min.min(p.0);
-            }
-            self.log.truncate(Shard(s), Position(min + 1));
-            self.trace.push(format!("truncate {s} before {}", min + 1));
-        }
-        Ok(())
-    }
-
-    fn heal(&mut self) -> Result<(), Failure> {
-        for i in 0..self.nodes.len() {
-            self.migrate(i)?;
-            self.log.set_partitioned(i, false);
-            self.log.set_faults(i, FaultConfig::default());
-            if let Some(e) = self.nodes[i].engine.as_mut() {
-                e.set_faults(Faults::default());
-            }
-        }
-        for _ in 0..self.scenario.faults.delay_ticks_max + 1 {
-            self.tick += 1;
-            self.log.tick();
-        }
-        self.set_time()
+    fn check_atomicity_everywhere(&self) -> Result<(), Failure> {
+        self.nodes.iter().enumerate().try_for_each(|(i, n)| oracle::check_atomicity(&n.app, i))
     }
 
     fn quiesce(&mut self) -> Result<(), Failure> {
@@ -332,10 +299,13 @@ impl World {
         for _ in 0..QUIESCE_ROUNDS_MAX {
             let mut work = 0;
             for i in 0..self.nodes.len() {
+                let before = self.entries_stored();
                 let e = self.nodes[i].engine.as_mut().expect("engine");
                 block_on(e.maintain()).map_err(|e| Failure(format!("node {i}: maintain: {e}")))?;
                 work += block_on(e.step()).map_err(|e| Failure(format!("node {i}: step: {e}")))?;
-                self.check_atomicity(i)?;
+                self.count_parts(before);
+                self.count_aside(i)?;
+                oracle::check_atomicity(&self.nodes[i].app, i)?;
             }
             idle_rounds = if work == 0 { idle_rounds + 1 } else { 0 };
             if idle_rounds >= 2 {
@@ -345,51 +315,23 @@ impl World {
         Err(Failure("nodes did not quiesce".into()))
     }
 
-    /// No node ever shows part of a remote transaction: every group is whole or absent.
-    fn check_atomicity(&self, i: usize) -> Result<(), Failure> {
-        let bad: Option<(i64, i64, i64)> = self.nodes[i]
-            .app
-            .query_row("SELECT grp, size, count(*) FROM groups GROUP BY grp HAVING count(*) != size LIMIT 1", [], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .map(Some)
-            .or_else(|e| if matches!(e, rusqlite::Error::QueryReturnedNoRows) { Ok(None) } else { Err(e) })
-            .map_err(|e| Failure(format!("atomicity check: {e}")))?;
-        match bad {
-            Some((grp, size, n)) => {
-                Err(Failure(format!("node {i} shows {n} of the {size} rows of group {grp}: a partial transaction")))
-            }
-            None => Ok(()),
+    /// What this run exercised so far: the world's own counts, the faults the transport
+    /// fired and what the engines (including crashed ones) did.
+    pub fn counters(&self) -> Counters {
+        let mut c = self.counters.clone();
+        let fired = self.log.fired();
+        c.publish_failures = fired.publish_failures;
+        c.lost_acks = fired.lost_acks;
+        c.redeliveries = fired.redeliveries;
+        c.delayed_entries = fired.delayed_entries;
+        c.live_truncations = fired.live_truncations;
+        let live = self.nodes.iter().filter_map(|n| n.engine.as_ref().map(|e| e.stats()));
+        for stats in self.retired.iter().chain(live) {
+            c.batches_applied += stats.batches_applied;
+            c.rows_skipped += stats.rows_skipped;
+            c.parked_batches += stats.batches_parked;
         }
-    }
-
-    /// Every node equals the last-writer-wins model on the columns every node always had,
-    /// and every node equals every other on all columns (the migration's column too).
-    fn check_convergence(&self) -> Result<(), Failure> {
-        let expected = model::expected(&self.writes, &tables());
-        let mut first: Option<Dump> = None;
-        for (i, n) in self.nodes.iter().enumerate() {
-            let got = dump(&n.app).map_err(|e| Failure(format!("dump: {e}")))?;
-            let mut original = got.clone();
-            for (table, rows) in original.iter_mut() {
-                for row in rows {
-                    row.truncate(table_width(table));
-                }
-            }
-            if original != expected {
-                let diff = describe_diff(&expected, &original);
-                return Err(Failure(format!("node {i} differs from the last-writer-wins model: {diff}")));
-            }
-            match &first {
-                None => first = Some(got),
-                Some(node0) if *node0 != got => {
-                    let diff = describe_diff(node0, &got);
-                    return Err(Failure(format!("node {i} differs from node 0 in the migrated column: {diff}")));
-                }
-                Some(_) => {}
-            }
-        }
-        Ok(())
+        c
     }
 
     /// A fingerprint of the trace (equal for equal runs).
@@ -401,72 +343,6 @@ impl World {
     pub fn writes(&self) -> usize {
         self.writes.len()
     }
-}
-
-fn table_width(table: &str) -> usize {
-    match table {
-        "items" => 6,
-        "order" => 3,
-        "users" => 3,
-        _ => 3,
-    }
-}
-
-fn run_op(app: &Connection, op: &WriteOp, migrated: bool) -> rusqlite::Result<usize> {
-    match op {
-        WriteOp::UpsertItem { id, name, qty, price, data, val } if migrated => app.execute(
-            "INSERT INTO items(id, name, qty, price, data, val, extra) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?2 || '+') \
-             ON CONFLICT(id) DO UPDATE SET name = excluded.name, qty = excluded.qty, price = excluded.price, data = excluded.data, val = excluded.val, extra = excluded.extra",
-            params![id, name, qty, price, data, val],
-        ),
-        WriteOp::UpsertItem { id, name, qty, price, data, val } => app.execute(
-            "INSERT INTO items(id, name, qty, price, data, val) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
-             ON CONFLICT(id) DO UPDATE SET name = excluded.name, qty = excluded.qty, price = excluded.price, data = excluded.data, val = excluded.val",
-            params![id, name, qty, price, data, val],
-        ),
-        WriteOp::UpdateItemVal { id, val } => app.execute("UPDATE items SET val = ?2 WHERE id = ?1", params![id, val]),
-        WriteOp::MoveItem { from, to } => app.execute("UPDATE items SET id = ?2 WHERE id = ?1", params![from, to]),
-        WriteOp::DeleteItem { id } => app.execute("DELETE FROM items WHERE id = ?1", [id]),
-        WriteOp::UpsertOrder { key, ab, u } => app.execute(
-            r#"INSERT INTO "order"("key", "a ""b""", "ü") VALUES (?1, ?2, ?3) ON CONFLICT("key", "a ""b""") DO UPDATE SET "ü" = excluded."ü""#,
-            params![key, ab, u],
-        ),
-        WriteOp::DeleteOrder { key, ab } => app.execute(r#"DELETE FROM "order" WHERE "key" = ?1 AND "a ""b""" = ?2"#, params![key, ab]),
-        WriteOp::UpsertUser { id, email, name } => app.execute(
-            "INSERT INTO users(id, email, name) VALUES (?1, ?2, ?3) ON CONFLICT(id) DO UPDATE SET email = excluded.email, name = excluded.name",
-            params![id, email, name],
-        ),
-        WriteOp::SetEmail { id, email } => app.execute("UPDATE users SET email = ?2 WHERE id = ?1", params![id, email]),
-        WriteOp::DeleteUser { id } => app.execute("DELETE FROM users WHERE id = ?1", [id]),
-    }
-}
-
-/// The canonical dump of the user tables: rows sorted by primary key, values exact.
-pub fn dump(conn: &Connection) -> rusqlite::Result<Dump> {
-    let mut out = Dump::new();
-    for (table, pk, _) in tables() {
-        let sql = format!("SELECT * FROM \"{table}\"");
-        let mut stmt = conn.prepare(&sql)?;
-        let n = stmt.column_count();
-        let mut rows: Vec<Vec<Value>> = stmt
-            .query_map([], |r| (0..n).map(|i| r.get_ref(i).map(Value::from)).collect())?
-            .collect::<rusqlite::Result<_>>()?;
-        rows.sort_by_key(|r| pk.iter().map(|&i| model::value_key(&r[i])).collect::<Vec<_>>());
-        out.insert(table.to_owned(), rows);
-    }
-    Ok(out)
-}
-
-fn describe_diff(expected: &Dump, got: &Dump) -> String {
-    for (table, rows) in expected {
-        let g = got.get(table).cloned().unwrap_or_default();
-        if *rows != g {
-            let missing: Vec<_> = rows.iter().filter(|r| !g.contains(r)).collect();
-            let extra: Vec<_> = g.iter().filter(|r| !rows.contains(r)).collect();
-            return format!("table {table}: missing {missing:?}, unexpected {extra:?}");
-        }
-    }
-    "dumps differ".into()
 }
 
 /// Runs one scenario; the seed drives the transport's fault RNG.

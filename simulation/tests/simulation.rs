@@ -25,3 +25,26 @@ fn a_seed_replays_the_same_trace() {
         assert!(a.writes() > 0, "seed {seed} wrote something");
     }
 }
+
+/// Seeds the coverage test runs (debug build; `marmot-sim --seeds` runs more).
+const COVERAGE_SEEDS: u64 = 200;
+
+#[test]
+fn every_fault_and_feature_fires_over_200_seeds() {
+    let mut total = marmot_sim::Counters::default();
+    for seed in 0..COVERAGE_SEEDS {
+        match marmot_sim::run_seed(seed) {
+            Ok(world) => total.add(&world.counters()),
+            Err((f, _)) => panic!("seed {seed} failed: {}\nreproduce with: marmot-sim --seed {seed}", f.0),
+        }
+    }
+    let silent: Vec<&str> = total
+        .iter()
+        .filter(|&(name, n)| n == 0 && !marmot_sim::NOT_YET_REACHABLE.contains(&name))
+        .map(|(name, _)| name)
+        .collect();
+    assert!(silent.is_empty(), "never fired over {COVERAGE_SEEDS} seeds: {silent:?}\ncounters:\n{total}");
+    for (name, n) in total.iter().filter(|(name, _)| marmot_sim::NOT_YET_REACHABLE.contains(name)) {
+        assert_eq!(n, 0, "{name} fired: remove it from NOT_YET_REACHABLE\ncounters:\n{total}");
+    }
+}

@@ -9,7 +9,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use marmot_core::sqlite::Schema;
+use marmot_core::sqlite::{null_key_rows, Schema};
 use marmot_core::{LogTransport, Shard};
 use rusqlite::Connection;
 use serde::Serialize;
@@ -45,6 +45,15 @@ pub struct Status {
     pub parked: Vec<Parked>,
     /// Rows set aside after losing a UNIQUE value.
     pub aside_rows: u64,
+    /// Per table, rows whose primary key holds NULL: not replicated.
+    pub null_key_rows: Vec<NullKeyRows>,
+    /// How far this node's clock (the highest version produced or applied) is ahead of
+    /// its wall clock, in milliseconds.
+    pub clock_ahead_ms: u64,
+    /// How far ahead of this node's wall clock the last remote batch applied was, in ms.
+    pub remote_ahead_ms: u64,
+    /// `max_clock_skew`, in ms (0 = never warn).
+    pub max_clock_skew_ms: u64,
     /// The NATS side.
     pub nats: NatsStatus,
     /// Per shard.
@@ -58,6 +67,15 @@ pub struct Skipped {
     pub name: String,
     /// Why.
     pub reason: String,
+}
+
+/// A table with rows whose key holds NULL.
+#[derive(Debug, Serialize)]
+pub struct NullKeyRows {
+    /// The table.
+    pub table: String,
+    /// How many rows.
+    pub rows: u64,
 }
 
 /// One row of `__marmot__parked`.
@@ -133,10 +151,18 @@ pub fn read_database(config: &Config) -> Result<Status, String> {
         parked_batches: 0,
         parked: Vec::new(),
         aside_rows: 0,
+        null_key_rows: Vec::new(),
+        clock_ahead_ms: 0,
+        remote_ahead_ms: 0,
+        max_clock_skew_ms: config.max_clock_skew_ms,
         nats: NatsStatus { urls: Vec::new(), embedded: config.embedded_nats(), reachable: false, note: None },
         shards: Vec::new(),
     };
     let positions = if installed { read_bookkeeping(&conn, &mut status)? } else { Default::default() };
+    if installed {
+        let null_keys = null_key_rows(&conn, &schema).map_err(|e| e.to_string())?;
+        status.null_key_rows = null_keys.into_iter().map(|(table, rows)| NullKeyRows { table, rows }).collect();
+    }
     status.shards = (0..config.replication_log.shards)
         .map(|shard| ShardStatus {
             shard,
@@ -163,6 +189,16 @@ fn read_bookkeeping(conn: &Connection, status: &mut Status) -> Result<std::colle
         .map(|n| n as u64)
         .map_err(|e| sql_err("__marmot__log", e))?;
     status.parked_batches = count("SELECT count(*) FROM __marmot__parked", "__marmot__parked")?;
+    let clock = count(
+        "SELECT max(hlc, coalesce((SELECT max(hlc) FROM __marmot__log), 0)) FROM __marmot__clock WHERE id = 0",
+        "__marmot__clock",
+    )?;
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    status.clock_ahead_ms = marmot_core::Hlc(clock).millis().saturating_sub(now_ms);
+    status.remote_ahead_ms = count(
+        "SELECT coalesce((SELECT value FROM __marmot__state WHERE key = 'remote_ahead_ms'), 0)",
+        "__marmot__state",
+    )?;
     status.aside_rows = count("SELECT count(*) FROM __marmot__aside", "__marmot__aside")?;
     let mut stmt = conn
         .prepare("SELECT id, shard, position, error FROM __marmot__parked ORDER BY id LIMIT ?1")
@@ -257,6 +293,17 @@ pub fn render(s: &Status) -> String {
         let _ = writeln!(o, "  #{} shard {} position {}: {}", p.id, p.shard, p.position, p.error);
     }
     let _ = writeln!(o, "set-aside rows: {}", s.aside_rows);
+    for n in &s.null_key_rows {
+        let _ = writeln!(o, "rows not replicated (NULL in the primary key): {} in {}", n.rows, n.table);
+    }
+    let skewed = s.max_clock_skew_ms > 0 && s.clock_ahead_ms.max(s.remote_ahead_ms) > s.max_clock_skew_ms;
+    let _ = writeln!(
+        o,
+        "clock: {} ms ahead of the wall clock; last remote batch {} ms ahead{}",
+        s.clock_ahead_ms,
+        s.remote_ahead_ms,
+        if skewed { "  (more than max_clock_skew: check NTP on every node; see docs/operations.md)" } else { "" }
+    );
     let how = if s.nats.embedded { "embedded server" } else { "nats.urls" };
     let state = if s.nats.reachable { "reachable" } else { "not reached" };
     let _ = writeln!(o, "NATS ({how}): {} {state}", list(&s.nats.urls));

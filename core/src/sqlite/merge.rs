@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension};
 use tracing::warn;
 
 use super::schema::{quote, Collation, TableInfo};
-use super::{get_state, set_state_max, store_position, version_of, Db};
+use super::{get_state, set_state, set_state_max, store_position, version_of, Db};
 use crate::error::{Error, Result, SqlContext};
 use crate::model::{Batch, Hlc, Op, Position, Shard, TableChanges, Value, Version};
 
@@ -22,6 +22,9 @@ pub struct ApplyOutcome {
     pub skipped: u64,
     /// Row changes skipped because their primary key holds NULL (not replicated).
     pub null_keys: u64,
+    /// How far the batch's newest version is ahead of this node's wall clock, in
+    /// milliseconds (0 when behind): the origin's clock skew plus the transit time.
+    pub remote_ahead_ms: u64,
 }
 
 /// How often an apply starts again when the application changes the schema meanwhile.
@@ -73,6 +76,10 @@ impl Db {
             if let Some(max) = batch.max_hlc() {
                 tx.execute("UPDATE __marmot__clock SET hlc = max(hlc, ?1) WHERE id = 0", [max.0 as i64])
                     .ctx(|| "raising the clock".into())?;
+                if batch.origin != self.node {
+                    out.remote_ahead_ms = max.millis().saturating_sub(self.wall_ms()?);
+                    set_state(&tx, "remote_ahead_ms", out.remote_ahead_ms)?;
+                }
             }
         }
         if let Some(p) = Some(position).filter(|p| p.0 > 0) {

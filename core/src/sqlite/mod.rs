@@ -121,17 +121,7 @@ impl Db {
     /// Per replicated table whose key may hold NULL, the number of rows whose key does (not
     /// replicated); tables without such rows are left out.
     pub fn null_key_rows(&self) -> Result<Vec<(String, u64)>> {
-        let mut out = Vec::new();
-        for t in self.schema.tables.iter().filter(|t| t.pk_nullable) {
-            let null: Vec<String> = t.pk.iter().map(|&i| format!("{} IS NULL", quote(&t.columns[i]))).collect();
-            let sql = format!("SELECT count(*) FROM {} WHERE {}", quote(&t.name), null.join(" OR "));
-            let n: i64 =
-                self.conn.query_row(&sql, [], |r| r.get(0)).ctx(|| format!("counting NULL keys of {:?}", t.name))?;
-            if n > 0 {
-                out.push((t.name.clone(), n as u64));
-            }
-        }
-        Ok(out)
+        null_key_rows(&self.conn, &self.schema)
     }
 
     /// Re-installs capture when the application changed the schema. Returns whether it did.
@@ -280,6 +270,25 @@ impl Db {
         Ok(Hlc(clock.max(log.unwrap_or(0)) as u64))
     }
 
+    /// This node's wall clock in milliseconds, as the capture triggers read it.
+    pub fn wall_ms(&self) -> Result<u64> {
+        let sql = format!("SELECT {}", self.opts.time_ms_sql);
+        self.conn.query_row(&sql, [], |r| r.get::<_, i64>(0)).map(|v| v.max(0) as u64).ctx(|| "reading the time".into())
+    }
+
+    /// How far ahead of the wall clock this node's clock is, in milliseconds (0 when not):
+    /// a node whose clock ran ahead, or that applied changes from one, versions its next
+    /// writes that far in the future.
+    pub fn clock_ahead_ms(&self) -> Result<u64> {
+        Ok(self.clock()?.millis().saturating_sub(self.wall_ms()?))
+    }
+
+    /// How far ahead of this node's wall clock the last remote batch applied was, in
+    /// milliseconds (see [`ApplyOutcome::remote_ahead_ms`]).
+    pub fn remote_ahead_ms(&self) -> Result<u64> {
+        get_state(&self.conn, "remote_ahead_ms")
+    }
+
     /// The version stored for a row of `table` with primary key `pk`, and whether it is a
     /// tombstone.
     pub fn version_of(&self, table: &str, pk: &[Value]) -> Result<Option<(Version, bool)>> {
@@ -289,11 +298,33 @@ impl Db {
     }
 }
 
+/// Per table of `schema` whose key may hold NULL, the number of rows in `conn` whose key
+/// does (those rows are not replicated); tables without such rows are left out.
+pub fn null_key_rows(conn: &Connection, schema: &Schema) -> Result<Vec<(String, u64)>> {
+    let mut out = Vec::new();
+    for t in schema.tables.iter().filter(|t| t.pk_nullable) {
+        let null: Vec<String> = t.pk.iter().map(|&i| format!("{} IS NULL", quote(&t.columns[i]))).collect();
+        let sql = format!("SELECT count(*) FROM {} WHERE {}", quote(&t.name), null.join(" OR "));
+        let n: i64 = conn.query_row(&sql, [], |r| r.get(0)).ctx(|| format!("counting NULL keys of {:?}", t.name))?;
+        if n > 0 {
+            out.push((t.name.clone(), n as u64));
+        }
+    }
+    Ok(out)
+}
+
 fn get_state(conn: &Connection, key: &str) -> Result<u64> {
     conn.query_row("SELECT value FROM __marmot__state WHERE key = ?1", [key], |r| r.get::<_, i64>(0))
         .optional()
         .map(|v| v.unwrap_or(0) as u64)
         .ctx(|| format!("reading state {key}"))
+}
+
+fn set_state(conn: &Connection, key: &str, value: u64) -> Result<()> {
+    conn.prepare_cached("INSERT OR REPLACE INTO __marmot__state(key, value) VALUES (?1, ?2)")
+        .and_then(|mut s| s.execute((key, value as i64)))
+        .map(|_| ())
+        .ctx(|| format!("writing state {key}"))
 }
 
 fn set_state_max(conn: &Connection, key: &str, value: u64) -> Result<()> {

@@ -1,5 +1,6 @@
 //! `marmot-sim`: runs seeded simulations. `--seed N` replays one seed (twice, checking the
-//! trace is identical); `--seeds N` runs seeds `0..N` (from `--from S`).
+//! trace is identical); `--seeds N` runs seeds `0..N` (from `--from S`). Both print the
+//! counters of what the runs exercised (summed over the seeds that passed).
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -21,10 +22,14 @@ fn main() -> ExitCode {
     let from = get("--from").unwrap_or(0);
     let started = Instant::now();
     let mut failed = 0;
+    let mut counters = marmot_sim::Counters::default();
     for seed in from..from + count {
-        if let Err((f, _)) = marmot_sim::run_seed(seed) {
-            failed += 1;
-            eprintln!("seed {seed} FAILED: {}\nreproduce with: marmot-sim --seed {seed}", f.0);
+        match marmot_sim::run_seed(seed) {
+            Ok(world) => counters.add(&world.counters()),
+            Err((f, _)) => {
+                failed += 1;
+                eprintln!("seed {seed} FAILED: {}\nreproduce with: marmot-sim --seed {seed}", f.0);
+            }
         }
     }
     println!(
@@ -32,6 +37,7 @@ fn main() -> ExitCode {
         count - failed,
         started.elapsed().as_secs_f64()
     );
+    print!("counters (summed over the seeds that passed):\n{counters}");
     if failed == 0 {
         ExitCode::SUCCESS
     } else {
@@ -72,6 +78,7 @@ fn replay(seed: u64, print_trace: bool) -> ExitCode {
                 w.trace.len(),
                 w.trace_hash()
             );
+            print!("counters:\n{}", w.counters());
             ExitCode::SUCCESS
         }
         Err((f, _)) => {

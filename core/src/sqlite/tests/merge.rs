@@ -19,7 +19,7 @@ fn batch_read_on_one_node_applies_on_another() {
     a.exec("BEGIN; INSERT INTO t VALUES (1, 'a', 1.0); INSERT INTO t VALUES (2, 'b', 2.0); UPDATE t SET id = 3 WHERE id = 2; COMMIT;");
     let p = a.pending();
     let out = b.apply(&p.batch);
-    assert_eq!(out, ApplyOutcome { applied: 4, skipped: 0, null_keys: 0 });
+    assert_eq!((out.applied, out.skipped), (4, 0));
     assert_eq!(b.dump("t"), a.dump("t"));
     let (v, deleted) = b.db.version_of("t", &[int(2)]).unwrap().expect("tombstone for the old key");
     assert!(deleted);
@@ -32,10 +32,10 @@ fn older_remote_change_is_skipped_and_newer_one_applied() {
     n.exec("INSERT INTO t VALUES (1, 'local', NULL)");
     let local = n.pending().through;
     let out = n.apply(&t_batch(2, vec![row(local.0 - 1, 1, "older")]));
-    assert_eq!(out, ApplyOutcome { applied: 0, skipped: 1, null_keys: 0 });
+    assert_eq!((out.applied, out.skipped), (0, 1));
     assert_eq!(n.dump("t"), vec![vec![int(1), text("local"), NULL]]);
     let out = n.apply(&t_batch(2, vec![row(local.0 + 1, 1, "newer")]));
-    assert_eq!(out, ApplyOutcome { applied: 1, skipped: 0, null_keys: 0 });
+    assert_eq!((out.applied, out.skipped), (1, 0));
     assert_eq!(n.dump("t"), vec![vec![int(1), text("newer"), NULL]]);
     assert_eq!(
         n.db.version_of("t", &[int(1)]).unwrap(),
@@ -100,9 +100,15 @@ fn redelivered_batch_applies_nothing_twice() {
     let mut b = node(2, T);
     a.exec("INSERT INTO t VALUES (1, 'a', 1.0); INSERT INTO t VALUES (2, 'b', 2.0); DELETE FROM t WHERE id = 1;");
     let p = a.pending();
-    assert_eq!(b.apply(&p.batch), ApplyOutcome { applied: 3, skipped: 0, null_keys: 0 });
+    {
+        let out = b.apply(&p.batch);
+        assert_eq!((out.applied, out.skipped), (3, 0));
+    };
     let once = b.dump("t");
-    assert_eq!(b.apply(&p.batch), ApplyOutcome { applied: 0, skipped: 3, null_keys: 0 });
+    {
+        let out = b.apply(&p.batch);
+        assert_eq!((out.applied, out.skipped), (0, 3));
+    };
     assert_eq!(b.dump("t"), once);
 }
 

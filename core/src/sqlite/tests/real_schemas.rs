@@ -278,3 +278,13 @@ fn a_restore_refuses_to_erase_a_commit_that_is_not_published() {
     a.db.restore_snapshot(&file.path, &file.checksum, &mut |_, _| {}).unwrap();
     assert_eq!(a.dump("t"), vec![vec![int(9), text("from the snapshot"), NULL]]);
 }
+
+#[test]
+fn a_remote_clock_far_ahead_is_measured_on_arrival() {
+    let mut n = node(1, T);
+    let hour_ahead = Hlc::from_millis(now_ms() + 3_600_000).0;
+    let out = n.apply(&batch(2, "t", &T_COLS, &[0], vec![upsert(hour_ahead, vec![int(1), text("future"), NULL])]));
+    assert!((3_590_000..=3_600_000).contains(&out.remote_ahead_ms), "{}", out.remote_ahead_ms);
+    assert_eq!(n.db.remote_ahead_ms().unwrap(), out.remote_ahead_ms, "kept for `marmot status`");
+    assert!(n.db.clock_ahead_ms().unwrap() >= 3_590_000, "this node's clock was dragged forward with it");
+}

@@ -1,0 +1,109 @@
+//! Counters of what a run exercised: every fault that fired (not merely armed or
+//! configured) and every feature the workload reached. `marmot-sim` prints them and a test
+//! requires each to fire over a range of seeds, so a fault or feature that silently stops
+//! happening fails a test.
+//!
+//! Adding a counter is one line in the `counters!` list below plus the `+= 1` where it
+//! happens; the test picks it up by itself.
+
+use std::fmt;
+
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])+ $name:ident,)+) => {
+        /// What a run exercised. Each field counts events; see the list in `counters.rs`.
+        #[derive(Clone, Debug, Default, PartialEq, Eq)]
+        pub struct Counters {
+            $($(#[doc = $doc])+ pub $name: u64,)+
+        }
+
+        impl Counters {
+            /// Every counter with its name, in declaration order.
+            pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> {
+                [$((stringify!($name), self.$name)),+].into_iter()
+            }
+
+            /// Adds `other`'s counts to these (summing over seeds).
+            pub fn add(&mut self, other: &Counters) {
+                $(self.$name += other.$name;)+
+            }
+        }
+    };
+}
+
+counters! {
+    /// `Crash` actions: a node's `marmot` process dropped and restarted.
+    crashes,
+    /// Publishes that crashed after publishing and before acknowledging (fired, not armed).
+    crash_before_ack,
+    /// Applies that crashed after some rows and before committing (fired, not armed).
+    crash_mid_apply,
+    /// `Partition` actions that cut a node off.
+    partitions,
+    /// `Truncate` actions that dropped at least one entry of a shard.
+    truncations,
+    /// Reads of a live subscription that reported `Truncated` (see [`NOT_YET_REACHABLE`]).
+    live_truncations,
+    /// Publishes the transport failed before storing.
+    publish_failures,
+    /// Publishes the transport stored and reported failed (lost acknowledgements).
+    lost_acks,
+    /// Reads the transport rewound (redelivering entries).
+    redeliveries,
+    /// Entries the transport made visible to a node later than they were stored.
+    delayed_entries,
+    /// Batches published as more than one part.
+    multi_part_batches,
+    /// Remote batches applied.
+    batches_applied,
+    /// Remote row changes skipped as older than the row's version.
+    rows_skipped,
+    /// Batches parked (for example, naming a column the node does not have yet).
+    parked_batches,
+    /// Migrations run during the chaos phase (the rest run when healing).
+    migrations,
+    /// Rows set aside by a unique conflict (`users.email`).
+    set_aside_rows,
+    /// Statements rolled back to their savepoint by a local constraint violation.
+    constraint_rollbacks,
+    /// `MoveItem` statements that moved a row to another primary key.
+    pk_moves,
+    /// Group transactions (rows in `groups` and `group_tags` together).
+    group_transactions,
+    /// `UpsertItem` statements run.
+    op_upsert_item,
+    /// `UpdateItemVal` statements run.
+    op_update_item_val,
+    /// `MoveItem` statements run.
+    op_move_item,
+    /// `DeleteItem` statements run.
+    op_delete_item,
+    /// `UpsertOrder` statements run.
+    op_upsert_order,
+    /// `DeleteOrder` statements run.
+    op_delete_order,
+    /// `UpsertUser` statements run.
+    op_upsert_user,
+    /// `SetEmail` statements run.
+    op_set_email,
+    /// `DeleteUser` statements run.
+    op_delete_user,
+}
+
+/// Counters the simulation cannot reach yet, with the reason. The test requires them to
+/// stay at zero, so whoever makes one reachable moves it out of this list.
+///
+/// `live_truncations`: the simulation only truncates entries every node has stored, since
+/// a node whose subscription reports `Truncated` needs a snapshot restore, which the
+/// simulation does not model yet. The memory transport's own tests and the transport
+/// conformance suite cover the path.
+pub const NOT_YET_REACHABLE: &[&str] = &["live_truncations"];
+
+impl fmt::Display for Counters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let width = self.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+        for (name, n) in self.iter() {
+            writeln!(f, "  {name:<width$}  {n}")?;
+        }
+        Ok(())
+    }
+}

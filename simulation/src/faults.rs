@@ -1,0 +1,79 @@
+//! Faults: the transport's fault mix, the engine's crash points, partitions, truncation,
+//! and healing all of them at the end of the chaos phase.
+
+use marmot_core::engine::Faults;
+use marmot_core::{Position, Shard};
+use marmot_transports::FaultConfig;
+
+use crate::scenario::FaultMix;
+use crate::world::{Failure, World};
+
+/// How far a redelivery rewinds a subscription, in entries.
+const REDELIVER_ENTRIES_MAX: u64 = 4;
+
+/// The memory transport's faults for one node during the chaos phase.
+pub fn fault_config(mix: &FaultMix) -> FaultConfig {
+    FaultConfig {
+        delay_ticks_max: mix.delay_ticks_max,
+        redeliver_probability: mix.redeliver_probability,
+        redeliver_entries_max: REDELIVER_ENTRIES_MAX,
+        publish_fail_probability: mix.publish_fail_probability,
+        publish_lost_ack_probability: mix.publish_lost_ack_probability,
+    }
+}
+
+impl World {
+    /// Arms crash points in node `i`'s engine; they are counted when they fire
+    /// ([`World::engine_op`]), not here.
+    pub(crate) fn arm(&mut self, i: usize, faults: Faults) -> Result<(), Failure> {
+        self.trace.push(format!("arm {i} {faults:?}"));
+        self.nodes[i].engine.as_mut().expect("engine running").set_faults(faults);
+        Ok(())
+    }
+
+    /// Cuts node `i` off the transport, or heals it.
+    pub(crate) fn partition(&mut self, i: usize, on: bool) -> Result<(), Failure> {
+        self.log.set_partitioned(i, on);
+        self.counters.partitions += u64::from(on);
+        self.trace.push(format!("partition {i} {on}"));
+        Ok(())
+    }
+
+    /// Drops, in every shard, the entries every node has stored (applied or passed).
+    ///
+    /// TODO(restore): truncating beyond some node's stored position would make that node's
+    /// live subscription report `Truncated` (the memory transport does, see its tests); the
+    /// node would then need a snapshot restore, which the simulation does not model yet.
+    pub(crate) fn truncate(&mut self) -> Result<(), Failure> {
+        for s in 0..self.scenario.shards {
+            let mut min = u64::MAX;
+            for n in &self.nodes {
+                let p =
+                    n.engine.as_ref().expect("engine").db().position(Shard(s)).map_err(|e| Failure(e.to_string()))?;
+                min = min.min(p.0);
+            }
+            let dropped = self.log.truncate(Shard(s), Position(min + 1));
+            self.counters.truncations += u64::from(dropped > 0);
+            self.trace.push(format!("truncate {s} before {}", min + 1));
+        }
+        Ok(())
+    }
+
+    /// Ends the chaos phase: every node runs the migration it has not run, partitions are
+    /// lifted, transport faults and armed crash points cleared, and enough ticks pass for
+    /// every delayed entry to become visible.
+    pub(crate) fn heal(&mut self) -> Result<(), Failure> {
+        for i in 0..self.nodes.len() {
+            self.migrate(i)?;
+            self.log.set_partitioned(i, false);
+            self.log.set_faults(i, FaultConfig::default());
+            if let Some(e) = self.nodes[i].engine.as_mut() {
+                e.set_faults(Faults::default());
+            }
+        }
+        for _ in 0..self.scenario.faults.delay_ticks_max + 1 {
+            self.advance_tick();
+        }
+        self.set_time()
+    }
+}

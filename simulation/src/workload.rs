@@ -1,0 +1,139 @@
+//! The workload: the SQL an application runs for each [`WriteOp`] and each group
+//! transaction, and the reading of what capture logged for it into the model's writes.
+
+use marmot_core::{Hlc, NodeId, Value, Version};
+use rusqlite::{params, Connection, ErrorCode};
+
+use crate::counters::Counters;
+use crate::model::Write;
+use crate::scenario::WriteOp;
+use crate::schema;
+use crate::world::Failure;
+
+/// Runs one statement; `migrated` says whether [`schema::MIGRATION`] ran on this node.
+/// Returns the number of rows changed.
+pub fn run_op(app: &Connection, op: &WriteOp, migrated: bool) -> rusqlite::Result<usize> {
+    match op {
+        WriteOp::UpsertItem { id, name, qty, price, data, val } if migrated => app.execute(
+            "INSERT INTO items(id, name, qty, price, data, val, extra) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?2 || '+') \
+             ON CONFLICT(id) DO UPDATE SET name = excluded.name, qty = excluded.qty, price = excluded.price, data = excluded.data, val = excluded.val, extra = excluded.extra",
+            params![id, name, qty, price, data, val],
+        ),
+        WriteOp::UpsertItem { id, name, qty, price, data, val } => app.execute(
+            "INSERT INTO items(id, name, qty, price, data, val) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+             ON CONFLICT(id) DO UPDATE SET name = excluded.name, qty = excluded.qty, price = excluded.price, data = excluded.data, val = excluded.val",
+            params![id, name, qty, price, data, val],
+        ),
+        WriteOp::UpdateItemVal { id, val } => app.execute("UPDATE items SET val = ?2 WHERE id = ?1", params![id, val]),
+        WriteOp::MoveItem { from, to } => app.execute("UPDATE items SET id = ?2 WHERE id = ?1", params![from, to]),
+        WriteOp::DeleteItem { id } => app.execute("DELETE FROM items WHERE id = ?1", [id]),
+        WriteOp::UpsertOrder { key, ab, u } => app.execute(
+            r#"INSERT INTO "order"("key", "a ""b""", "ü") VALUES (?1, ?2, ?3) ON CONFLICT("key", "a ""b""") DO UPDATE SET "ü" = excluded."ü""#,
+            params![key, ab, u],
+        ),
+        WriteOp::DeleteOrder { key, ab } => app.execute(r#"DELETE FROM "order" WHERE "key" = ?1 AND "a ""b""" = ?2"#, params![key, ab]),
+        WriteOp::UpsertUser { id, email, name } => app.execute(
+            "INSERT INTO users(id, email, name) VALUES (?1, ?2, ?3) ON CONFLICT(id) DO UPDATE SET email = excluded.email, name = excluded.name",
+            params![id, email, name],
+        ),
+        WriteOp::SetEmail { id, email } => app.execute("UPDATE users SET email = ?2 WHERE id = ?1", params![id, email]),
+        WriteOp::DeleteUser { id } => app.execute("DELETE FROM users WHERE id = ?1", [id]),
+    }
+}
+
+/// Counts one statement of kind `op` that changed `rows` rows.
+fn count_op(counters: &mut Counters, op: &WriteOp, rows: usize) {
+    let kind = match op {
+        WriteOp::UpsertItem { .. } => &mut counters.op_upsert_item,
+        WriteOp::UpdateItemVal { .. } => &mut counters.op_update_item_val,
+        WriteOp::MoveItem { .. } => {
+            counters.pk_moves += rows as u64;
+            &mut counters.op_move_item
+        }
+        WriteOp::DeleteItem { .. } => &mut counters.op_delete_item,
+        WriteOp::UpsertOrder { .. } => &mut counters.op_upsert_order,
+        WriteOp::DeleteOrder { .. } => &mut counters.op_delete_order,
+        WriteOp::UpsertUser { .. } => &mut counters.op_upsert_user,
+        WriteOp::SetEmail { .. } => &mut counters.op_set_email,
+        WriteOp::DeleteUser { .. } => &mut counters.op_delete_user,
+    };
+    *kind += 1;
+}
+
+/// Commits `ops` as one transaction, as an application would: a statement that violates a
+/// local constraint is rolled back to its savepoint and the rest commits. Returns how many
+/// statements took effect.
+pub fn transaction(
+    app: &Connection,
+    ops: &[WriteOp],
+    migrated: bool,
+    counters: &mut Counters,
+) -> Result<usize, Failure> {
+    let sql = |what: &'static str| move |e: rusqlite::Error| Failure(format!("{what}: {e}"));
+    app.execute_batch("BEGIN IMMEDIATE").map_err(sql("begin"))?;
+    let mut done = 0;
+    for op in ops {
+        app.execute_batch("SAVEPOINT op").map_err(sql("savepoint"))?;
+        match run_op(app, op, migrated) {
+            Ok(rows) => {
+                done += 1;
+                count_op(counters, op, rows);
+            }
+            Err(rusqlite::Error::SqliteFailure(f, _)) if f.code == ErrorCode::ConstraintViolation => {
+                app.execute_batch("ROLLBACK TO op").map_err(sql("rollback"))?;
+                count_op(counters, op, 0);
+                counters.constraint_rollbacks += 1;
+            }
+            Err(e) => return Err(Failure(format!("{op:?}: {e}"))),
+        }
+        app.execute_batch("RELEASE op").map_err(sql("release"))?;
+    }
+    app.execute_batch("COMMIT").map_err(sql("commit"))?;
+    Ok(done)
+}
+
+/// Commits group `grp`: `size` rows in `groups` and its row in `group_tags`, in one
+/// transaction spanning both tables. The atomicity oracle
+/// ([`crate::oracle::check_atomicity`]) requires every node to show all of them or none.
+pub fn group(app: &Connection, grp: i64, size: u8) -> Result<(), Failure> {
+    let sql = |what: &'static str| move |e: rusqlite::Error| Failure(format!("{what}: {e}"));
+    app.execute_batch("BEGIN").map_err(sql("begin"))?;
+    for k in 0..size as i64 {
+        app.execute("INSERT INTO groups(gid, grp, size) VALUES (?1, ?2, ?3)", params![grp + k, grp, size])
+            .map_err(sql("group insert"))?;
+    }
+    app.execute("INSERT INTO group_tags(grp, size, tag) VALUES (?1, ?2, ?3)", params![grp, size, format!("g{grp}")])
+        .map_err(sql("group tag insert"))?;
+    app.execute_batch("COMMIT").map_err(sql("commit"))
+}
+
+/// Appends to `writes` what capture logged on `app` after `log_seen` (the node's last
+/// transactions), and moves `log_seen` past it. `node` is the origin's id.
+pub fn record_writes(
+    app: &Connection,
+    node: NodeId,
+    log_seen: &mut u64,
+    writes: &mut Vec<Write>,
+) -> Result<(), Failure> {
+    let err = |e: rusqlite::Error| Failure(format!("reading the log: {e}"));
+    let mut stmt = app
+        .prepare("SELECT l.*, t.name FROM __marmot__log l JOIN __marmot__tables t ON t.id = l.tbl WHERE l.hlc > ?1 ORDER BY l.hlc")
+        .map_err(err)?;
+    let ncols = stmt.column_count();
+    let rows: Vec<(u64, i64, Vec<Value>, String)> = stmt
+        .query_map([*log_seen as i64], |r| {
+            let values = (3..ncols - 1).map(|c| r.get_ref(c).map(Value::from)).collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok((r.get::<_, i64>(0)? as u64, r.get(2)?, values, r.get(ncols - 1)?))
+        })
+        .and_then(|rows| rows.collect())
+        .map_err(err)?;
+    for (hlc, op, values, table) in rows {
+        *log_seen = (*log_seen).max(hlc);
+        let t = schema::table(&table).ok_or_else(|| Failure(format!("captured unknown table {table}")))?;
+        let image: Vec<Value> = values.into_iter().take(t.width).collect();
+        let pk = t.pk.iter().map(|&c| image[c].clone()).collect();
+        let version = Version { hlc: Hlc(hlc), node };
+        writes.push(Write { table, pk, version, image: (op == 0).then_some(image) });
+    }
+    Ok(())
+}
