@@ -312,10 +312,9 @@ fn upsert_sql(t: &TableInfo, cols: &[usize]) -> String {
                 c => format!("{} COLLATE {}", quote(&t.columns[i]), c.sql()),
             })
             .collect();
-    let rowid_alias = t.pk.len() == 1 && !t.pk_nullable && t.pk_collations == [Collation::Binary];
     let mut sets: Vec<String> = cols
         .iter()
-        .filter(|i| !rowid_alias || !t.pk.contains(i))
+        .filter(|i| !t.key_is_rowid || !t.pk.contains(i))
         .map(|&i| format!("{0} = excluded.{0}", quote(&t.columns[i])))
         .collect();
     // Columns the origin does not have yet take the value the origin will give them when

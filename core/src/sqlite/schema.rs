@@ -85,6 +85,9 @@ pub struct TableInfo {
     pub pk: Vec<usize>,
     /// The collation of each primary-key column, as the key's index compares it.
     pub pk_collations: Vec<Collation>,
+    /// Whether the key is the rowid itself (`INTEGER PRIMARY KEY`): its values are always
+    /// integers, so equal keys are equal bytes.
+    pub key_is_rowid: bool,
     /// Whether a primary-key column may hold NULL (a rowid table whose key is not the
     /// rowid): such rows are not replicated, as nodes cannot tell them apart.
     pub pk_nullable: bool,
@@ -243,6 +246,7 @@ fn read_table(conn: &Connection, name: &str) -> Result<std::result::Result<Table
     let indexes = read_indexes(conn, name)?;
     // No key index: the key is the rowid itself (`INTEGER PRIMARY KEY`), never NULL.
     let (mut pk_collations, mut keyed_rowid_table) = (vec![Collation::Binary; pk.len()], false);
+    let mut key_is_rowid = true;
     let mut unique = Vec::new();
     for ix in indexes {
         let keys: Vec<&(i64, String)> = ix.columns.iter().filter(|c| c.1).map(|c| &c.0).collect();
@@ -256,6 +260,7 @@ fn read_table(conn: &Connection, name: &str) -> Result<std::result::Result<Table
             }
         }
         if ix.origin == "pk" {
+            key_is_rowid = false;
             keyed_rowid_table = ix.columns.iter().any(|c| c.0 .0 == -1);
             for ((cid, _), coll) in keys.iter().zip(collations) {
                 if let Some(n) = pk.iter().position(|&p| p as i64 == *cid) {
@@ -280,7 +285,7 @@ fn read_table(conn: &Connection, name: &str) -> Result<std::result::Result<Table
     }
     unique.sort_by(|a, b| a.name.cmp(&b.name));
     let pk_nullable = keyed_rowid_table && pk.iter().any(|&i| !not_null[i]);
-    Ok(Ok(TableInfo { name: name.to_owned(), columns, pk, pk_collations, pk_nullable, unique, absent }))
+    Ok(Ok(TableInfo { name: name.to_owned(), columns, pk, pk_collations, key_is_rowid, pk_nullable, unique, absent }))
 }
 
 struct IndexInfo {
