@@ -87,6 +87,39 @@ counters! {
     op_set_email,
     /// `DeleteUser` statements run.
     op_delete_user,
+    /// `INSERT OR REPLACE INTO users` statements run.
+    op_replace_user,
+    /// `UPDATE OR REPLACE users SET email` statements run.
+    op_replace_email,
+    /// `INSERT OR IGNORE INTO users` statements run.
+    op_ignore_user,
+    /// Rows deleted by SQLite's REPLACE to make room for a unique value (captured as deletes).
+    replace_displacements,
+    /// Upserts of `names` (a `NOCASE` key).
+    op_upsert_name,
+    /// Key changes of `names` (some only change letter case).
+    op_rename_name,
+    /// Deletes of `names`.
+    op_delete_name,
+    /// `REPLACE INTO nums` (untyped key, `1` and `1.0` one row).
+    op_replace_num,
+    /// Deletes of `nums`.
+    op_delete_num,
+    /// Upserts of `handles` (a `NOCASE` unique index).
+    op_set_handle,
+    /// Inserts of `nk` rows with a NULL key (local only).
+    null_key_inserts,
+    /// Upserts of `nk` rows with a key.
+    op_upsert_nk,
+    /// Updates of every `nk` row.
+    op_update_nk,
+    /// Key changes of an `nk` row to NULL.
+    op_null_nk,
+    /// Upserts of `late`, the table the migration creates.
+    op_upsert_late,
+    /// Rows application triggers wrote into replicated tables on origins (`audit`, `stock`,
+    /// `users` stamps), captured and carried in the same batch.
+    trigger_writes,
 }
 
 /// Counters the simulation cannot reach yet, with the reason. The test requires them to

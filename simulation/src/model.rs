@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use marmot_core::{Value, Version};
 
-use crate::schema::Table;
+use crate::schema::{Fold, Table};
 
 /// One captured write, as the origin's capture recorded it.
 #[derive(Clone, Debug)]
@@ -34,6 +34,17 @@ pub fn value_key(v: &Value) -> ValueKey {
     }
 }
 
+/// The form every value SQLite takes as equal to `v` shares, under `fold`: integral reals
+/// as integers (`1.0 = 1`), text case-folded for `NOCASE`. Written from SQLite's documented
+/// comparison rules, independently of the merge code.
+pub fn canonical(v: &Value, fold: Fold) -> ValueKey {
+    match v {
+        Value::Real(r) if r.fract() == 0.0 && r.abs() < 9.0e18 => value_key(&Value::Integer(*r as i64)),
+        Value::Text(t) if fold == Fold::NoCase => value_key(&Value::Text(t.to_ascii_lowercase())),
+        _ => value_key(v),
+    }
+}
+
 /// A table's expected rows, sorted by primary key.
 pub type Dump = BTreeMap<String, Vec<Vec<Value>>>;
 
@@ -45,7 +56,7 @@ pub fn expected(writes: &[Write], tables: &[Table]) -> Dump {
     for table in tables {
         let mut winners: BTreeMap<Vec<ValueKey>, &Write> = BTreeMap::new();
         for w in writes.iter().filter(|w| w.table == table.name) {
-            let k: Vec<_> = w.pk.iter().map(value_key).collect();
+            let k: Vec<_> = w.pk.iter().map(|v| canonical(v, table.fold)).collect();
             match winners.get(&k) {
                 Some(cur) if cur.version >= w.version => {}
                 _ => {
@@ -59,8 +70,12 @@ pub fn expected(writes: &[Write], tables: &[Table]) -> Dump {
         let mut rows: Vec<Vec<Value>> = Vec::new();
         for w in live {
             let image = w.image.as_ref().expect("live rows have images");
-            let claims: Vec<(usize, ValueKey)> =
-                table.unique.iter().filter(|&&c| !image[c].is_null()).map(|&c| (c, value_key(&image[c]))).collect();
+            let claims: Vec<(usize, ValueKey)> = table
+                .unique
+                .iter()
+                .filter(|&&c| !image[c].is_null())
+                .map(|&c| (c, canonical(&image[c], table.fold)))
+                .collect();
             if claims.iter().any(|c| held.contains(c)) {
                 continue;
             }

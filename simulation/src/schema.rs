@@ -2,9 +2,14 @@
 //! migration nodes run mid-run. A new table is one entry in [`SCHEMA`] and one in
 //! [`TABLES`]; the workload that writes it lives in [`crate::workload`].
 
-/// The schema every node starts with: a table of every value type, a composite-key
-/// `WITHOUT ROWID` table with awkward identifiers, a table with a secondary `UNIQUE`, and
-/// the two tables a group transaction writes together (for the atomicity oracle).
+/// The schema every node starts with, as applications write schemas: a table of every value
+/// type (with an FTS5 external-content index kept by triggers), a composite-key
+/// `WITHOUT ROWID` table with awkward identifiers whose inserts fire an application trigger
+/// (an audit row, a stock counter, a row in a local table), a table with a secondary
+/// `UNIQUE` and an `updated_at`-style stamp trigger that reads node-local state, a
+/// `NOCASE` key, an untyped key (`1` and `1.0` are one row), a `NOCASE` unique index on a
+/// `BINARY` column, a key that accepts NULL, and the two tables a group transaction writes
+/// together (for the atomicity oracle). `local_seen` has no key and is not replicated.
 pub const SCHEMA: &str = r#"
 PRAGMA journal_mode = WAL;
 CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, price REAL, data BLOB, val);
@@ -12,13 +17,51 @@ CREATE TABLE "order" ("key" TEXT NOT NULL, "a ""b""" INTEGER NOT NULL, "ü", PRI
 CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT UNIQUE, name);
 CREATE TABLE groups (gid INTEGER PRIMARY KEY, grp INTEGER NOT NULL, size INTEGER NOT NULL);
 CREATE TABLE group_tags (grp INTEGER PRIMARY KEY, size INTEGER NOT NULL, tag TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE names (k TEXT COLLATE NOCASE PRIMARY KEY, v);
+CREATE TABLE nums (k PRIMARY KEY, v) WITHOUT ROWID;
+CREATE TABLE handles (id INTEGER PRIMARY KEY, handle TEXT);
+CREATE UNIQUE INDEX handles_handle ON handles (handle COLLATE NOCASE);
+CREATE TABLE nk (k TEXT PRIMARY KEY, v);
+CREATE TABLE audit (id INTEGER PRIMARY KEY, what TEXT);
+CREATE TABLE stock (item TEXT PRIMARY KEY, n INTEGER NOT NULL);
+CREATE TABLE local_seen (x);
+CREATE VIRTUAL TABLE items_fts USING fts5 (name, content = 'items', content_rowid = 'id');
+CREATE TRIGGER items_fts_ai AFTER INSERT ON items BEGIN
+  INSERT INTO items_fts (rowid, name) VALUES (NEW.id, NEW.name);
+END;
+CREATE TRIGGER items_fts_ad AFTER DELETE ON items BEGIN
+  INSERT INTO items_fts (items_fts, rowid, name) VALUES ('delete', OLD.id, OLD.name);
+END;
+CREATE TRIGGER items_fts_au AFTER UPDATE ON items BEGIN
+  INSERT INTO items_fts (items_fts, rowid, name) VALUES ('delete', OLD.id, OLD.name);
+  INSERT INTO items_fts (rowid, name) VALUES (NEW.id, NEW.name);
+END;
+CREATE TRIGGER order_effects AFTER INSERT ON "order" BEGIN
+  INSERT INTO audit (what) VALUES ('order ' || NEW."key" || ' ' || NEW."a ""b""");
+  INSERT INTO stock (item, n) VALUES (NEW."key", 1) ON CONFLICT (item) DO UPDATE SET n = n + 1;
+  INSERT INTO local_seen VALUES (NEW."key");
+END;
+CREATE TRIGGER users_stamp AFTER UPDATE OF email ON users BEGIN
+  UPDATE users SET name = 'stamped ' || (SELECT count(*) FROM local_seen) WHERE id = NEW.id;
+END;
 CREATE TABLE __marmot__simtime (ms INTEGER NOT NULL);
 INSERT INTO __marmot__simtime VALUES (1700000000000);
 "#;
 
-/// The migration nodes run at different times: a column added while writes go on. The
-/// oracle's [`Table::width`] excludes it.
-pub const MIGRATION: &str = "ALTER TABLE items ADD COLUMN extra TEXT DEFAULT 'd'";
+/// The migration nodes run at different times: a column added and a table created while
+/// writes go on. The oracle's [`Table::width`] excludes the column; `late` is written only
+/// by nodes that ran it.
+pub const MIGRATION: &str = "ALTER TABLE items ADD COLUMN extra TEXT DEFAULT 'd'; \
+                             CREATE TABLE late (id INTEGER PRIMARY KEY, v TEXT);";
+
+/// How a table compares the text of its key and unique columns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fold {
+    /// Byte for byte.
+    Binary,
+    /// ASCII case folded (SQLite's `NOCASE`).
+    NoCase,
+}
 
 /// The expression the capture triggers read the time from (set by the world each tick).
 pub const TIME_SQL: &str = "(SELECT ms FROM __marmot__simtime)";
@@ -34,15 +77,26 @@ pub struct Table {
     pub unique: &'static [usize],
     /// Columns every node has from the start: the model's columns (migrations add more).
     pub width: usize,
+    /// How the key and the unique columns compare text.
+    pub fold: Fold,
+    /// Whether the table exists only after [`MIGRATION`].
+    pub late: bool,
 }
 
 /// Every user table of [`SCHEMA`].
 pub const TABLES: &[Table] = &[
-    Table { name: "group_tags", pk: &[0], unique: &[], width: 3 },
-    Table { name: "groups", pk: &[0], unique: &[], width: 3 },
-    Table { name: "items", pk: &[0], unique: &[], width: 6 },
-    Table { name: "order", pk: &[0, 1], unique: &[], width: 3 },
-    Table { name: "users", pk: &[0], unique: &[1], width: 3 },
+    Table { name: "audit", pk: &[0], unique: &[], width: 2, fold: Fold::Binary, late: false },
+    Table { name: "group_tags", pk: &[0], unique: &[], width: 3, fold: Fold::Binary, late: false },
+    Table { name: "groups", pk: &[0], unique: &[], width: 3, fold: Fold::Binary, late: false },
+    Table { name: "handles", pk: &[0], unique: &[1], width: 2, fold: Fold::NoCase, late: false },
+    Table { name: "items", pk: &[0], unique: &[], width: 6, fold: Fold::Binary, late: false },
+    Table { name: "late", pk: &[0], unique: &[], width: 2, fold: Fold::Binary, late: true },
+    Table { name: "names", pk: &[0], unique: &[], width: 2, fold: Fold::NoCase, late: false },
+    Table { name: "nk", pk: &[0], unique: &[], width: 2, fold: Fold::Binary, late: false },
+    Table { name: "nums", pk: &[0], unique: &[], width: 2, fold: Fold::Binary, late: false },
+    Table { name: "order", pk: &[0, 1], unique: &[], width: 3, fold: Fold::Binary, late: false },
+    Table { name: "stock", pk: &[0], unique: &[], width: 2, fold: Fold::Binary, late: false },
+    Table { name: "users", pk: &[0], unique: &[1], width: 3, fold: Fold::Binary, late: false },
 ];
 
 /// The table called `name`.

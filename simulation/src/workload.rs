@@ -38,6 +38,38 @@ pub fn run_op(app: &Connection, op: &WriteOp, migrated: bool) -> rusqlite::Resul
         ),
         WriteOp::SetEmail { id, email } => app.execute("UPDATE users SET email = ?2 WHERE id = ?1", params![id, email]),
         WriteOp::DeleteUser { id } => app.execute("DELETE FROM users WHERE id = ?1", [id]),
+        WriteOp::ReplaceUser { id, email, name } => {
+            app.execute("INSERT OR REPLACE INTO users(id, email, name) VALUES (?1, ?2, ?3)", params![id, email, name])
+        }
+        WriteOp::ReplaceEmail { id, email } => {
+            app.execute("UPDATE OR REPLACE users SET email = ?2 WHERE id = ?1", params![id, email])
+        }
+        WriteOp::IgnoreUser { id, email } => {
+            app.execute("INSERT OR IGNORE INTO users(id, email) VALUES (?1, ?2)", params![id, email])
+        }
+        WriteOp::UpsertName { k, v } => app.execute(
+            "INSERT INTO names(k, v) VALUES (?1, ?2) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+            params![k, v],
+        ),
+        WriteOp::RenameName { from, to } => app.execute("UPDATE names SET k = ?2 WHERE k = ?1", params![from, to]),
+        WriteOp::DeleteName { k } => app.execute("DELETE FROM names WHERE k = ?1", [k]),
+        WriteOp::ReplaceNum { k, v } => app.execute("REPLACE INTO nums(k, v) VALUES (?1, ?2)", params![k, v]),
+        WriteOp::DeleteNum { k } => app.execute("DELETE FROM nums WHERE k = ?1", [k]),
+        WriteOp::SetHandle { id, handle } => app.execute(
+            "INSERT INTO handles(id, handle) VALUES (?1, ?2) ON CONFLICT(id) DO UPDATE SET handle = excluded.handle",
+            params![id, handle],
+        ),
+        WriteOp::UpsertNk { k, v } => app.execute(
+            "INSERT INTO nk(k, v) VALUES (?1, ?2) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+            params![k, v],
+        ),
+        WriteOp::UpdateNk { v } => app.execute("UPDATE nk SET v = ?1", [v]),
+        WriteOp::NullNk { k } => app.execute("UPDATE nk SET k = NULL WHERE k = ?1", [k]),
+        WriteOp::UpsertLate { .. } if !migrated => Ok(0),
+        WriteOp::UpsertLate { id, v } => app.execute(
+            "INSERT INTO late(id, v) VALUES (?1, ?2) ON CONFLICT(id) DO UPDATE SET v = excluded.v",
+            params![id, v],
+        ),
     }
 }
 
@@ -56,8 +88,34 @@ fn count_op(counters: &mut Counters, op: &WriteOp, rows: usize) {
         WriteOp::UpsertUser { .. } => &mut counters.op_upsert_user,
         WriteOp::SetEmail { .. } => &mut counters.op_set_email,
         WriteOp::DeleteUser { .. } => &mut counters.op_delete_user,
+        WriteOp::ReplaceUser { .. } => &mut counters.op_replace_user,
+        WriteOp::ReplaceEmail { .. } => &mut counters.op_replace_email,
+        WriteOp::IgnoreUser { .. } => &mut counters.op_ignore_user,
+        WriteOp::UpsertName { .. } => &mut counters.op_upsert_name,
+        WriteOp::RenameName { .. } => &mut counters.op_rename_name,
+        WriteOp::DeleteName { .. } => &mut counters.op_delete_name,
+        WriteOp::ReplaceNum { .. } => &mut counters.op_replace_num,
+        WriteOp::DeleteNum { .. } => &mut counters.op_delete_num,
+        WriteOp::SetHandle { .. } => &mut counters.op_set_handle,
+        WriteOp::UpsertNk { k: None, .. } => &mut counters.null_key_inserts,
+        WriteOp::UpsertNk { .. } => &mut counters.op_upsert_nk,
+        WriteOp::UpdateNk { .. } => &mut counters.op_update_nk,
+        WriteOp::NullNk { .. } => &mut counters.op_null_nk,
+        WriteOp::UpsertLate { .. } => &mut counters.op_upsert_late,
     };
     *kind += 1;
+}
+
+/// For a REPLACE statement on `users`, how many rows the table would hold afterwards if
+/// SQLite displaced none (the difference to the real count is what REPLACE deleted).
+fn users_expected_after(app: &Connection, op: &WriteOp) -> rusqlite::Result<Option<i64>> {
+    let (WriteOp::ReplaceUser { id, .. } | WriteOp::ReplaceEmail { id, .. }) = op else { return Ok(None) };
+    let n: i64 = app.query_row("SELECT count(*) FROM users", [], |r| r.get(0))?;
+    let exists: bool = app.query_row("SELECT EXISTS (SELECT 1 FROM users WHERE id = ?1)", [id], |r| r.get(0))?;
+    Ok(Some(match op {
+        WriteOp::ReplaceUser { .. } if !exists => n + 1,
+        _ => n,
+    }))
 }
 
 /// Commits `ops` as one transaction, as an application would: a statement that violates a
@@ -74,10 +132,16 @@ pub fn transaction(
     let mut done = 0;
     for op in ops {
         app.execute_batch("SAVEPOINT op").map_err(sql("savepoint"))?;
+        let users_before = users_expected_after(app, op).map_err(sql("counting users"))?;
         match run_op(app, op, migrated) {
             Ok(rows) => {
                 done += 1;
                 count_op(counters, op, rows);
+                if let Some(expected) = users_before {
+                    let after: i64 =
+                        app.query_row("SELECT count(*) FROM users", [], |r| r.get(0)).map_err(sql("counting users"))?;
+                    counters.replace_displacements += expected.saturating_sub(after) as u64;
+                }
             }
             Err(rusqlite::Error::SqliteFailure(f, _)) if f.code == ErrorCode::ConstraintViolation => {
                 app.execute_batch("ROLLBACK TO op").map_err(sql("rollback"))?;
@@ -116,14 +180,16 @@ pub fn record_writes(
     writes: &mut Vec<Write>,
 ) -> Result<(), Failure> {
     let err = |e: rusqlite::Error| Failure(format!("reading the log: {e}"));
+    // The name first: the log may gain columns between preparing and stepping (a schema
+    // change re-prepares the statement), so its width is read per row.
     let mut stmt = app
-        .prepare("SELECT l.*, t.name FROM __marmot__log l JOIN __marmot__tables t ON t.id = l.tbl WHERE l.hlc > ?1 ORDER BY l.hlc")
+        .prepare("SELECT t.name, l.* FROM __marmot__log l JOIN __marmot__tables t ON t.id = l.tbl WHERE l.hlc > ?1 ORDER BY l.hlc")
         .map_err(err)?;
-    let ncols = stmt.column_count();
     let rows: Vec<(u64, i64, Vec<Value>, String)> = stmt
         .query_map([*log_seen as i64], |r| {
-            let values = (3..ncols - 1).map(|c| r.get_ref(c).map(Value::from)).collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok((r.get::<_, i64>(0)? as u64, r.get(2)?, values, r.get(ncols - 1)?))
+            let ncols = r.as_ref().column_count();
+            let values = (4..ncols).map(|c| r.get_ref(c).map(Value::from)).collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok((r.get::<_, i64>(1)? as u64, r.get(3)?, values, r.get(0)?))
         })
         .and_then(|rows| rows.collect())
         .map_err(err)?;
