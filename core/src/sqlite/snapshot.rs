@@ -141,6 +141,9 @@ impl Db {
             )));
         }
         self.finish_checkpoint()?;
+        // The copy's clock may be behind this node's: this node's next writes must still be
+        // versioned above every version it produced or applied before.
+        let clock_before = self.clock()?;
         let source = stream_vfs::open(compressed, Some(progress))?;
         // The restore's own commits must not checkpoint a whole database's worth of WAL
         // in line: the background checkpoint below does it.
@@ -152,6 +155,9 @@ impl Db {
         let copied = copy_all(&source.conn, &mut self.conn);
         drop(source);
         let reinstalled = copied.and_then(|()| {
+            self.conn
+                .execute("UPDATE __marmot__clock SET hlc = max(hlc, ?1) WHERE id = 0", [clock_before.0 as i64])
+                .ctx(|| "keeping the clock after the restore".into())?;
             self.checkpoint_in_background();
             self.reinstall()
         });
