@@ -172,6 +172,17 @@ impl Snapshots {
         Ok(())
     }
 
+    /// Downloads and restores the snapshot `m` describes.
+    pub async fn restore(&self, db: &mut Db, work_dir: &Path, m: &Manifest, progress: Progress<'_>) -> Result<()> {
+        let file = work_dir.join(format!("{}.download", m.object.replace('/', "_")));
+        let result = match self.store.get(&m.object, &file).await {
+            Ok(()) => db.restore_snapshot(&file, &m.checksum, progress),
+            Err(e) => Err(e),
+        };
+        let _ = std::fs::remove_file(&file);
+        result
+    }
+
     /// Downloads and restores the newest snapshot that verifies; a corrupt or truncated
     /// one is refused with a warning and the next newest is tried.
     pub async fn restore_newest(&self, db: &mut Db, work_dir: &Path, progress: Progress<'_>) -> Result<Manifest> {
@@ -181,13 +192,7 @@ impl Snapshots {
         }
         let mut last_error = None;
         for m in manifests {
-            let file = work_dir.join(format!("{}.download", m.object.replace('/', "_")));
-            let result = match self.store.get(&m.object, &file).await {
-                Ok(()) => db.restore_snapshot(&file, &m.checksum, progress),
-                Err(e) => Err(e),
-            };
-            let _ = std::fs::remove_file(&file);
-            match result {
+            match self.restore(db, work_dir, &m, progress).await {
                 Ok(()) => {
                     info!(object = %m.object, node = m.node_id, "snapshot restored");
                     return Ok(m);

@@ -160,6 +160,11 @@ impl MemoryLog {
         self.lock().fired
     }
 
+    /// The first position `shard` still holds.
+    pub fn first(&self, shard: Shard) -> Position {
+        Position(self.lock().shards[shard.0 as usize].first)
+    }
+
     /// The last position of `shard`.
     pub fn last(&self, shard: Shard) -> Position {
         Position(self.lock().shards[shard.0 as usize].last)

@@ -237,7 +237,7 @@ fn unpublished_changes(path: &Path) -> Result<u64> {
     .ctx(|| "counting unpublished changes".into())
 }
 
-/// Removes capture from a copy: triggers, this node's log, parked entries; raises the clock
+/// Removes capture from a copy: triggers and this node's log; raises the clock
 /// to every version the copy holds; resets the published point. Returns the positions.
 fn strip_capture(copy: &Path) -> Result<Vec<(Shard, Position)>> {
     let conn = Connection::open(copy).ctx(|| "opening the copy".into())?;
@@ -252,11 +252,13 @@ fn strip_capture(copy: &Path) -> Result<Vec<(Shard, Position)>> {
         "UPDATE __marmot__clock SET applying = 0, hlc = max(hlc, \
            coalesce((SELECT max(hlc) FROM __marmot__log), 0), \
            coalesce((SELECT max(hlc) FROM __marmot__versions), 0)); \
-         DELETE FROM __marmot__log; DELETE FROM __marmot__parked; \
+         DELETE FROM __marmot__log; \
          UPDATE __marmot__state SET value = 0 WHERE key IN ('published_hlc', 'folded_hlc'); \
          INSERT OR REPLACE INTO __marmot__state(key, value) VALUES ('capture_stripped', 1);",
     )
     .ctx(|| "stripping the copy".into())?;
+    // Parked batches stay: they are remote changes the copy's positions have passed but its
+    // tables do not hold yet; a node restored from it applies them once its schema fits.
     let positions = conn
         .prepare("SELECT shard, position FROM __marmot__positions ORDER BY shard")
         .and_then(|mut s| s.query_map([], |r| Ok((Shard(r.get(0)?), Position(r.get::<_, i64>(1)? as u64))))?.collect())

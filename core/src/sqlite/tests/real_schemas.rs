@@ -308,3 +308,18 @@ fn a_restore_never_moves_the_clock_back() {
     a.exec("INSERT INTO t VALUES (1, 'written after the restore', NULL)");
     assert!(a.pending().through > before, "a write after the restore is versioned above everything seen before");
 }
+
+#[test]
+fn a_snapshot_keeps_parked_batches_its_positions_have_passed() {
+    // Found by the simulation: a restored node lost a change the saver had parked.
+    let (mut a, mut b) = (node(1, T), node(2, T));
+    let later = batch(3, "later", &["id", "v"], &[0], vec![upsert(now_ms() << 16, vec![int(1), text("waits")])]);
+    let parked = b.db.apply_batch(Shard(0), Position(7), &later, None).unwrap_err();
+    let bytes = crate::wire::encode_batch(&later, Default::default()).remove(0).payload;
+    b.db.park(Shard(0), Position(7), &parked, &bytes).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = b.db.save_snapshot(dir.path(), &dir.path().join("snap.zst")).unwrap();
+    a.db.restore_snapshot(&file.path, &file.checksum, &mut |_, _| {}).unwrap();
+    assert_eq!(a.db.parked_count().unwrap(), 1, "the parked batch came with the snapshot");
+    assert_eq!(a.db.position(Shard(0)).unwrap(), Position(7));
+}
