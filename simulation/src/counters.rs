@@ -117,6 +117,12 @@ counters! {
     op_null_nk,
     /// Upserts of `late`, the table the migration creates.
     op_upsert_late,
+    /// Snapshots saved into the store.
+    snapshots_saved,
+    /// Snapshot restores (by a `Restore` action or after a truncation).
+    restores,
+    /// Restores of a node whose stream dropped entries it had not read.
+    restores_after_truncation,
     /// Rows application triggers wrote into replicated tables on origins (`audit`, `stock`,
     /// `users` stamps), captured and carried in the same batch.
     trigger_writes,
@@ -129,7 +135,7 @@ counters! {
 /// a node whose subscription reports `Truncated` needs a snapshot restore, which the
 /// simulation does not model yet. The memory transport's own tests and the transport
 /// conformance suite cover the path.
-pub const NOT_YET_REACHABLE: &[&str] = &["live_truncations"];
+pub const NOT_YET_REACHABLE: &[&str] = &[];
 
 impl fmt::Display for Counters {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

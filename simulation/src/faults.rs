@@ -39,22 +39,27 @@ impl World {
         Ok(())
     }
 
-    /// Drops, in every shard, the entries every node has stored (applied or passed).
-    ///
-    /// TODO(restore): truncating beyond some node's stored position would make that node's
-    /// live subscription report `Truncated` (the memory transport does, see its tests); the
-    /// node would then need a snapshot restore, which the simulation does not model yet.
-    pub(crate) fn truncate(&mut self) -> Result<(), Failure> {
+    /// Drops, in every shard, the entries every node has stored (applied or passed); a
+    /// `deep` truncation drops everything the most caught-up node has stored, so nodes
+    /// behind it find their next entries gone (at subscribe time or on a live subscription)
+    /// and restore a snapshot. The deep cut follows a node that holds everything the
+    /// streams dropped so far (one always exists), so some node can always save a snapshot
+    /// that covers it: the cluster is never left without an up-to-date node.
+    pub(crate) fn truncate(&mut self, deep: bool) -> Result<(), Failure> {
+        let leader = self.most_caught_up()?;
         for s in 0..self.scenario.shards {
-            let mut min = u64::MAX;
-            for n in &self.nodes {
+            let mut cut = if deep { 0 } else { u64::MAX };
+            for (i, n) in self.nodes.iter().enumerate() {
+                if deep && i != leader {
+                    continue;
+                }
                 let p =
                     n.engine.as_ref().expect("engine").db().position(Shard(s)).map_err(|e| Failure(e.to_string()))?;
-                min = min.min(p.0);
+                cut = if deep { p.0 } else { cut.min(p.0) };
             }
-            let dropped = self.log.truncate(Shard(s), Position(min + 1));
+            let dropped = self.log.truncate(Shard(s), Position(cut + 1));
             self.counters.truncations += u64::from(dropped > 0);
-            self.trace.push(format!("truncate {s} before {}", min + 1));
+            self.trace.push(format!("truncate {s} before {}{}", cut + 1, if deep { " (deep)" } else { "" }));
         }
         Ok(())
     }

@@ -21,6 +21,7 @@ pub mod model;
 pub mod oracle;
 pub mod scenario;
 pub mod schema;
+pub mod snapshots;
 pub mod workload;
 pub mod world;
 

@@ -103,7 +103,12 @@ pub enum Action {
     /// Time passes (delayed entries become visible, clocks advance).
     Tick,
     /// Shards drop entries every node has already consumed.
-    Truncate,
+    Truncate { deep: bool },
+    /// The `marmot` of `node` saves a snapshot into the store.
+    SaveSnapshot { node: usize },
+    /// `node` restores the newest usable snapshot (publishing what is pending first), as a
+    /// node that was away too long, or a new one, does.
+    Restore { node: usize },
     /// The application on `node` runs the schema migration (adds `items.extra`), if it has
     /// not yet; every node runs it when the chaos phase ends.
     Migrate { node: usize },
@@ -217,9 +222,11 @@ fn action() -> impl Strategy<Value = Action> {
         1 => node.clone().prop_map(|node| Action::CrashBeforeAck { node }),
         1 => (node.clone(), 0u8..4).prop_map(|(node, rows)| Action::CrashMidApply { node, rows }),
         1 => (node.clone(), any::<bool>()).prop_map(|(node, on)| Action::Partition { node, on }),
-        1 => node.prop_map(|node| Action::Migrate { node }),
+        1 => node.clone().prop_map(|node| Action::Migrate { node }),
         4 => Just(Action::Tick),
-        1 => Just(Action::Truncate),
+        1 => any::<bool>().prop_map(|deep| Action::Truncate { deep }),
+        1 => node.clone().prop_map(|node| Action::SaveSnapshot { node }),
+        1 => node.prop_map(|node| Action::Restore { node }),
     ]
 }
 

@@ -30,13 +30,13 @@ const CRASH_BEFORE_ACK: &str = "publish: after publish, before acknowledge";
 const CRASH_MID_APPLY: &str = "apply: before commit";
 
 pub(crate) struct Node {
-    path: PathBuf,
+    pub(crate) path: PathBuf,
     pub(crate) app: Connection,
     transport: MemoryTransport,
     pub(crate) engine: Option<Engine<SqliteChangeSource>>,
     log_seen: u64,
     next_gid: i64,
-    migrated: bool,
+    pub(crate) migrated: bool,
     /// Rows set aside when last looked at (new ones are counted).
     aside: u64,
 }
@@ -57,8 +57,10 @@ pub struct World {
     tick: u64,
     /// What the world itself counted; [`World::counters`] adds the transport's and engines'.
     pub(crate) counters: Counters,
-    /// Stats of engines dropped by crashes.
-    retired: Vec<EngineStats>,
+    /// Stats of engines dropped by crashes and restores.
+    pub(crate) retired: Vec<EngineStats>,
+    /// The snapshot store every node saves to and restores from.
+    pub(crate) snapshots: marmot_core::snapshots::Snapshots,
 }
 
 fn engine_config(s: &Scenario) -> EngineConfig {
@@ -103,6 +105,7 @@ impl World {
             tick: 0,
             counters: Counters::default(),
             retired: Vec::new(),
+            snapshots: crate::snapshots::snapshots(),
         };
         for i in 0..world.nodes.len() {
             world.start(i)?;
@@ -111,7 +114,7 @@ impl World {
         Ok(world)
     }
 
-    fn start(&mut self, i: usize) -> Result<(), Failure> {
+    pub(crate) fn start(&mut self, i: usize) -> Result<(), Failure> {
         let node = &mut self.nodes[i];
         let id = NodeId(i as u64 + 1);
         let opts = CaptureOptions { time_ms_sql: schema::TIME_SQL.to_owned() };
@@ -129,9 +132,19 @@ impl World {
         self.log.tick();
     }
 
+    /// Node `i`'s wall clock, in milliseconds.
+    pub(crate) fn now_ms(&self, i: usize) -> u64 {
+        1_700_000_000_000u64 + self.tick * 3 + self.scenario.skew_ms[i % self.scenario.skew_ms.len()]
+    }
+
+    /// Where nodes write temporary files (snapshots on their way to the store).
+    pub(crate) fn work_dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
     pub(crate) fn set_time(&mut self) -> Result<(), Failure> {
-        for (i, n) in self.nodes.iter().enumerate() {
-            let ms = 1_700_000_000_000u64 + self.tick * 3 + self.scenario.skew_ms[i % self.scenario.skew_ms.len()];
+        for i in 0..self.nodes.len() {
+            let (n, ms) = (&self.nodes[i], self.now_ms(i));
             n.app
                 .execute("UPDATE __marmot__simtime SET ms = ?1", [ms as i64])
                 .map_err(|e| Failure(format!("set time: {e}")))?;
@@ -190,7 +203,9 @@ impl World {
                 self.advance_tick();
                 self.set_time()
             }
-            Action::Truncate => self.truncate(),
+            Action::Truncate { deep } => self.truncate(*deep),
+            Action::SaveSnapshot { node } => self.save_snapshot(node % n).map(|_| ()),
+            Action::Restore { node } => self.restore(node % n).map(|_| ()),
             Action::Migrate { node } => {
                 let ran = self.migrate(node % n)?;
                 self.counters.migrations += u64::from(ran);
@@ -241,6 +256,10 @@ impl World {
                 return self.crash(i, at);
             }
             Err(e) if e.is_retryable() => self.trace.push(format!("node {i}: retryable error: {e}")),
+            Err(e @ Error::Truncated { .. }) => {
+                self.trace.push(format!("node {i}: {e}"));
+                self.counters.restores_after_truncation += u64::from(self.restore(i)?);
+            }
             Err(e) => return Err(Failure(format!("node {i}: {e}"))),
         }
         // Capture may log rows outside the application's transactions too: the rows of a
@@ -269,7 +288,7 @@ impl World {
     }
 
     /// Adds what capture logged for node `i`'s last transaction to the model's writes.
-    fn record_writes(&mut self, i: usize) -> Result<(), Failure> {
+    pub(crate) fn record_writes(&mut self, i: usize) -> Result<(), Failure> {
         let node = &mut self.nodes[i];
         let before = self.writes.len();
         workload::record_writes(&node.app, NodeId(i as u64 + 1), &mut node.log_seen, &mut self.writes)?;
@@ -310,7 +329,14 @@ impl World {
                 let before = self.entries_stored();
                 let e = self.nodes[i].engine.as_mut().expect("engine");
                 block_on(e.maintain()).map_err(|e| Failure(format!("node {i}: maintain: {e}")))?;
-                work += block_on(e.step()).map_err(|e| Failure(format!("node {i}: step: {e}")))?;
+                work += match block_on(e.step()) {
+                    Ok(n) => n,
+                    Err(Error::Truncated { .. }) => {
+                        self.counters.restores_after_truncation += u64::from(self.restore(i)?);
+                        1
+                    }
+                    Err(e) => return Err(Failure(format!("node {i}: step: {e}"))),
+                };
                 self.record_writes(i)?;
                 self.count_parts(before);
                 self.count_aside(i)?;

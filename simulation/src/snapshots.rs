@@ -1,0 +1,170 @@
+//! Snapshots in the simulation: an in-memory [`SnapshotStore`], saves by any node, and the
+//! restore a node runs when a stream dropped entries it had not read, as `marmot` does it
+//! (`cli/src/run.rs`, `restore_if_behind`): publish what is pending, pick the newest
+//! snapshot that covers what the streams no longer hold (or have a caught-up node save one:
+//! "ask the cluster"), restore it under the write lock, replay the streams, own batches
+//! included, from the snapshot's positions.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use futures::executor::block_on;
+use marmot_core::snapshot::{ObjectInfo, SnapshotStore};
+use marmot_core::snapshots::{Manifest, Snapshots};
+use marmot_core::sqlite::{CaptureOptions, Db};
+use marmot_core::{Error, NodeId, Result, Shard};
+
+use crate::schema;
+use crate::world::{Failure, World};
+
+/// Snapshots kept in the store. Large: which snapshots retention should keep (the ones
+/// covering the most, not the most recently named) is not modelled here yet.
+pub const SNAPSHOTS_KEPT: usize = 1000;
+
+/// Named blobs in memory.
+#[derive(Default)]
+pub struct MemoryStore {
+    objects: Mutex<BTreeMap<String, Vec<u8>>>,
+}
+
+#[async_trait]
+impl SnapshotStore for MemoryStore {
+    async fn put(&self, name: &str, from: &Path) -> Result<()> {
+        let bytes = std::fs::read(from).map_err(|source| Error::Io { context: format!("reading {name}"), source })?;
+        self.objects.lock().expect("store lock").insert(name.to_owned(), bytes);
+        Ok(())
+    }
+
+    async fn get(&self, name: &str, to: &Path) -> Result<()> {
+        let bytes = self.objects.lock().expect("store lock").get(name).cloned();
+        let bytes = bytes.ok_or_else(|| Error::NotFound(name.to_owned()))?;
+        std::fs::write(to, bytes).map_err(|source| Error::Io { context: format!("writing {name}"), source })
+    }
+
+    async fn list(&self) -> Result<Vec<ObjectInfo>> {
+        let objects = self.objects.lock().expect("store lock");
+        Ok(objects.iter().map(|(n, b)| ObjectInfo { name: n.clone(), size_bytes: b.len() as u64 }).collect())
+    }
+
+    async fn delete(&self, name: &str) -> Result<()> {
+        self.objects.lock().expect("store lock").remove(name);
+        Ok(())
+    }
+}
+
+/// A new store with its [`Snapshots`].
+pub fn snapshots() -> Snapshots {
+    Snapshots::new(Arc::new(MemoryStore::default()), SNAPSHOTS_KEPT)
+}
+
+impl World {
+    /// Node `i` saves a snapshot into the store.
+    pub(crate) fn save_snapshot(&mut self, i: usize) -> Result<Manifest, Failure> {
+        let db = self.nodes[i].engine.as_ref().expect("engine running").db();
+        let manifest = block_on(self.snapshots.save(db, self.work_dir(), self.now_ms(i)))
+            .map_err(|e| Failure(format!("node {i}: saving a snapshot: {e}")))?;
+        self.counters.snapshots_saved += 1;
+        self.trace.push(format!("node {i}: saved snapshot {:?}", manifest.positions));
+        Ok(manifest)
+    }
+
+    /// Node `i` restores the newest snapshot that covers what the streams no longer hold,
+    /// after publishing its pending changes; when publishing fails (a fault, a partition)
+    /// the restore waits for a later try, as `marmot` does. Returns whether it restored.
+    pub(crate) fn restore(&mut self, i: usize) -> Result<bool, Failure> {
+        if !self.publish_all(i)? {
+            self.trace.push(format!("node {i}: restore postponed: pending changes not published"));
+            return Ok(false);
+        }
+        let manifest = match self.usable_snapshot()? {
+            Some(m) => m,
+            None => {
+                let saver = self.most_caught_up()?;
+                self.trace.push(format!("node {i}: asks node {saver} for a snapshot"));
+                self.save_snapshot(saver)?;
+                self.usable_snapshot()?.ok_or_else(|| Failure("a caught-up node's snapshot is not usable".into()))?
+            }
+        };
+        if let Some(engine) = self.nodes[i].engine.take() {
+            self.retired.push(engine.stats().clone());
+        }
+        let node = &self.nodes[i];
+        let opts = CaptureOptions { time_ms_sql: schema::TIME_SQL.to_owned() };
+        let fail = |e: Error| Failure(format!("node {i}: restore: {e}"));
+        let mut db = Db::open(&node.path, NodeId(i as u64 + 1), opts).map_err(fail)?;
+        block_on(self.snapshots.restore(&mut db, self.work_dir(), &manifest, &mut |_, _| {})).map_err(fail)?;
+        for s in 0..self.scenario.shards {
+            db.set_own_replay_through(Shard(s), self.log.last(Shard(s))).map_err(fail)?;
+        }
+        db.finish_checkpoint().map_err(fail)?;
+        drop(db);
+        self.counters.restores += 1;
+        // The restored file has the snapshot's schema, migrated or not as its saver was; an
+        // application that had migrated runs its migration again (as migration tools do at
+        // start), since schema changes do not replicate yet.
+        let was_migrated = self.nodes[i].migrated;
+        self.nodes[i].migrated = self.nodes[i]
+            .app
+            .query_row("SELECT count(*) FROM sqlite_master WHERE name = 'late'", [], |r| r.get::<_, i64>(0))
+            .map_err(|e| Failure(format!("node {i}: reading the schema: {e}")))?
+            > 0;
+        if was_migrated {
+            self.migrate(i)?;
+        }
+        self.trace.push(format!("node {i}: restored {:?}", manifest.positions));
+        self.start(i)?;
+        self.record_writes(i).and_then(|()| crate::oracle::check_atomicity(&self.nodes[i].app, i)).map(|()| true)
+    }
+
+    /// Publishes everything node `i` has pending; false when a publish failed.
+    fn publish_all(&mut self, i: usize) -> Result<bool, Failure> {
+        let engine = self.nodes[i].engine.as_mut().expect("engine running");
+        loop {
+            match block_on(engine.publish_once()) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.is_retryable() || matches!(e, Error::InjectedCrash(_)) => return Ok(false),
+                Err(e) => return Err(Failure(format!("node {i}: publishing before a restore: {e}"))),
+            }
+        }
+        block_on(engine.flush()).map_err(|e| Failure(format!("node {i}: flush: {e}")))?;
+        self.record_writes(i)?;
+        Ok(true)
+    }
+
+    /// The newest stored snapshot whose positions reach every shard's first held entry.
+    fn usable_snapshot(&self) -> Result<Option<Manifest>, Failure> {
+        let manifests = block_on(self.snapshots.list(self.work_dir())).map_err(|e| Failure(e.to_string()))?;
+        for m in manifests {
+            let mut usable = true;
+            for s in 0..self.scenario.shards {
+                usable &= m.position(Shard(s)).0 + 1 >= self.log.first(Shard(s)).0;
+            }
+            if usable {
+                return Ok(Some(m));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Among the nodes that hold everything the streams dropped, the one whose stored
+    /// positions are highest (summed over shards).
+    pub(crate) fn most_caught_up(&self) -> Result<usize, Failure> {
+        let mut best: Option<(usize, u64)> = None;
+        for (i, n) in self.nodes.iter().enumerate() {
+            let db = n.engine.as_ref().expect("engine").db();
+            let (mut sum, mut covers) = (0, true);
+            for s in 0..self.scenario.shards {
+                let p = db.position(Shard(s)).map_err(|e| Failure(e.to_string()))?.0;
+                covers &= p + 1 >= self.log.first(Shard(s)).0;
+                sum += p;
+            }
+            if covers && best.is_none_or(|(_, b)| sum > b) {
+                best = Some((i, sum));
+            }
+        }
+        best.map(|(i, _)| i).ok_or_else(|| Failure("no node holds what the streams dropped".into()))
+    }
+}
