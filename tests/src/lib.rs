@@ -105,6 +105,33 @@ pub fn wait_converged(dbs: &[&Path], timeout: Duration) -> String {
     last.swap_remove(0)
 }
 
+/// Waits until [`dump_tables`] of `tables` is `expected` on every database in `dbs`. On
+/// timeout, panics showing each database's dump.
+pub fn wait_contents(dbs: &[&Path], tables: &[&str], expected: &str, timeout: Duration) {
+    let mut last = Vec::new();
+    let reached = poll(timeout, || {
+        last = dbs.iter().map(|db| dump_tables(db, tables)).collect::<Vec<_>>();
+        last.iter().all(|d| d == expected)
+    });
+    if !reached {
+        let mut out = format!("expected on every node:\n{expected}");
+        for (db, d) in dbs.iter().zip(&last) {
+            out += &format!("{}:\n{d}", db.display());
+        }
+        panic!("the databases did not reach the expected contents within {timeout:?}:\n{out}");
+    }
+}
+
+/// Runs the `sqlite3` CLI on `db` with the script `sql`, as an application would (see
+/// [`Background::sqlite3`]: `-bail`, a 10 s lock timeout), waits up to [`DEADLINE`] for it
+/// to succeed, and returns what it printed. `name` names its log and script in `dir` and
+/// should be unique within the test.
+pub fn sqlite3(dir: &Path, name: &str, db: &Path, sql: &str) -> String {
+    let mut cli = Background::sqlite3(dir, name, db, sql);
+    cli.wait_success(DEADLINE);
+    cli.output()
+}
+
 /// Like [`wait_until`], but returns whether `condition` held in time instead of panicking.
 pub fn poll(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
