@@ -360,19 +360,18 @@ fn trigger_sql(t: &TableInfo, id: i64, time_ms_sql: &str) -> Vec<(&'static str, 
         (false, n) if n > 1 => format!("({})", pk_changed.join(" OR ")),
         _ => pk_changed.join(" OR "),
     };
-    let after = |body: &str| displaced.as_ref().map(|d| format!("{} {body}", d.1)).unwrap_or_else(|| body.to_owned());
     let insert = format!(
         "CREATE TRIGGER {} AFTER INSERT ON {table} {insert_when} BEGIN {} END;",
         name("insert"),
-        after(&format!("INSERT INTO __marmot__log(hlc, tbl, op{all_cols}) VALUES ({hlc}, {id}, 0{});", image("NEW"))),
+        format!("INSERT INTO __marmot__log(hlc, tbl, op{all_cols}) VALUES ({hlc}, {id}, 0{});", image("NEW")),
     );
     let update = format!(
         "CREATE TRIGGER {} AFTER UPDATE ON {table} {when} BEGIN {} END;",
         name("update"),
-        after(&format!(
+        format!(
             "INSERT INTO __marmot__log(hlc, tbl, op{pk_cols}) SELECT {hlc}, {id}, 1{} WHERE {changed}{old_key}; {new_image}",
             pk_vals("OLD"),
-        )),
+        ),
     );
     let delete = format!(
         "CREATE TRIGGER {} AFTER DELETE ON {table} {when}{} BEGIN \
@@ -382,21 +381,20 @@ fn trigger_sql(t: &TableInfo, id: i64, time_ms_sql: &str) -> Vec<(&'static str, 
         pk_vals("OLD"),
     );
     let mut out = vec![("insert", insert), ("update", update), ("delete", delete)];
-    if let Some((before, _)) = displaced {
+    if let Some(d) = displaced {
         let unique_cols: Vec<String> =
             t.unique.iter().flat_map(|u| u.columns.iter().map(|&c| quote(&t.columns[c]))).collect();
-        out.push((
-            "displace_insert",
-            format!("CREATE TRIGGER {} BEFORE INSERT ON {table} {when} BEGIN {before} END;", name("displace_insert")),
-        ));
-        out.push((
-            "displace_update",
-            format!(
-                "CREATE TRIGGER {} BEFORE UPDATE OF {} ON {table} {when} BEGIN {before} END;",
-                name("displace_update"),
-                unique_cols.join(", ")
-            ),
-        ));
+        let (conflict, noted) = (&d.conflict, "EXISTS (SELECT 1 FROM __marmot__displaced)");
+        let on_update = format!("UPDATE OF {} ON {table}", unique_cols.join(", "));
+        for (what, event, when_more, body) in [
+            ("displace_insert", format!("BEFORE INSERT ON {table}"), conflict.as_str(), &d.note),
+            ("displace_update", format!("BEFORE {on_update}"), conflict.as_str(), &d.note),
+            ("displaced_insert", format!("AFTER INSERT ON {table}"), noted, &d.log),
+            ("displaced_update", format!("AFTER {on_update}"), noted, &d.log),
+        ] {
+            let sql = format!("CREATE TRIGGER {} {event} {when} AND {when_more} BEGIN {body} END;", name(what));
+            out.push((what, sql));
+        }
     }
     out
 }
@@ -406,12 +404,21 @@ fn trigger_sql(t: &TableInfo, id: i64, time_ms_sql: &str) -> Vec<(&'static str, 
 /// `ON CONFLICT REPLACE`), which fire no delete trigger unless the application's connection
 /// set `recursive_triggers`: (before the write, after the write).
 ///
-/// Before: the rows that share a unique value with the new row (a superset of what SQLite
-/// will replace: partial indexes' conditions are not checked) are noted in
-/// `__marmot__displaced`. After: those that no longer exist were displaced, and are logged
-/// as deletes. An ignored or failed write leaves notes that the next write clears, and a
-/// note whose row still exists is no delete.
-fn displaced_sql(t: &TableInfo, id: i64, hlc: &str) -> Option<(String, String)> {
+/// Before a write that shares a unique value with another row (`conflict`), those rows (a
+/// superset of what SQLite will replace: partial indexes' conditions are not checked) are
+/// noted in `__marmot__displaced` (`note`). After a write, when notes exist, the noted
+/// rows that no longer exist were displaced and are logged as deletes, and the notes are
+/// cleared (`log`). So a write without a conflict pays one index lookup and one check of
+/// an empty table. An ignored or failed write leaves notes behind; a noted row that still
+/// exists is no delete, and the merge clears notes before it writes, so a row it deletes
+/// is never taken for a displaced one.
+struct Displaced {
+    conflict: String,
+    note: String,
+    log: String,
+}
+
+fn displaced_sql(t: &TableInfo, id: i64, hlc: &str) -> Option<Displaced> {
     if t.unique.is_empty() {
         return None;
     }
@@ -431,7 +438,8 @@ fn displaced_sql(t: &TableInfo, id: i64, hlc: &str) -> Option<(String, String)> 
             format!("({})", eq.join(" AND "))
         })
         .collect();
-    let before = format!(
+    let conflict = format!("EXISTS (SELECT 1 FROM {} AS r WHERE {})", quote(&t.name), matches.join(" OR "));
+    let note = format!(
         "DELETE FROM __marmot__displaced; \
          INSERT INTO __marmot__displaced(tbl{keys}) SELECT {id}{} FROM {} AS r WHERE {};",
         key_vals("r"),
@@ -446,14 +454,14 @@ fn displaced_sql(t: &TableInfo, id: i64, hlc: &str) -> Option<(String, String)> 
             .collect();
     let pk_cols: String = t.pk.iter().map(|i| format!(", c{i}")).collect();
     let d_keys: String = (0..t.pk.len()).map(|n| format!(", d.k{n}")).collect();
-    let after = format!(
+    let log = format!(
         "INSERT INTO __marmot__log(hlc, tbl, op{pk_cols}) SELECT {hlc} + row_number() OVER () - 1, {id}, 1{d_keys} \
          FROM __marmot__displaced AS d WHERE d.tbl = {id} AND NOT EXISTS (SELECT 1 FROM {} AS r WHERE {}); \
          DELETE FROM __marmot__displaced;",
         quote(&t.name),
         gone.join(" AND ")
     );
-    Some((before, after))
+    Some(Displaced { conflict, note, log })
 }
 
 #[cfg(test)]
