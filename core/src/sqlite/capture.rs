@@ -361,17 +361,16 @@ fn trigger_sql(t: &TableInfo, id: i64, time_ms_sql: &str) -> Vec<(&'static str, 
         _ => pk_changed.join(" OR "),
     };
     let insert = format!(
-        "CREATE TRIGGER {} AFTER INSERT ON {table} {insert_when} BEGIN {} END;",
+        "CREATE TRIGGER {} AFTER INSERT ON {table} {insert_when} BEGIN \
+         INSERT INTO __marmot__log(hlc, tbl, op{all_cols}) VALUES ({hlc}, {id}, 0{}); END;",
         name("insert"),
-        format!("INSERT INTO __marmot__log(hlc, tbl, op{all_cols}) VALUES ({hlc}, {id}, 0{});", image("NEW")),
+        image("NEW"),
     );
     let update = format!(
-        "CREATE TRIGGER {} AFTER UPDATE ON {table} {when} BEGIN {} END;",
+        "CREATE TRIGGER {} AFTER UPDATE ON {table} {when} BEGIN \
+         INSERT INTO __marmot__log(hlc, tbl, op{pk_cols}) SELECT {hlc}, {id}, 1{} WHERE {changed}{old_key}; {new_image} END;",
         name("update"),
-        format!(
-            "INSERT INTO __marmot__log(hlc, tbl, op{pk_cols}) SELECT {hlc}, {id}, 1{} WHERE {changed}{old_key}; {new_image}",
-            pk_vals("OLD"),
-        ),
+        pk_vals("OLD"),
     );
     let delete = format!(
         "CREATE TRIGGER {} AFTER DELETE ON {table} {when}{} BEGIN \

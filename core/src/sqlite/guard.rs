@@ -7,12 +7,14 @@
 //! `updated_at` stamped with the replica's clock, a counter incremented twice).
 //!
 //! So every connection of Marmot carries TEMP triggers — invisible to the application's
-//! connections, no cost on its write path — on every replicated table. Before each of its
-//! writes the merge *arms* the guard with the table and key it is about to write
-//! (`temp.__marmot__arm`); a write to any other row, or a second write after the armed one
-//! happened, is skipped with `RAISE(IGNORE)`. SQLite fires TEMP triggers before the
-//! schema's own, so the merge's write is let through and disarms the guard before any
-//! application trigger runs. What application triggers write into tables that are not
+//! connections, no cost on its write path — on every replicated table. Before each write
+//! to a table that has application triggers, the merge *arms* the guard with the table and
+//! key it is about to write (`temp.__marmot__arm`); a write to any other row, or a second
+//! write after the armed one happened, is skipped with `RAISE(IGNORE)`. SQLite fires TEMP
+//! triggers before the schema's own, so the merge's write is let through and disarms the
+//! guard (`tbl = -1`: everything blocked) before any application trigger runs. After the
+//! statement the guard is idle again (`tbl` NULL: nothing blocked), which is also how the
+//! merge writes tables without application triggers, at almost no cost. What application triggers write into tables that are not
 //! replicated (an FTS5 index, a local cache) is untouched and still happens on every node.
 
 use rusqlite::Connection;
@@ -45,12 +47,14 @@ pub(super) fn install(conn: &Connection, schema: &Schema, id_of: impl Fn(&str) -
         };
         let table = format!("main.{}", quote(&t.name));
         let name = |what: &str| quote(&format!("{PREFIX}guard__{id}__{what}"));
-        let disarm = "UPDATE __marmot__arm SET tbl = NULL;";
+        let disarm = "UPDATE __marmot__arm SET tbl = -1;";
+        // Idle (`tbl` NULL): nothing to check.
+        let active = "WHEN (SELECT tbl FROM temp.__marmot__arm) IS NOT NULL";
         sql.push_str(&format!(
-            "CREATE TEMP TRIGGER {} BEFORE INSERT ON {table} WHEN NOT {} BEGIN SELECT RAISE(IGNORE); END;\n\
-             CREATE TEMP TRIGGER {} AFTER INSERT ON {table} BEGIN {disarm} END;\n\
-             CREATE TEMP TRIGGER {} BEFORE UPDATE ON {table} BEGIN SELECT RAISE(IGNORE) WHERE NOT {}; {disarm} END;\n\
-             CREATE TEMP TRIGGER {} BEFORE DELETE ON {table} BEGIN SELECT RAISE(IGNORE) WHERE NOT {}; {disarm} END;\n",
+            "CREATE TEMP TRIGGER {} BEFORE INSERT ON {table} {active} AND NOT {} BEGIN SELECT RAISE(IGNORE); END;\n\
+             CREATE TEMP TRIGGER {} AFTER INSERT ON {table} {active} BEGIN {disarm} END;\n\
+             CREATE TEMP TRIGGER {} BEFORE UPDATE ON {table} {active} BEGIN SELECT RAISE(IGNORE) WHERE NOT {}; {disarm} END;\n\
+             CREATE TEMP TRIGGER {} BEFORE DELETE ON {table} {active} BEGIN SELECT RAISE(IGNORE) WHERE NOT {}; {disarm} END;\n",
             name("bi"),
             armed("NEW"),
             name("ai"),

@@ -263,25 +263,41 @@ fn pk_where(t: &TableInfo, first_param: usize) -> String {
         .join(" AND ")
 }
 
-/// Lets the next write of the merge to row `pk` of table `tbl` through the guard triggers
-/// (see [`super::guard`]); every other write to a replicated table made on this
-/// connection — by an application trigger firing on a replica — is skipped.
-fn arm(conn: &Connection, tbl: i64, pk: &[Value]) -> Result<()> {
+/// Runs `write`, a write of the merge to row `pk` of table `t` (id `tbl`), through the
+/// guard triggers (see [`super::guard`]). For a table with application triggers the guard
+/// is armed with that row first, so the write goes through and every write those triggers
+/// make to replicated tables is skipped; afterwards, and for tables without application
+/// triggers (nothing else can write while they are written), the guard stands idle.
+fn guarded<T>(
+    conn: &Connection,
+    t: &TableInfo,
+    tbl: i64,
+    pk: &[Value],
+    write: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    if !t.has_app_triggers {
+        return write();
+    }
     let sets: String = (0..pk.len()).map(|n| format!(", k{n} = ?{}", n + 2)).collect();
     let sql = format!("UPDATE temp.__marmot__arm SET tbl = ?1{sets}");
     conn.prepare_cached(&sql)
         .and_then(|mut s| s.execute(rusqlite::params_from_iter(std::iter::once(&Value::Integer(tbl)).chain(pk))))
-        .map(|_| ())
-        .ctx(|| "arming the merge's write".into())
+        .ctx(|| "arming the merge's write".into())?;
+    let out = write();
+    conn.prepare_cached("UPDATE temp.__marmot__arm SET tbl = NULL")
+        .and_then(|mut s| s.execute([]))
+        .ctx(|| "idling the apply guard".into())?;
+    out
 }
 
 fn delete_row(conn: &Connection, t: &TableInfo, tbl: i64, pk: &[Value]) -> Result<()> {
-    arm(conn, tbl, pk)?;
     let sql = format!("DELETE FROM {} WHERE {}", quote(&t.name), pk_where(t, 1));
-    conn.prepare_cached(&sql)
-        .and_then(|mut s| s.execute(rusqlite::params_from_iter(pk)))
-        .map(|_| ())
-        .ctx(|| format!("deleting a row of {:?}", t.name))
+    guarded(conn, t, tbl, pk, || {
+        conn.prepare_cached(&sql)
+            .and_then(|mut s| s.execute(rusqlite::params_from_iter(pk)))
+            .map(|_| ())
+            .ctx(|| format!("deleting a row of {:?}", t.name))
+    })
 }
 
 fn read_image(conn: &Connection, t: &TableInfo, pk: &[Value]) -> Result<Option<Image>> {
@@ -338,11 +354,11 @@ fn upsert_sql(t: &TableInfo, cols: &[usize]) -> String {
 }
 
 fn upsert_row(conn: &Connection, t: &TableInfo, tbl: i64, sql: &str, pk: &[Value], image: &Image) -> Result<()> {
-    arm(conn, tbl, pk)?;
-    let n = conn
-        .prepare_cached(sql)
-        .and_then(|mut s| s.execute(rusqlite::params_from_iter(image.iter().map(|(_, v)| v))))
-        .ctx(|| format!("writing a row of {:?}", t.name))?;
+    let n = guarded(conn, t, tbl, pk, || {
+        conn.prepare_cached(sql)
+            .and_then(|mut s| s.execute(rusqlite::params_from_iter(image.iter().map(|(_, v)| v))))
+            .ctx(|| format!("writing a row of {:?}", t.name))
+    })?;
     if n == 0 && !sql.ends_with("DO NOTHING") {
         // The guard skipped the merge's own write: it must never do so silently.
         return Err(Error::Database(format!("the apply guard skipped a write to {:?}", t.name)));

@@ -88,6 +88,9 @@ pub struct TableInfo {
     /// Whether the key is the rowid itself (`INTEGER PRIMARY KEY`): its values are always
     /// integers, so equal keys are equal bytes.
     pub key_is_rowid: bool,
+    /// Whether the application has triggers on this table (whose writes the merge must keep
+    /// out of replicated tables, see `guard.rs`).
+    pub has_app_triggers: bool,
     /// Whether a primary-key column may hold NULL (a rowid table whose key is not the
     /// rowid): such rows are not replicated, as nodes cannot tell them apart.
     pub pk_nullable: bool,
@@ -285,7 +288,25 @@ fn read_table(conn: &Connection, name: &str) -> Result<std::result::Result<Table
     }
     unique.sort_by(|a, b| a.name.cmp(&b.name));
     let pk_nullable = keyed_rowid_table && pk.iter().any(|&i| !not_null[i]);
-    Ok(Ok(TableInfo { name: name.to_owned(), columns, pk, pk_collations, key_is_rowid, pk_nullable, unique, absent }))
+    let has_app_triggers: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ?1 \
+             AND substr(name, 1, 10) != ?2)",
+            (name, PREFIX),
+            |r| r.get(0),
+        )
+        .ctx(|| format!("reading the triggers of {name:?}"))?;
+    Ok(Ok(TableInfo {
+        name: name.to_owned(),
+        columns,
+        pk,
+        pk_collations,
+        key_is_rowid,
+        has_app_triggers,
+        pk_nullable,
+        unique,
+        absent,
+    }))
 }
 
 struct IndexInfo {
