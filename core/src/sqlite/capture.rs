@@ -383,13 +383,16 @@ fn trigger_sql(t: &TableInfo, id: i64, time_ms_sql: &str) -> Vec<(&'static str, 
     if let Some(d) = displaced {
         let unique_cols: Vec<String> =
             t.unique.iter().flat_map(|u| u.columns.iter().map(|&c| quote(&t.columns[c]))).collect();
-        let (conflict, noted) = (&d.conflict, "EXISTS (SELECT 1 FROM __marmot__displaced)");
+        // Notes are per table: an application trigger writing another table with a unique
+        // index in between must not take or clear this table's notes.
+        let noted = format!("EXISTS (SELECT 1 FROM __marmot__displaced WHERE tbl = {id})");
+        let conflict = &d.conflict;
         let on_update = format!("UPDATE OF {} ON {table}", unique_cols.join(", "));
         for (what, event, when_more, body) in [
             ("displace_insert", format!("BEFORE INSERT ON {table}"), conflict.as_str(), &d.note),
             ("displace_update", format!("BEFORE {on_update}"), conflict.as_str(), &d.note),
-            ("displaced_insert", format!("AFTER INSERT ON {table}"), noted, &d.log),
-            ("displaced_update", format!("AFTER {on_update}"), noted, &d.log),
+            ("displaced_insert", format!("AFTER INSERT ON {table}"), noted.as_str(), &d.log),
+            ("displaced_update", format!("AFTER {on_update}"), noted.as_str(), &d.log),
         ] {
             let sql = format!("CREATE TRIGGER {} {event} {when} AND {when_more} BEGIN {body} END;", name(what));
             out.push((what, sql));
@@ -439,7 +442,7 @@ fn displaced_sql(t: &TableInfo, id: i64, hlc: &str) -> Option<Displaced> {
         .collect();
     let conflict = format!("EXISTS (SELECT 1 FROM {} AS r WHERE {})", quote(&t.name), matches.join(" OR "));
     let note = format!(
-        "DELETE FROM __marmot__displaced; \
+        "DELETE FROM __marmot__displaced WHERE tbl = {id}; \
          INSERT INTO __marmot__displaced(tbl{keys}) SELECT {id}{} FROM {} AS r WHERE {};",
         key_vals("r"),
         quote(&t.name),
@@ -456,7 +459,7 @@ fn displaced_sql(t: &TableInfo, id: i64, hlc: &str) -> Option<Displaced> {
     let log = format!(
         "INSERT INTO __marmot__log(hlc, tbl, op{pk_cols}) SELECT {hlc} + row_number() OVER () - 1, {id}, 1{d_keys} \
          FROM __marmot__displaced AS d WHERE d.tbl = {id} AND NOT EXISTS (SELECT 1 FROM {} AS r WHERE {}); \
-         DELETE FROM __marmot__displaced;",
+         DELETE FROM __marmot__displaced WHERE tbl = {id};",
         quote(&t.name),
         gone.join(" AND ")
     );

@@ -42,7 +42,11 @@ pub(super) fn install(conn: &Connection, schema: &Schema, id_of: impl Fn(&str) -
         let Some(id) = id_of(&t.name) else { continue };
         let armed = |row: &str| {
             let keys: String =
-                t.pk.iter().enumerate().map(|(n, &i)| format!(" AND {row}.{} IS k{n}", quote(&t.columns[i]))).collect();
+                t.pk.iter()
+                    .zip(&t.pk_collations)
+                    .enumerate()
+                    .map(|(n, (&i, c))| format!(" AND {row}.{} IS k{n} COLLATE {}", quote(&t.columns[i]), c.sql()))
+                    .collect();
             format!("EXISTS (SELECT 1 FROM temp.__marmot__arm WHERE tbl = {id}{keys})")
         };
         let table = format!("main.{}", quote(&t.name));

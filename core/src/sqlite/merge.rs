@@ -378,7 +378,8 @@ fn image_indexed(conn: &Connection, t: &TableInfo, predicate: &str, image: &Imag
             None => format!("NULL AS {}", quote(c)),
         })
         .collect();
-    let sql = format!("SELECT EXISTS (SELECT 1 FROM (SELECT {}) WHERE {predicate})", cols.join(", "));
+    // The clause ends on its own line: it may end in a `--` comment.
+    let sql = format!("SELECT EXISTS (SELECT 1 FROM (SELECT {}) WHERE ({predicate}\n))", cols.join(", "));
     conn.prepare_cached(&sql)
         .and_then(|mut s| s.query_row(rusqlite::params_from_iter(image.iter().map(|(_, v)| v)), |r| r.get(0)))
         .ctx(|| format!("evaluating a partial index of {:?}", t.name))
@@ -405,7 +406,7 @@ fn conflicts(conn: &Connection, t: &TableInfo, pk: &[Value], image: &Image) -> R
             .enumerate()
             .map(|(n, (&c, coll))| format!("{} = ?{} COLLATE {}", quote(&t.columns[c]), n + 1, coll.sql()))
             .collect();
-        conds.extend(u.predicate.iter().map(|p| format!("({p})")));
+        conds.extend(u.predicate.iter().map(|p| format!("({p}\n)")));
         let pk_cols: Vec<String> = t.pk.iter().map(|&i| quote(&t.columns[i])).collect();
         let sql = format!("SELECT {} FROM {} WHERE {}", pk_cols.join(", "), quote(&t.name), conds.join(" AND "));
         let mut stmt = conn.prepare_cached(&sql).ctx(|| format!("checking unique {:?}", u.name))?;

@@ -247,6 +247,17 @@ fn read_table(conn: &Connection, name: &str) -> Result<std::result::Result<Table
     let not_null: Vec<bool> = cols.iter().map(|c| c.3).collect();
     let columns: Vec<String> = cols.into_iter().map(|c| c.0).collect();
     let indexes = read_indexes(conn, name)?;
+    // Index pragmas number columns as the table declares them, generated ones included;
+    // `table_info` leaves generated columns out. Map declared numbers to positions here.
+    let sql = format!("PRAGMA table_xinfo({})", quote(name));
+    let hidden: Vec<bool> = conn
+        .prepare(&sql)
+        .and_then(|mut s| s.query_map([], |r| Ok(r.get::<_, i64>(6)? != 0))?.collect())
+        .ctx(|| format!("reading columns of {name:?}"))?;
+    let position = |cid: i64| -> Option<usize> {
+        let cid = usize::try_from(cid).ok().filter(|&c| c < hidden.len() && !hidden[c])?;
+        Some(hidden[..cid].iter().filter(|h| !**h).count())
+    };
     // No key index: the key is the rowid itself (`INTEGER PRIMARY KEY`), never NULL.
     let (mut pk_collations, mut keyed_rowid_table) = (vec![Collation::Binary; pk.len()], false);
     let mut key_is_rowid = true;
@@ -266,7 +277,7 @@ fn read_table(conn: &Connection, name: &str) -> Result<std::result::Result<Table
             key_is_rowid = false;
             keyed_rowid_table = ix.columns.iter().any(|c| c.0 .0 == -1);
             for ((cid, _), coll) in keys.iter().zip(collations) {
-                if let Some(n) = pk.iter().position(|&p| p as i64 == *cid) {
+                if let Some(n) = position(*cid).and_then(|c| pk.iter().position(|&p| p == c)) {
                     pk_collations[n] = coll;
                 }
             }
@@ -283,7 +294,12 @@ fn read_table(conn: &Connection, name: &str) -> Result<std::result::Result<Table
             (true, Some(p)) => Some(p),
             (true, None) => return Ok(Err(format!("cannot read the WHERE clause of partial index {:?}", ix.name))),
         };
-        let columns = keys.iter().map(|(cid, _)| *cid as usize).collect();
+        let Some(columns) = keys.iter().map(|(cid, _)| position(*cid)).collect::<Option<Vec<usize>>>() else {
+            return Ok(Err(format!(
+                "unique index {:?} covers a generated column, which Marmot cannot compare",
+                ix.name
+            )));
+        };
         unique.push(UniqueIndex { name: ix.name, columns, collations, predicate });
     }
     unique.sort_by(|a, b| a.name.cmp(&b.name));

@@ -203,6 +203,13 @@ fn copy_all(source: &Connection, dest: &mut Connection) -> Result<()> {
     // commit can happen from here on. A commit the application made before it and that is
     // not published yet would be erased by the copy: refuse, so it is published first.
     let first = backup.step(1).ctx(|| "copying the snapshot into the database".into())?;
+    if matches!(first, StepResult::Busy | StepResult::Locked) {
+        // No lock held: checking now would not keep a commit from slipping in before the copy.
+        return Err(Error::Database(format!(
+            "copying the snapshot into the database did not start ({first:?}): the database stayed busy; \
+             it is unchanged"
+        )));
+    }
     if let Some(path) = path.filter(|_| first != StepResult::Done) {
         let pending = unpublished_changes(&path)?;
         if pending > 0 {
