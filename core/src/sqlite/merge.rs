@@ -27,9 +27,6 @@ pub struct ApplyOutcome {
     pub remote_ahead_ms: u64,
 }
 
-/// How often an apply starts again when the application changes the schema meanwhile.
-const SCHEMA_RETRIES_MAX: usize = 3;
-
 /// Upper bound on placement rounds when returning set-aside rows, per table.
 const RECONCILE_ROUNDS_MAX: usize = 100_000;
 
@@ -48,14 +45,7 @@ impl Db {
         batch: &Batch,
         crash_after_rows: Option<u64>,
     ) -> Result<ApplyOutcome> {
-        let mut attempts = 0;
-        loop {
-            self.refresh_if_schema_changed()?;
-            match self.apply_batch_once(shard, position, batch, crash_after_rows) {
-                Err(Error::SchemaChanged) if attempts < SCHEMA_RETRIES_MAX => attempts += 1,
-                other => return other,
-            }
-        }
+        self.on_current_schema(|db| db.apply_batch_once(shard, position, batch, crash_after_rows))
     }
 
     fn apply_batch_once(

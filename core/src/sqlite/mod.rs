@@ -137,6 +137,20 @@ impl Db {
         self.conn.query_row("PRAGMA schema_version", [], |r| r.get(0)).ctx(|| "reading schema_version".into())
     }
 
+    /// Runs `op` after reading the schema again if the application changed it, and again
+    /// (a few times) while `op` reports [`Error::SchemaChanged`].
+    pub(crate) fn on_current_schema<T>(&mut self, mut op: impl FnMut(&mut Db) -> Result<T>) -> Result<T> {
+        const SCHEMA_RETRIES_MAX: usize = 3;
+        let mut attempts = 0;
+        loop {
+            self.refresh_if_schema_changed()?;
+            match op(self) {
+                Err(Error::SchemaChanged) if attempts < SCHEMA_RETRIES_MAX => attempts += 1,
+                other => return other,
+            }
+        }
+    }
+
     /// Fails with [`Error::SchemaChanged`] when the schema seen by the transaction open on
     /// this connection is not the one capture was installed for: no log row is read,
     /// folded or published against a stale schema.

@@ -6,15 +6,12 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 
 use super::{get_state, set_state_max, Db};
-use crate::error::{Error, Result, SqlContext};
+use crate::error::{Result, SqlContext};
 use crate::model::{Batch, Hlc, Op, RowChange, TableChanges, Value};
 use crate::source::{ChangeSource, Pending};
 
 /// Log columns read besides the image: `hlc`, `tbl`, `op`.
 const LOG_FIXED: usize = 3;
-
-/// How often a read starts again when the application changes the schema meanwhile.
-const SCHEMA_RETRIES_MAX: usize = 3;
 
 impl Db {
     /// Every local change committed after the last acknowledged point, read in one read
@@ -26,14 +23,7 @@ impl Db {
     /// Like [`read_pending`](Self::read_pending), after `after` or the stored published
     /// point, whichever is higher.
     pub fn read_pending_after(&mut self, after: Hlc) -> Result<Option<Pending>> {
-        let mut attempts = 0;
-        loop {
-            self.refresh_if_schema_changed()?;
-            match self.read_pending_once(after) {
-                Err(Error::SchemaChanged) if attempts < SCHEMA_RETRIES_MAX => attempts += 1,
-                other => return other,
-            }
-        }
+        self.on_current_schema(|db| db.read_pending_once(after))
     }
 
     fn read_pending_once(&mut self, after: Hlc) -> Result<Option<Pending>> {
