@@ -30,8 +30,11 @@ const LOCAL_CHECK_FALLBACK: Duration = Duration::from_secs(1);
 const PUBLISH_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long shutdown spends publishing what is pending.
 const SHUTDOWN_PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often a node that must restore, with no usable snapshot in the store, looks again.
+/// How often, at most, a node that must restore, with no usable snapshot in the store,
+/// asks the cluster for one and looks again; the first waits are shorter.
 const NO_SNAPSHOT_RETRY: Duration = Duration::from_secs(15);
+/// The first wait for a snapshot asked from the cluster.
+const SNAPSHOT_WAIT_MIN: Duration = Duration::from_millis(500);
 
 /// Runs the node (or the one-shot mode the flags select) until it stops.
 pub fn run(config: Config, flags: Flags) -> Result<(), RunError> {
@@ -144,6 +147,11 @@ async fn run_node(config: Config, flags: Flags) -> Result<(), RunError> {
             transport: transport.clone(),
             snapshots: snapshots.clone(),
             running: std::sync::Mutex::new(None),
+            requested: Arc::new(AtomicBool::new(false)),
+        };
+        let _requests = match snapshots {
+            Some(_) => Some(listen_for_snapshot_requests(&config, &transport, snap.requested.clone()).await?),
+            None => None,
         };
         loop {
             restore_if_behind(&config, &transport, snapshots.as_deref(), flags.force_restore, &stop).await?;
@@ -178,6 +186,38 @@ struct SnapshotContext {
     transport: Arc<NatsTransport>,
     snapshots: Option<Arc<Snapshots>>,
     running: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Set when another node asked the cluster for a snapshot.
+    requested: Arc<AtomicBool>,
+}
+
+/// Listens for other nodes asking for a snapshot and raises `requested`; the node loop
+/// answers with a save when this node is caught up. The task ends when the handle drops.
+async fn listen_for_snapshot_requests(
+    config: &Config,
+    transport: &NatsTransport,
+    requested: Arc<AtomicBool>,
+) -> Result<AbortOnDrop, RunError> {
+    use futures::StreamExt;
+    let mut sub = transport.client().subscribe(snapshot::request_subject(config)).await?;
+    let me = format!("node-{}", config.node_id);
+    Ok(AbortOnDrop(tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            let from = String::from_utf8_lossy(&msg.payload).into_owned();
+            if from != me {
+                info!(from, "a node asked the cluster for a snapshot");
+                requested.store(true, Ordering::Release);
+            }
+        }
+    })))
+}
+
+/// A background task aborted when this handle drops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl SnapshotContext {
@@ -194,9 +234,15 @@ impl SnapshotContext {
         let (config, transport) = (self.config.clone(), self.transport.clone());
         *running = Some(tokio::spawn(async move {
             let saved = if wait_for_lease {
-                snapshot::save_when_free(&config, &transport, &snapshots).await
+                snapshot::save_when_free(&config, &transport, &snapshots).await.map(|_| ())
             } else {
-                snapshot::save(&config, &transport, &snapshots).await
+                match snapshot::save(&config, &transport, &snapshots).await {
+                    Ok(Err(snapshot::NotSaved::Behind(reason))) => {
+                        info!(reason, "not saving a snapshot: this node is not caught up with the streams");
+                        Ok(())
+                    }
+                    other => other.map(|_| ()),
+                }
             };
             if let Err(e) = saved {
                 warn!(error = %e, "snapshot not saved; replication continues");
@@ -220,16 +266,27 @@ async fn save_snapshot_once(
 ) -> Result<(), RunError> {
     let snapshots = snapshots.ok_or("-save-snapshot: snapshots are disabled ([snapshot] enabled = false)")?;
     match snapshot::save(config, transport, snapshots).await? {
-        Some(m) => info!(object = %m.object, "snapshot saved; exiting"),
-        None => return Err("another node holds the snapshot lease; try again later".into()),
+        Ok(m) => info!(object = %m.object, "snapshot saved; exiting"),
+        Err(snapshot::NotSaved::LeaseTaken) => {
+            return Err("another node holds the snapshot lease; try again later".into())
+        }
+        Err(snapshot::NotSaved::Behind(reason)) => {
+            return Err(format!(
+                "not saving a snapshot: this node is {reason}; a snapshot from it would not help a node                  that needs one. Save on a node that is up to date, or start this one first to catch up"
+            )
+            .into())
+        }
     }
     Ok(())
 }
 
-/// Restores the newest snapshot when the streams no longer hold what this node missed.
-/// Local changes not yet published are published first, also those committed while the
-/// node waits for a snapshot (the restore itself refuses to copy over an unpublished
-/// commit); if publishing fails the restore is refused unless `force`.
+/// Restores a snapshot when the streams no longer hold what this node missed: the one that
+/// covers the most among those the streams can be replayed from. Local changes not yet
+/// published are published first, also those committed while the node waits (the restore
+/// itself refuses to copy over an unpublished commit); if publishing fails the restore is
+/// refused unless `force`. When no stored snapshot covers what was missed (or the store is
+/// empty or unreachable), asks the cluster for one and waits, with backoff, until one does
+/// or a signal arrives: a node that is behind never exits for that reason.
 async fn restore_if_behind(
     config: &Config,
     transport: &Arc<NatsTransport>,
@@ -245,51 +302,94 @@ async fn restore_if_behind(
     let snapshots = snapshots.ok_or(
         "this node is behind the streams' first entries and snapshots are disabled ([snapshot] enabled = false)",
     )?;
-    drop(db);
-    let manifest = loop {
-        publish_before_restore(config, transport, force).await?;
-        match snapshot::restore(config, snapshots).await {
-            Ok(manifest) => break manifest,
+    let mut wait = WaitForSnapshot::new(db);
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if let Err(e) = publish_before_restore(config, transport, force).await {
+            // NATS unreachable: the changes wait in the database; so does the restore.
+            wait.wait(&e, stop).await?;
+            continue;
+        }
+        let restored = snapshot::restore(config, transport.as_ref(), snapshots).await;
+        match restored {
+            Ok(manifest) => {
+                let db = Db::open(&config.db_path, node, CaptureOptions::default())?;
+                for s in 0..transport.shard_count() {
+                    let last = transport.bounds(Shard(s)).await?.last;
+                    db.set_own_replay_through(Shard(s), last)?;
+                }
+                db.set_waiting_for_snapshot_since_ms(0)?;
+                if snapshot::needs_restore(&db, transport.as_ref()).await?.is_none() {
+                    info!(object = %manifest.object, "restored; replaying the streams from the snapshot's positions");
+                    return Ok(());
+                }
+                // The streams moved past the snapshot during the download: try again.
+                info!(object = %manifest.object, "the streams moved past the restored snapshot meanwhile; restoring again");
+                wait.db = db;
+            }
             // The application committed after the publish above: publish that too, never
             // restore over it.
             Err(e) if matches!(e.downcast_ref(), Some(Error::PendingChanges(_))) => {
                 info!(error = %e, "publishing local changes committed meanwhile before restoring");
             }
-            // No snapshot yet, or none that verifies: exiting would only crash-loop under
-            // a supervisor. Wait for a node that is up to date to save one.
-            Err(e) if matches!(e.downcast_ref(), Some(Error::NotFound(_) | Error::Corrupt(_))) => {
-                warn!(
-                    error = %e,
-                    retry_in_s = NO_SNAPSHOT_RETRY.as_secs(),
-                    "this node is behind the streams and no usable snapshot exists yet; waiting for one \
-                     (an up-to-date node saves one every max_entries / shards entries, or run marmot -save-snapshot there)"
-                );
-                let until = Instant::now() + NO_SNAPSHOT_RETRY;
-                while Instant::now() < until {
-                    if stop.load(Ordering::Relaxed) {
-                        return Ok(());
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+            // No snapshot covers what was missed, the store is unreachable, or nothing
+            // verifies: exiting would only crash-loop under a supervisor. Ask the cluster
+            // for one and wait.
+            Err(e) if is_waitable(&e) => {
+                if let Err(e) = snapshot::request(config, transport).await {
+                    debug!(error = %e, "could not ask the cluster for a snapshot; asking again later");
                 }
+                wait.wait(&e, stop).await?;
             }
             Err(e) => return Err(e),
         }
-    };
-    let db = Db::open(&config.db_path, node, CaptureOptions::default())?;
-    for s in 0..transport.shard_count() {
-        let last = transport.bounds(Shard(s)).await?.last;
-        db.set_own_replay_through(Shard(s), last)?;
     }
-    if let Some(shard) = snapshot::needs_restore(&db, transport.as_ref()).await? {
-        return Err(format!(
-            "the newest snapshot ({}) is older than what stream shard {shard} still holds; \
-             save a newer snapshot on a node that is up to date (marmot -save-snapshot)",
-            manifest.object
-        )
-        .into());
+}
+
+/// Errors a node waiting for a snapshot waits out instead of exiting with.
+fn is_waitable(e: &RunError) -> bool {
+    match e.downcast_ref::<Error>() {
+        Some(e) => matches!(e, Error::NotFound(_) | Error::Corrupt(_) | Error::Store { .. }) || e.is_retryable(),
+        None => false,
     }
-    info!(object = %manifest.object, "restored; replaying the streams from the snapshot's positions");
-    Ok(())
+}
+
+/// The wait of a node that needs a snapshot: backoff, log lines, and `status`.
+struct WaitForSnapshot {
+    db: Db,
+    backoff: Duration,
+    since: Option<Instant>,
+}
+
+impl WaitForSnapshot {
+    fn new(db: Db) -> Self {
+        WaitForSnapshot { db, backoff: SNAPSHOT_WAIT_MIN, since: None }
+    }
+
+    /// Waits one backoff step (ending early on a signal), recording the wait for `status`.
+    async fn wait(&mut self, error: &RunError, stop: &AtomicBool) -> Result<(), RunError> {
+        if self.since.is_none() {
+            self.since = Some(Instant::now());
+            let since_ms =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            self.db.set_waiting_for_snapshot_since_ms(since_ms)?;
+        }
+        warn!(
+            error = %error,
+            waited_s = self.since.map_or(0, |s| s.elapsed().as_secs()),
+            retry_in_ms = self.backoff.as_millis() as u64,
+            "this node is behind the streams and no usable snapshot exists yet; asked the cluster for one \
+             and waiting (a node that is caught up saves one; or run marmot -save-snapshot there)"
+        );
+        let until = Instant::now() + self.backoff;
+        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.backoff = (self.backoff * 2).min(NO_SNAPSHOT_RETRY);
+        Ok(())
+    }
 }
 
 /// Publishes every local change not yet published. With `force`, changes that cannot be
@@ -464,7 +564,8 @@ async fn node_loop(
         t.entries_since_snapshot += work as u64;
         let by_entries = t.entries_since_snapshot >= snapshot_every_entries;
         let by_time = config.snapshot.interval().is_some_and(|i| t.last_snapshot.elapsed() >= i);
-        if snap.snapshots.is_some() && (by_entries || by_time) {
+        let asked = snap.requested.swap(false, Ordering::AcqRel);
+        if snap.snapshots.is_some() && (by_entries || by_time || asked) {
             t.entries_since_snapshot = 0;
             t.last_snapshot = Instant::now();
             engine.flush().await?;

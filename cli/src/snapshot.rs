@@ -1,14 +1,16 @@
-//! Snapshots for a running node: the store from `[snapshot]`, saving under a NATS lease,
-//! restoring at boot when the streams no longer hold what this node missed, and progress
-//! reporting for long transfers.
+//! Snapshots for a running node: the store from `[snapshot]`, saving under a NATS lease
+//! (only when this node is caught up), restoring the snapshot that covers the most when the
+//! streams no longer hold what this node missed, asking the cluster for a snapshot when
+//! none covers it, and progress reporting for long transfers.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use marmot_core::snapshots::{Manifest, Snapshots};
 use marmot_core::sqlite::{CaptureOptions, Db};
-use marmot_core::{LogTransport, NodeId, Shard, SnapshotStore};
+use marmot_core::{LogTransport, NodeId, Position, Shard, SnapshotStore};
 use marmot_storage::{S3Options, SftpOptions, StoreOptions};
 use marmot_transports::nats::lease;
 use marmot_transports::NatsTransport;
@@ -61,20 +63,57 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Why a save did not happen.
+#[derive(Debug)]
+pub enum NotSaved {
+    /// Another node holds the lease (it is saving right now).
+    LeaseTaken,
+    /// This node is behind a stream: its snapshot would be of no use to a node that needs
+    /// one, and must not take the lease from a node that is up to date.
+    Behind(String),
+}
+
+/// How far behind a stream's last entry a node may be and still save a snapshot: a
+/// quarter of what one shard's stream keeps, at least one entry.
+pub fn save_slack(config: &Config) -> u64 {
+    (config.replication_log.max_entries / u64::from(config.replication_log.shards.max(1)) / 4).max(1)
+}
+
+/// `Some(reason)` when a stored position (`positions`, from [`Db::positions`]) is more
+/// than `slack` entries behind its stream's last entry.
+pub async fn behind(
+    positions: &BTreeMap<Shard, Position>,
+    transport: &dyn LogTransport,
+    slack: u64,
+) -> Result<Option<String>, RunError> {
+    for s in 0..transport.shard_count() {
+        let last = transport.bounds(Shard(s)).await?.last;
+        let done = positions.get(&Shard(s)).copied().unwrap_or_default();
+        if done.0 + slack < last.0 {
+            return Ok(Some(format!("at position {} of shard {s}, whose last entry is {}", done.0, last.0)));
+        }
+    }
+    Ok(None)
+}
+
 /// Saves a snapshot under the lease, through its own database connection, with the copy
-/// and compression on a blocking thread. `Ok(None)` when another node is saving right now.
+/// and compression on a blocking thread, when this node is caught up with every stream.
 pub async fn save(
     config: &Config,
     transport: &NatsTransport,
     snapshots: &Snapshots,
-) -> Result<Option<Manifest>, RunError> {
+) -> Result<Result<Manifest, NotSaved>, RunError> {
+    let positions = Db::open(&config.db_path, NodeId(config.node_id), CaptureOptions::default())?.positions()?;
+    if let Some(reason) = behind(&positions, transport, save_slack(config)).await? {
+        return Ok(Err(NotSaved::Behind(reason)));
+    }
     let bucket = format!("{}-snapshot-lease", config.nats.stream_prefix);
     let replicas = config.replication_log.effective_replicas() as usize;
     let store = lease::lease_bucket(transport.jetstream(), &bucket, LEASE_TTL, replicas).await?;
     let holder = format!("node-{}", config.node_id);
     let Some(held) = lease::try_acquire(&store, LEASE_KEY, &holder).await? else {
         debug!("another node holds the snapshot lease");
-        return Ok(None);
+        return Ok(Err(NotSaved::LeaseTaken));
     };
     let started = Instant::now();
     let result = save_held(config, snapshots).await;
@@ -83,7 +122,7 @@ pub async fn save(
     }
     let manifest = result?;
     info!(ms = started.elapsed().as_millis() as u64, db_bytes = manifest.db_bytes, "snapshot uploaded");
-    Ok(Some(manifest))
+    Ok(Ok(manifest))
 }
 
 /// A save in the background. When another node holds the lease, waits for it to end and
@@ -100,8 +139,13 @@ pub async fn save_when_free(
     let mut before = None;
     let give_up = Instant::now() + LEASE_TTL;
     loop {
-        if let Some(manifest) = save(config, transport, snapshots).await? {
-            return Ok(Some(manifest));
+        match save(config, transport, snapshots).await? {
+            Ok(manifest) => return Ok(Some(manifest)),
+            Err(NotSaved::Behind(reason)) => {
+                info!(reason, "not saving a snapshot: this node is not caught up with the streams");
+                return Ok(None);
+            }
+            Err(NotSaved::LeaseTaken) => {}
         }
         if before.is_none() {
             before = Some(newest(snapshots.list(&config.data_dir()).await?));
@@ -150,14 +194,39 @@ pub async fn needs_restore(db: &Db, transport: &dyn LogTransport) -> Result<Opti
     Ok(None)
 }
 
-/// Restores the newest snapshot into the database at `config.db_path`.
-pub async fn restore(config: &Config, snapshots: &Snapshots) -> Result<Manifest, RunError> {
+/// Restores, into the database at `config.db_path`, the snapshot that covers the most
+/// among those the streams can be replayed from (checked before the file is touched).
+pub async fn restore(
+    config: &Config,
+    transport: &dyn LogTransport,
+    snapshots: &Snapshots,
+) -> Result<Manifest, RunError> {
+    let mut firsts = Vec::new();
+    for s in 0..transport.shard_count() {
+        firsts.push((Shard(s), transport.bounds(Shard(s)).await?));
+    }
+    let usable = move |m: &Manifest| firsts.iter().all(|(s, b)| b.can_resume_after(m.position(*s)));
     let mut db = Db::open(&config.db_path, NodeId(config.node_id), CaptureOptions::default())?;
     let mut progress = ProgressReporter::new("restoring snapshot");
-    let manifest =
-        snapshots.restore_newest(&mut db, &config.data_dir(), &mut |done, total| progress.report(done, total)).await?;
+    let manifest = snapshots
+        .restore_best(&mut db, &config.data_dir(), &usable, &mut |done, total| progress.report(done, total))
+        .await?;
     progress.finish();
     Ok(manifest)
+}
+
+/// The subject on which a node that needs a snapshot asks the cluster for one.
+pub fn request_subject(config: &Config) -> String {
+    format!("{}-snapshot-request", config.nats.subject_prefix)
+}
+
+/// Asks the cluster for a snapshot: every node that is caught up answers by saving one
+/// (one of them gets the lease).
+pub async fn request(config: &Config, transport: &NatsTransport) -> Result<(), RunError> {
+    let client = transport.client();
+    client.publish(request_subject(config), format!("node-{}", config.node_id).into()).await?;
+    client.flush().await?;
+    Ok(())
 }
 
 /// Prints transfer progress: a live line on a terminal, a log line every few seconds

@@ -1,11 +1,16 @@
-//! Snapshots in a [`SnapshotStore`]: save one with its manifest, keep the newest few, and
-//! restore the newest valid one.
+//! Snapshots in a [`SnapshotStore`]: save one with its manifest, keep the few that cover
+//! the most, and restore the best one the streams can be replayed from.
 //!
 //! Each snapshot is two objects: `<stem>.db.zst` (the compressed database) and
 //! `<stem>.json` (its [`Manifest`]), where the stem `marmot-snapshot-<ms>-<node>` sorts by
 //! creation time. The manifest is written last, so a snapshot without a manifest is an
 //! incomplete upload and is ignored. A snapshot whose bytes do not match its manifest's
-//! checksum is refused and the next newest is tried.
+//! checksum is refused and the next best is tried.
+//!
+//! A snapshot's worth is its *coverage*: the stream positions it has applied. Retention
+//! keeps the `keep` snapshots that cover the most (a stale save by a node that had fallen
+//! behind never pushes out a snapshot that covers more), and a restore takes the one that
+//! covers the most among those the streams can still be replayed from.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -48,6 +53,17 @@ impl Manifest {
     pub fn position(&self, shard: Shard) -> Position {
         Position(self.positions.iter().find(|(s, _)| *s == shard.0).map_or(0, |(_, p)| *p))
     }
+
+    /// How much of the streams the snapshot has applied: its positions summed, then its
+    /// creation time. Higher is better.
+    pub fn coverage(&self) -> (u64, u64) {
+        (self.positions.iter().map(|(_, p)| *p).sum(), self.created_ms)
+    }
+}
+
+/// Sorts manifests best first: highest coverage, then newest.
+fn by_coverage(manifests: &mut [Manifest]) {
+    manifests.sort_by_key(|m| std::cmp::Reverse(m.coverage()));
 }
 
 fn stem(node: NodeId, now_ms: u64) -> String {
@@ -67,7 +83,7 @@ impl Snapshots {
     }
 
     /// Saves `db` (using `work_dir` for temporary files), uploads it with its manifest and
-    /// deletes snapshots beyond the newest `keep`.
+    /// deletes snapshots beyond the `keep` that cover the most.
     pub async fn save(&self, db: &Db, work_dir: &Path, now_ms: u64) -> Result<Manifest> {
         let saved = Snapshots::write_file(db, work_dir, now_ms)?;
         self.upload_file(db.node(), now_ms, saved).await
@@ -90,7 +106,8 @@ impl Snapshots {
         let result = self.upload(&stem(node, now_ms), node, now_ms, &saved).await;
         let _ = std::fs::remove_file(&saved.path);
         let manifest = result?;
-        self.prune().await?;
+        let work_dir = saved.path.parent().unwrap_or(Path::new("."));
+        self.prune(work_dir).await?;
         Ok(manifest)
     }
 
@@ -156,18 +173,15 @@ impl Snapshots {
         Ok(out)
     }
 
-    async fn prune(&self) -> Result<()> {
-        let objects = self.store.list().await?;
-        let mut stems: Vec<&str> = objects
-            .iter()
-            .filter_map(|o| o.name.strip_suffix(".json"))
-            .filter(|n| n.rsplit('/').next().is_some_and(|b| b.starts_with(STEM_PREFIX)))
-            .collect();
-        stems.sort_by(|a, b| b.rsplit('/').next().cmp(&a.rsplit('/').next()));
-        for stem in stems.into_iter().skip(self.keep) {
+    /// Deletes every snapshot beyond the `keep` that cover the most.
+    async fn prune(&self, work_dir: &Path) -> Result<()> {
+        let mut manifests = self.list(work_dir).await?;
+        by_coverage(&mut manifests);
+        for m in manifests.iter().skip(self.keep) {
+            let stem = m.object.strip_suffix(".db.zst").unwrap_or(&m.object);
             self.store.delete(&format!("{stem}.json")).await?;
-            self.store.delete(&format!("{stem}.db.zst")).await?;
-            info!(snapshot = %stem, "deleted an old snapshot");
+            self.store.delete(&m.object).await?;
+            info!(snapshot = %stem, positions = ?m.positions, "deleted a snapshot that covers less than the ones kept");
         }
         Ok(())
     }
@@ -183,27 +197,142 @@ impl Snapshots {
         result
     }
 
-    /// Downloads and restores the newest snapshot that verifies; a corrupt or truncated
-    /// one is refused with a warning and the next newest is tried.
-    pub async fn restore_newest(&self, db: &mut Db, work_dir: &Path, progress: Progress<'_>) -> Result<Manifest> {
-        let manifests = self.list(work_dir).await?;
+    /// Downloads and restores the snapshot that covers the most among those `usable` accepts
+    /// (the streams can be replayed from its positions) and that verify; a corrupt or
+    /// truncated one is refused with a warning and the next best is tried.
+    /// [`Error::NotFound`] when no snapshot is usable.
+    pub async fn restore_best(
+        &self,
+        db: &mut Db,
+        work_dir: &Path,
+        usable: &(dyn Fn(&Manifest) -> bool + Sync),
+        progress: Progress<'_>,
+    ) -> Result<Manifest> {
+        let mut manifests = self.list(work_dir).await?;
+        let stored = manifests.len();
+        manifests.retain(|m| usable(m));
+        by_coverage(&mut manifests);
         if manifests.is_empty() {
-            return Err(Error::NotFound("no snapshot in the store".into()));
+            return Err(Error::NotFound(match stored {
+                0 => "no snapshot in the store".into(),
+                n => format!("none of the {n} stored snapshots covers what the streams no longer hold"),
+            }));
         }
         let mut last_error = None;
         for m in manifests {
             match self.restore(db, work_dir, &m, progress).await {
                 Ok(()) => {
-                    info!(object = %m.object, node = m.node_id, "snapshot restored");
+                    info!(object = %m.object, node = m.node_id, positions = ?m.positions, "snapshot restored");
                     return Ok(m);
                 }
                 Err(e @ (Error::Corrupt(_) | Error::NotFound(_))) => {
-                    warn!(object = %m.object, error = %e, "snapshot refused; trying the next newest");
+                    warn!(object = %m.object, error = %e, "snapshot refused; trying the next best");
                     last_error = Some(e);
                 }
                 Err(e) => return Err(e),
             }
         }
         Err(last_error.expect("at least one snapshot was tried"))
+    }
+
+    /// Like [`restore_best`](Self::restore_best) with every snapshot usable.
+    pub async fn restore_newest(&self, db: &mut Db, work_dir: &Path, progress: Progress<'_>) -> Result<Manifest> {
+        self.restore_best(db, work_dir, &|_| true, progress).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::snapshot::ObjectInfo;
+
+    #[derive(Default)]
+    struct Memory(Mutex<BTreeMap<String, Vec<u8>>>);
+
+    #[async_trait]
+    impl SnapshotStore for Memory {
+        async fn put(&self, name: &str, from: &Path) -> Result<()> {
+            let bytes = std::fs::read(from).map_err(|source| Error::Io { context: name.into(), source })?;
+            self.0.lock().unwrap().insert(name.to_owned(), bytes);
+            Ok(())
+        }
+        async fn get(&self, name: &str, to: &Path) -> Result<()> {
+            let bytes = self.0.lock().unwrap().get(name).cloned().ok_or_else(|| Error::NotFound(name.into()))?;
+            std::fs::write(to, bytes).map_err(|source| Error::Io { context: name.into(), source })
+        }
+        async fn list(&self) -> Result<Vec<ObjectInfo>> {
+            let objects = self.0.lock().unwrap();
+            Ok(objects.iter().map(|(n, b)| ObjectInfo { name: n.clone(), size_bytes: b.len() as u64 }).collect())
+        }
+        async fn delete(&self, name: &str) -> Result<()> {
+            self.0.lock().unwrap().remove(name);
+            Ok(())
+        }
+    }
+
+    /// Stores a manifest (and a dummy object) saved at `ms` covering `position` on shard 0.
+    fn put(store: &Memory, ms: u64, position: u64) {
+        let stem = stem(NodeId(1), ms);
+        let m = Manifest {
+            format: MANIFEST_FORMAT,
+            object: format!("{stem}.db.zst"),
+            node_id: 1,
+            created_ms: ms,
+            positions: vec![(0, position)],
+            db_bytes: 0,
+            compressed_bytes: 0,
+            checksum: String::new(),
+        };
+        let mut objects = store.0.lock().unwrap();
+        objects.insert(format!("{stem}.json"), serde_json::to_vec(&m).unwrap());
+        objects.insert(m.object.clone(), Vec::new());
+    }
+
+    fn positions(list: &[Manifest]) -> Vec<u64> {
+        list.iter().map(|m| m.position(Shard(0)).0).collect()
+    }
+
+    #[tokio::test]
+    async fn retention_keeps_the_snapshots_that_cover_the_most_not_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Memory::default());
+        // An up-to-date node saved at 368 and 400; a node that had fallen behind saved
+        // three times at 15 afterwards (the incident in issue #13).
+        put(&store, 1_000, 368);
+        put(&store, 2_000, 400);
+        for ms in [3_000, 4_000, 5_000] {
+            put(&store, ms, 15);
+        }
+        let snapshots = Snapshots::new(store.clone(), 2);
+        snapshots.prune(dir.path()).await.unwrap();
+        let mut kept = snapshots.list(dir.path()).await.unwrap();
+        by_coverage(&mut kept);
+        assert_eq!(positions(&kept), [400, 368]);
+        assert_eq!(store.0.lock().unwrap().len(), 4, "each deleted snapshot's object is deleted too");
+    }
+
+    #[tokio::test]
+    async fn a_restore_considers_only_snapshots_the_streams_can_be_replayed_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Memory::default());
+        put(&store, 1_000, 15);
+        put(&store, 2_000, 20);
+        let snapshots = Snapshots::new(store, 5);
+        let db_path = dir.path().join("node.db");
+        rusqlite::Connection::open(&db_path).unwrap().execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY)").unwrap();
+        let mut db = Db::open(&db_path, NodeId(2), crate::sqlite::CaptureOptions::default()).unwrap();
+        // The stream's first entry is 368: neither snapshot reaches it. Nothing is touched.
+        let first_held = 368;
+        let usable = move |m: &Manifest| m.position(Shard(0)).0 + 1 >= first_held;
+        let err = snapshots.restore_best(&mut db, dir.path(), &usable, &mut |_, _| {}).await.unwrap_err();
+        assert!(matches!(&err, Error::NotFound(s) if s.contains("none of the 2 stored snapshots covers")), "got {err}");
+        let empty = Snapshots::new(Arc::new(Memory::default()), 5);
+        let err = empty.restore_best(&mut db, dir.path(), &usable, &mut |_, _| {}).await.unwrap_err();
+        assert!(matches!(&err, Error::NotFound(s) if s == "no snapshot in the store"), "got {err}");
     }
 }

@@ -9,8 +9,8 @@ use marmot_tests::{
     create_db, require_tools, wait_converged, wait_until, NatsServer, Node, NodeConfig, TestDir, DEADLINE,
 };
 use snapshot_common::{
-    file_store_config, position, save_snapshot, snapshots_in, wait_stream_beyond, write_pairs, write_published_rounds,
-    MAX_ENTRIES, SCHEMA,
+    file_store_config, position, run_marmot, save_snapshot, snapshots_in, wait_stream_beyond, write_pairs,
+    write_published_rounds, MAX_ENTRIES, SCHEMA,
 };
 
 #[test]
@@ -47,6 +47,9 @@ fn node_behind_with_no_snapshot_waits_for_one_instead_of_exiting() {
         nodes[1].log_since_start().contains("no usable snapshot exists yet")
     });
     assert!(snapshots_in(&store).is_empty());
+    let node2_toml = dir.join("node-2.toml");
+    let (_, status) = run_marmot(dir.path(), "status", &node2_toml, &["status"], DEADLINE);
+    assert!(status.contains("WAITING FOR A SNAPSHOT"), "{status}");
 
     let saver = dir.join("node-1-saver.toml");
     std::fs::write(&saver, file_store_config(1, &dbs[0], &server.url(), &store, 3).to_toml()).expect("write a config");

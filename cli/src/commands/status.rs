@@ -54,6 +54,9 @@ pub struct Status {
     pub remote_ahead_ms: u64,
     /// `max_clock_skew`, in ms (0 = never warn).
     pub max_clock_skew_ms: u64,
+    /// Since when (ms since the epoch) the node waits for a snapshot that covers what the
+    /// streams dropped; 0 when it does not wait.
+    pub waiting_for_snapshot_since_ms: u64,
     /// The NATS side.
     pub nats: NatsStatus,
     /// Per shard.
@@ -155,6 +158,7 @@ pub fn read_database(config: &Config) -> Result<Status, String> {
         clock_ahead_ms: 0,
         remote_ahead_ms: 0,
         max_clock_skew_ms: config.max_clock_skew_ms,
+        waiting_for_snapshot_since_ms: 0,
         nats: NatsStatus { urls: Vec::new(), embedded: config.embedded_nats(), reachable: false, note: None },
         shards: Vec::new(),
     };
@@ -176,6 +180,10 @@ pub fn read_database(config: &Config) -> Result<Status, String> {
     Ok(status)
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 fn read_bookkeeping(conn: &Connection, status: &mut Status) -> Result<std::collections::BTreeMap<u32, u64>, String> {
     let sql_err = |what: &str, e: rusqlite::Error| format!("reading {what}: {e}");
     let (published, local) = published_and_local(conn)?;
@@ -193,10 +201,13 @@ fn read_bookkeeping(conn: &Connection, status: &mut Status) -> Result<std::colle
         "SELECT max(hlc, coalesce((SELECT max(hlc) FROM __marmot__log), 0)) FROM __marmot__clock WHERE id = 0",
         "__marmot__clock",
     )?;
-    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    status.clock_ahead_ms = marmot_core::Hlc(clock).millis().saturating_sub(now_ms);
+    status.clock_ahead_ms = marmot_core::Hlc(clock).millis().saturating_sub(now_ms());
     status.remote_ahead_ms = count(
         "SELECT coalesce((SELECT value FROM __marmot__state WHERE key = 'remote_ahead_ms'), 0)",
+        "__marmot__state",
+    )?;
+    status.waiting_for_snapshot_since_ms = count(
+        "SELECT coalesce((SELECT value FROM __marmot__state WHERE key = 'waiting_for_snapshot_since_ms'), 0)",
         "__marmot__state",
     )?;
     status.aside_rows = count("SELECT count(*) FROM __marmot__aside", "__marmot__aside")?;
@@ -288,6 +299,14 @@ pub fn render(s: &Status) -> String {
         hlc(s.last_local_hlc),
         hlc(s.published_hlc)
     );
+    if s.waiting_for_snapshot_since_ms > 0 {
+        let waited = now_ms().saturating_sub(s.waiting_for_snapshot_since_ms) / 1000;
+        let _ = writeln!(
+            o,
+            "WAITING FOR A SNAPSHOT for {waited} s: the streams no longer hold what this node missed and no stored \
+             snapshot covers it; the cluster was asked for one (see docs/snapshots.md)"
+        );
+    }
     let _ = writeln!(o, "parked batches: {}", s.parked_batches);
     for p in &s.parked {
         let _ = writeln!(o, "  #{} shard {} position {}: {}", p.id, p.shard, p.position, p.error);

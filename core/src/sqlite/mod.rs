@@ -303,6 +303,17 @@ impl Db {
         get_state(&self.conn, "remote_ahead_ms")
     }
 
+    /// Since when (ms since the epoch) this node waits for a snapshot that covers what the
+    /// streams dropped; 0 when it does not wait. Shown by `marmot status`.
+    pub fn waiting_for_snapshot_since_ms(&self) -> Result<u64> {
+        get_state(&self.conn, "waiting_for_snapshot_since_ms")
+    }
+
+    /// Records that this node waits for a snapshot since `since_ms` (0: no longer waits).
+    pub fn set_waiting_for_snapshot_since_ms(&self, since_ms: u64) -> Result<()> {
+        set_state(&self.conn, "waiting_for_snapshot_since_ms", since_ms)
+    }
+
     /// The version stored for a row of `table` with primary key `pk`, and whether it is a
     /// tombstone.
     pub fn version_of(&self, table: &str, pk: &[Value]) -> Result<Option<(Version, bool)>> {
