@@ -119,6 +119,8 @@ counters! {
     op_upsert_late,
     /// Snapshots saved into the store.
     snapshots_saved,
+    /// Saves refused because the node was behind a stream (its snapshot would be stale).
+    snapshot_saves_refused_behind,
     /// Snapshot restores (by a `Restore` action or after a truncation).
     restores,
     /// Restores of a node whose stream dropped entries it had not read.

@@ -19,9 +19,13 @@ use marmot_core::{Error, NodeId, Result, Shard};
 use crate::schema;
 use crate::world::{Failure, World};
 
-/// Snapshots kept in the store. Large: which snapshots retention should keep (the ones
-/// covering the most, not the most recently named) is not modelled here yet.
-pub const SNAPSHOTS_KEPT: usize = 1000;
+/// Snapshots kept in the store. Small, so that retention runs all the time: it must keep
+/// the snapshots that cover the most, never the most recently named.
+pub const SNAPSHOTS_KEPT: usize = 2;
+
+/// How many entries behind a stream's last one a node may be and still save a snapshot
+/// (`marmot` allows a quarter of a shard's `max_entries`).
+const SAVE_SLACK: u64 = 2;
 
 /// Named blobs in memory.
 #[derive(Default)]
@@ -60,6 +64,21 @@ pub fn snapshots() -> Snapshots {
 }
 
 impl World {
+    /// Node `i` saves a snapshot into the store if it is caught up with every stream, as
+    /// `marmot` does (`cli/src/snapshot.rs`, `save`): a stale snapshot helps nobody.
+    pub(crate) fn save_snapshot_if_caught_up(&mut self, i: usize) -> Result<(), Failure> {
+        let db = self.nodes[i].engine.as_ref().expect("engine running").db();
+        for s in 0..self.scenario.shards {
+            let p = db.position(Shard(s)).map_err(|e| Failure(e.to_string()))?;
+            if p.0 + SAVE_SLACK < self.log.last(Shard(s)).0 {
+                self.counters.snapshot_saves_refused_behind += 1;
+                self.trace.push(format!("node {i}: not saving a snapshot: behind on shard {s}"));
+                return Ok(());
+            }
+        }
+        self.save_snapshot(i).map(|_| ())
+    }
+
     /// Node `i` saves a snapshot into the store.
     pub(crate) fn save_snapshot(&mut self, i: usize) -> Result<Manifest, Failure> {
         let db = self.nodes[i].engine.as_ref().expect("engine running").db();
@@ -134,19 +153,13 @@ impl World {
         Ok(true)
     }
 
-    /// The newest stored snapshot whose positions reach every shard's first held entry.
+    /// The stored snapshot that covers the most among those whose positions reach every
+    /// shard's first held entry.
     fn usable_snapshot(&self) -> Result<Option<Manifest>, Failure> {
         let manifests = block_on(self.snapshots.list(self.work_dir())).map_err(|e| Failure(e.to_string()))?;
-        for m in manifests {
-            let mut usable = true;
-            for s in 0..self.scenario.shards {
-                usable &= m.position(Shard(s)).0 + 1 >= self.log.first(Shard(s)).0;
-            }
-            if usable {
-                return Ok(Some(m));
-            }
-        }
-        Ok(None)
+        let usable =
+            |m: &Manifest| (0..self.scenario.shards).all(|s| m.position(Shard(s)).0 + 1 >= self.log.first(Shard(s)).0);
+        Ok(manifests.into_iter().filter(usable).max_by_key(Manifest::coverage))
     }
 
     /// Among the nodes that hold everything the streams dropped, the one whose stored

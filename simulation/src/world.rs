@@ -204,7 +204,7 @@ impl World {
                 self.set_time()
             }
             Action::Truncate { deep } => self.truncate(*deep),
-            Action::SaveSnapshot { node } => self.save_snapshot(node % n).map(|_| ()),
+            Action::SaveSnapshot { node } => self.save_snapshot_if_caught_up(node % n),
             Action::Restore { node } => self.restore(node % n).map(|_| ()),
             Action::Migrate { node } => {
                 let ran = self.migrate(node % n)?;
