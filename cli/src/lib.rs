@@ -10,6 +10,7 @@ pub mod ack_flush;
 pub mod commands;
 pub mod config;
 pub mod flags;
+pub mod lock;
 pub mod logging;
 pub mod metrics;
 pub mod run;

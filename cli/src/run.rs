@@ -88,6 +88,8 @@ pub(crate) fn nats_options(config: &Config, urls: Vec<String>) -> NatsOptions {
         cert_file: optional_path(&n.cert_file),
         key_file: optional_path(&n.key_file),
         reconnect_wait_max: n.reconnect_wait().max(Duration::from_millis(100)),
+        // v1: `connect_retries` retries after the first attempt; 0 (new) waits for ever.
+        connect_attempts_max: (n.connect_retries > 0).then(|| n.connect_retries as usize + 1),
         stream_prefix: n.stream_prefix.clone(),
         subject_prefix: n.subject_prefix.clone(),
         shards: config.replication_log.shards,
@@ -99,13 +101,14 @@ pub(crate) fn nats_options(config: &Config, urls: Vec<String>) -> NatsOptions {
     }
 }
 
-/// Connects, retrying with backoff until it succeeds or shutdown is requested.
-async fn connect(opts: NatsOptions, stop: &AtomicBool) -> Result<NatsTransport, RunError> {
+/// Connects, retrying with backoff until it succeeds or shutdown is requested (`None`).
+async fn connect(opts: NatsOptions, stop: &Stop) -> Result<Option<NatsTransport>, RunError> {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match NatsTransport::connect(opts.clone()).await {
-            Ok(t) => return Ok(t),
-            Err(e) if e.is_retryable() && !stop.load(Ordering::Relaxed) => {
+        let Some(connected) = stop.unless(NatsTransport::connect(opts.clone())).await else { return Ok(None) };
+        match connected {
+            Ok(t) => return Ok(Some(t)),
+            Err(e) if e.is_retryable() && !stop.requested() => {
                 warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot reach NATS yet");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(PUBLISH_BACKOFF_MAX);
@@ -115,12 +118,49 @@ async fn connect(opts: NatsOptions, stop: &AtomicBool) -> Result<NatsTransport, 
     }
 }
 
+/// A stop request (SIGINT, SIGTERM): a flag for loops that poll it, and a future for waits
+/// that must end promptly on a signal (connecting, starting the embedded server, waiting
+/// for or downloading a snapshot).
+#[derive(Clone)]
+struct Stop(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Stop {
+    fn new() -> Stop {
+        Stop(Arc::new(tokio::sync::watch::channel(false).0))
+    }
+
+    fn requested(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    fn request(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Runs `fut` to its end, or `None` when a stop is requested first.
+    async fn unless<T>(&self, fut: impl std::future::Future<Output = T>) -> Option<T> {
+        let mut rx = self.0.subscribe();
+        tokio::select! {
+            biased;
+            _ = rx.wait_for(|stop| *stop) => None,
+            value = fut => Some(value),
+        }
+    }
+}
+
 async fn run_node(config: Config, flags: Flags) -> Result<(), RunError> {
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = Stop::new();
     spawn_signal_handler(stop.clone());
+    let _lock = match flags.save_snapshot {
+        true => None,
+        false => Some(crate::lock::DbLock::acquire(&config.db_path)?),
+    };
     crate::metrics::start(config.node_id, &config.prometheus).await?;
     let embedded = match config.nats.urls.is_empty() {
-        true => Some(start_embedded(&config, &flags).await?),
+        true => match stop.unless(start_embedded(&config, &flags)).await {
+            Some(server) => Some(server?),
+            None => return Ok(()),
+        },
         false => None,
     };
     let urls = match &embedded {
@@ -128,7 +168,8 @@ async fn run_node(config: Config, flags: Flags) -> Result<(), RunError> {
         None => config.nats.urls.clone(),
     };
     let result = crate::metrics::with_embedded(embedded.as_ref(), async {
-        let transport = Arc::new(connect(nats_options(&config, urls), &stop).await?);
+        let Some(transport) = connect(nats_options(&config, urls), &stop).await? else { return Ok(()) };
+        let transport = Arc::new(transport);
         let _collector = crate::metrics::spawn_collector(&transport);
         let snapshots = match config.snapshot.enabled {
             true => Some(Arc::new(Snapshots::new(
@@ -154,8 +195,9 @@ async fn run_node(config: Config, flags: Flags) -> Result<(), RunError> {
             None => None,
         };
         loop {
-            restore_if_behind(&config, &transport, snapshots.as_deref(), flags.force_restore, &stop).await?;
-            if stop.load(Ordering::Relaxed) {
+            let restore = restore_if_behind(&config, &transport, snapshots.as_deref(), flags.force_restore, &stop);
+            stop.unless(restore).await.transpose()?;
+            if stop.requested() {
                 break;
             }
             let mut engine = open_engine(&config, transport.clone())?;
@@ -292,7 +334,7 @@ async fn restore_if_behind(
     transport: &Arc<NatsTransport>,
     snapshots: Option<&Snapshots>,
     force: bool,
-    stop: &AtomicBool,
+    stop: &Stop,
 ) -> Result<(), RunError> {
     let node = NodeId(config.node_id);
     let db = Db::open(&config.db_path, node, CaptureOptions::default())?;
@@ -304,7 +346,7 @@ async fn restore_if_behind(
     )?;
     let mut wait = WaitForSnapshot::new(db);
     loop {
-        if stop.load(Ordering::Relaxed) {
+        if stop.requested() {
             return Ok(());
         }
         if let Err(e) = publish_before_restore(config, transport, force).await {
@@ -369,7 +411,7 @@ impl WaitForSnapshot {
     }
 
     /// Waits one backoff step (ending early on a signal), recording the wait for `status`.
-    async fn wait(&mut self, error: &RunError, stop: &AtomicBool) -> Result<(), RunError> {
+    async fn wait(&mut self, error: &RunError, stop: &Stop) -> Result<(), RunError> {
         if self.since.is_none() {
             self.since = Some(Instant::now());
             let since_ms =
@@ -384,7 +426,7 @@ impl WaitForSnapshot {
              and waiting (a node that is caught up saves one; or run marmot -save-snapshot there)"
         );
         let until = Instant::now() + self.backoff;
-        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+        while Instant::now() < until && !stop.requested() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         self.backoff = (self.backoff * 2).min(NO_SNAPSHOT_RETRY);
@@ -446,7 +488,7 @@ fn open_engine(config: &Config, transport: Arc<dyn LogTransport>) -> Result<Engi
     Ok(Engine::new(source, db, transport, engine_config))
 }
 
-fn spawn_signal_handler(stop: Arc<AtomicBool>) {
+fn spawn_signal_handler(stop: Stop) {
     tokio::spawn(async move {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(s) => s,
@@ -459,7 +501,7 @@ fn spawn_signal_handler(stop: Arc<AtomicBool>) {
             _ = tokio::signal::ctrl_c() => info!("SIGINT received; stopping"),
             _ = term.recv() => info!("SIGTERM received; stopping"),
         }
-        stop.store(true, Ordering::SeqCst);
+        stop.request();
     });
 }
 
@@ -514,7 +556,7 @@ enum LoopEnd {
 async fn node_loop(
     config: &Config,
     engine: &mut Engine<SqliteChangeSource>,
-    stop: &AtomicBool,
+    stop: &Stop,
     dirty: &AtomicBool,
     snap: &SnapshotContext,
 ) -> Result<LoopEnd, RunError> {
@@ -534,7 +576,7 @@ async fn node_loop(
     let local_check = config.polling_interval().unwrap_or(LOCAL_CHECK_FALLBACK);
     let shards = engine.transport().shard_count();
     info!(shards, publish = config.publish, replicate = config.replicate, "replicating");
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.requested() {
         let mut work = 0usize;
         let due = dirty.swap(false, Ordering::AcqRel) || t.last_local_check.elapsed() >= local_check;
         if due && Instant::now() >= t.publish_retry_at {

@@ -55,15 +55,22 @@ pub(crate) fn backoff(attempt: usize, max: Duration) -> Duration {
     BACKOFF_FIRST.saturating_mul(factor).min(max)
 }
 
-/// Connects to the servers in `opts`, retrying transient failures forever. Returns the
-/// client and the count of its connection losses.
+/// Connects to the servers in `opts`, retrying transient failures (for ever, or up to
+/// `opts.connect_attempts_max` attempts). Returns the client and the count of its
+/// connection losses.
 pub(crate) async fn connect(opts: &NatsOptions) -> Result<(async_nats::Client, Counter)> {
     let urls = opts.urls.join(",");
     let (counter, losses) = watch::channel(0u64);
     let counter = Arc::new(counter);
     let mut attempt = 0usize;
     loop {
-        tokio::time::sleep(backoff(attempt, opts.reconnect_wait_max)).await;
+        // Bounded attempts wait `reconnect_wait_max` between them, as Marmot v1 did; the
+        // unbounded ones back off from 50 ms.
+        let wait = match opts.connect_attempts_max {
+            Some(_) if attempt > 0 => opts.reconnect_wait_max,
+            _ => backoff(attempt, opts.reconnect_wait_max),
+        };
+        tokio::time::sleep(wait).await;
         attempt += 1;
         match connect_options(opts, counter.clone())?.connect(opts.urls.as_slice()).await {
             Ok(client) => {
@@ -72,6 +79,16 @@ pub(crate) async fn connect(opts: &NatsOptions) -> Result<(async_nats::Client, C
             }
             Err(err) => match err.kind() {
                 ConnectErrorKind::TimedOut | ConnectErrorKind::Io | ConnectErrorKind::Dns => {
+                    if opts.connect_attempts_max.is_some_and(|max| attempt >= max) {
+                        return Err(Error::Transport {
+                            message: format!(
+                                "cannot reach NATS at {urls} after {attempt} attempts \
+                                 (nats.connect_retries = {}; 0 waits for ever): {err}",
+                                attempt - 1
+                            ),
+                            retryable: false,
+                        });
+                    }
                     warn!(urls = %urls, attempt, error = %err, "cannot reach NATS yet; retrying");
                 }
                 _ => return Err(permanent(format!("connect to {urls}"), err)),

@@ -29,6 +29,9 @@ pub struct NatsOptions {
     /// Longest wait between two connection attempts. Attempts back off exponentially from
     /// 50 ms up to this; they never stop (Marmot v1: `reconnect_wait_seconds`).
     pub reconnect_wait_max: Duration,
+    /// Connection attempts at start before giving up (`None`: keep trying for ever).
+    /// After the first connection, the client reconnects for ever regardless.
+    pub connect_attempts_max: Option<usize>,
     /// How long one JetStream request or publish acknowledgement may take before it fails
     /// with a retryable error.
     pub request_timeout: Duration,
@@ -61,6 +64,7 @@ impl Default for NatsOptions {
             cert_file: None,
             key_file: None,
             reconnect_wait_max: Duration::from_secs(2),
+            connect_attempts_max: None,
             request_timeout: Duration::from_secs(10),
             stream_prefix: DEFAULT_STREAM_PREFIX.to_string(),
             subject_prefix: DEFAULT_SUBJECT_PREFIX.to_string(),
