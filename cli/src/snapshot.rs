@@ -111,12 +111,12 @@ pub async fn save(
     let replicas = config.replication_log.effective_replicas() as usize;
     let store = lease::lease_bucket(transport.jetstream(), &bucket, LEASE_TTL, replicas).await?;
     let holder = format!("node-{}", config.node_id);
-    let Some(held) = lease::try_acquire(&store, LEASE_KEY, &holder).await? else {
+    let Some(mut held) = lease::try_acquire(&store, LEASE_KEY, &holder).await? else {
         debug!("another node holds the snapshot lease");
         return Ok(Err(NotSaved::LeaseTaken));
     };
     let started = Instant::now();
-    let result = save_held(config, snapshots).await;
+    let result = held.hold_while(LEASE_TTL / 3, save_held(config, snapshots)).await;
     if let Err(e) = held.release().await {
         warn!(error = %e, "could not release the snapshot lease; it expires on its own");
     }

@@ -63,8 +63,34 @@ impl Lease {
         Ok(())
     }
 
-    /// Gives the lease up.
+    /// Runs `work` while renewing the lease every `every` (a third of its time to live is a
+    /// good choice), so that a long task keeps it; a failed renewal is logged and the work
+    /// goes on (the lease only keeps two savers apart).
+    pub async fn hold_while<T>(&mut self, every: Duration, work: impl std::future::Future<Output = T>) -> T {
+        tokio::pin!(work);
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                done = &mut work => return done,
+                _ = tick.tick() => {
+                    if let Err(e) = self.renew().await {
+                        tracing::warn!(key = %self.key, error = %e, "could not renew the lease; carrying on");
+                    } else {
+                        debug!(key = %self.key, "lease renewed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives the lease up, if it is still this holder's: a lease that expired and was
+    /// taken by another node meanwhile is left to that node (the purge names the revision
+    /// this holder last wrote, and the server refuses it when the key moved on).
     pub async fn release(self) -> Result<()> {
-        self.store.purge(&self.key).await.map_err(|e| kv_error("releasing", e))
+        self.store.purge_expect_revision(&self.key, Some(self.revision)).await.map_err(|e| {
+            kv_error("releasing (it expired and another node holds it now, or the server is unreachable)", e)
+        })
     }
 }
