@@ -72,6 +72,13 @@ pub fn record(engine: &Engine<SqliteChangeSource>) {
     }
 }
 
+/// Sets the `disk_full` gauge (applying paused on a full disk), when metrics are enabled.
+pub fn set_disk_full(full: bool) {
+    if let Some(m) = global() {
+        m.state().disk_full = full;
+    }
+}
+
 /// [`Metrics::spawn_collector`] on the process's metrics, when enabled.
 pub fn spawn_collector(transport: &Arc<NatsTransport>) -> Option<Collector> {
     global().map(|m| m.spawn_collector(transport.clone()))
@@ -121,6 +128,7 @@ struct State {
     stream_last: BTreeMap<u32, u64>,
     nats_connected: Option<bool>,
     nats_connects: u64,
+    disk_full: bool,
     embedded_restarts: Option<u64>,
     lag: Histogram,
     last_db_sample: Option<Instant>,
@@ -392,6 +400,12 @@ impl Metrics {
             .map(|(&shard, &last)| (shard, last.saturating_sub(s.positions.get(&shard).copied().unwrap_or(0))))
             .collect();
         out.per_shard("stream_lag_entries", "Entries the stream holds beyond this node's stored position.", &behind);
+        out.scalar(
+            "disk_full",
+            "gauge",
+            "1 while applying is paused because the database's disk is full.",
+            u64::from(s.disk_full),
+        );
         if let Some(connected) = s.nats_connected {
             out.scalar("nats_connected", "gauge", "1 while the NATS connection is up.", u64::from(connected));
             out.scalar(

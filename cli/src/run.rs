@@ -33,6 +33,9 @@ const SHUTDOWN_PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often, at most, a node that must restore, with no usable snapshot in the store,
 /// asks the cluster for one and looks again; the first waits are shorter.
 const NO_SNAPSHOT_RETRY: Duration = Duration::from_secs(15);
+/// The first wait before applying again on a full disk; it doubles up to
+/// [`PUBLISH_BACKOFF_MAX`].
+const DISK_FULL_RETRY_MIN: Duration = Duration::from_millis(200);
 /// The first wait for a snapshot asked from the cluster.
 const SNAPSHOT_WAIT_MIN: Duration = Duration::from_millis(500);
 
@@ -542,6 +545,46 @@ struct Timers {
     entries_since_snapshot: u64,
 }
 
+/// A full file system under the database: applying pauses (the stream keeps what is not
+/// applied yet) and is retried with backoff; logged once when it starts and once when it
+/// ends, and shown by the `disk_full` metric. Publishing goes on: it only reads.
+#[derive(Default)]
+struct DiskFull {
+    since: Option<Instant>,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+}
+
+impl DiskFull {
+    /// Whether applying waits for the next retry.
+    fn paused(&self) -> bool {
+        self.retry_at.is_some_and(|at| Instant::now() < at)
+    }
+
+    fn failed(&mut self, error: &Error) {
+        if self.since.is_none() {
+            self.since = Some(Instant::now());
+            self.backoff = DISK_FULL_RETRY_MIN;
+            warn!(error = %error,
+                "the database's disk is full: applying remote changes is paused and retried until space is \
+                 freed; nothing is lost (the streams keep the changes, and local ones stay pending)");
+            crate::metrics::set_disk_full(true);
+        } else {
+            debug!(error = %error, retry_in_ms = self.backoff.as_millis() as u64, "disk still full");
+        }
+        self.retry_at = Some(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(PUBLISH_BACKOFF_MAX);
+    }
+
+    fn succeeded(&mut self) {
+        if let Some(since) = self.since.take() {
+            info!(paused_ms = since.elapsed().as_millis() as u64, "disk space is available again; applying resumed");
+            crate::metrics::set_disk_full(false);
+            self.retry_at = None;
+        }
+    }
+}
+
 /// Why the node loop ended.
 #[derive(Debug, PartialEq, Eq)]
 enum LoopEnd {
@@ -573,6 +616,7 @@ async fn node_loop(
     let snapshot_every_entries =
         (config.replication_log.max_entries / u64::from(config.replication_log.shards.max(1))).max(1);
     let mut acks = crate::ack_flush::AckFlush::default();
+    let mut full = DiskFull::default();
     let local_check = config.polling_interval().unwrap_or(LOCAL_CHECK_FALLBACK);
     let shards = engine.transport().shard_count();
     info!(shards, publish = config.publish, replicate = config.replicate, "replicating");
@@ -585,18 +629,29 @@ async fn node_loop(
         }
         for s in 0..shards {
             let wait = if work == 0 && s + 1 == shards { IDLE_WAIT } else { Duration::ZERO };
+            if full.paused() {
+                break;
+            }
             match engine.receive_once(Shard(s), wait).await {
-                Ok(n) => work += n,
+                Ok(n) => {
+                    work += n;
+                    full.succeeded();
+                }
                 Err(e @ Error::Truncated { .. }) => {
                     warn!(error = %e, "this node missed entries the stream no longer holds");
                     return Ok(LoopEnd::Behind);
                 }
+                Err(e) if e.is_disk_full() => full.failed(&e),
                 Err(e) if e.is_retryable() => {
                     warn!(shard = s, error = %e, "receive failed; retrying");
                     tokio::time::sleep(IDLE_WAIT).await;
                 }
                 Err(e) => return Err(e.into()),
             }
+        }
+        if full.paused() {
+            // Nothing to apply meanwhile: do not spin.
+            tokio::time::sleep(IDLE_WAIT).await;
         }
         if work > 0 {
             t.last_activity = Instant::now();
@@ -610,12 +665,19 @@ async fn node_loop(
         if snap.snapshots.is_some() && (by_entries || by_time || asked) {
             t.entries_since_snapshot = 0;
             t.last_snapshot = Instant::now();
-            engine.flush().await?;
-            snap.start_save(true);
+            match engine.flush().await {
+                Ok(()) => snap.start_save(true),
+                Err(e) if e.is_disk_full() => full.failed(&e),
+                Err(e) => return Err(e.into()),
+            }
         }
-        if t.last_maintain.elapsed() >= config.cleanup_interval() {
+        if t.last_maintain.elapsed() >= config.cleanup_interval() && !full.paused() {
             t.last_maintain = Instant::now();
-            engine.maintain().await?;
+            match engine.maintain().await {
+                Ok(()) => {}
+                Err(e) if e.is_disk_full() => full.failed(&e),
+                Err(e) => return Err(e.into()),
+            }
         }
         if let Some(sleep) = config.sleep_timeout() {
             if t.last_activity.elapsed() >= sleep {

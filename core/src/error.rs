@@ -105,6 +105,16 @@ impl Error {
         }
     }
 
+    /// Whether the database's file system is full (`SQLITE_FULL`, or an I/O error saying
+    /// so): nothing is wrong with the data; the same write succeeds once space is freed.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            Error::Sqlite { source, .. } => source.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull),
+            Error::Io { source, .. } => source.kind() == std::io::ErrorKind::StorageFull,
+            _ => false,
+        }
+    }
+
     /// Whether the error comes from the data of a batch rather than from this node's
     /// state: applying the same batch again fails the same way, so it is parked (a missing
     /// table or column, a constraint the local schema adds, a value SQLite refuses).

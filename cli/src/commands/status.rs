@@ -17,6 +17,9 @@ use serde::Serialize;
 use super::{capture_installed, connect, open_readonly, published_and_local, NatsTarget};
 use crate::config::Config;
 
+/// Below this many free bytes the database's disk is reported as full.
+const DISK_NEARLY_FULL_BYTES: u64 = 64 * 1024;
+
 /// Parked batches listed in full (the count covers all of them).
 const PARKED_LISTED_MAX: usize = 10;
 
@@ -54,6 +57,9 @@ pub struct Status {
     pub remote_ahead_ms: u64,
     /// `max_clock_skew`, in ms (0 = never warn).
     pub max_clock_skew_ms: u64,
+    /// Bytes free on the file system that holds the database (for the node's user); when
+    /// it is full, applying pauses until space is freed.
+    pub db_free_bytes: Option<u64>,
     /// Since when (ms since the epoch) the node waits for a snapshot that covers what the
     /// streams dropped; 0 when it does not wait.
     pub waiting_for_snapshot_since_ms: u64,
@@ -159,6 +165,7 @@ pub fn read_database(config: &Config) -> Result<Status, String> {
         remote_ahead_ms: 0,
         max_clock_skew_ms: config.max_clock_skew_ms,
         waiting_for_snapshot_since_ms: 0,
+        db_free_bytes: free_bytes(&config.db_path),
         nats: NatsStatus { urls: Vec::new(), embedded: config.embedded_nats(), reachable: false, note: None },
         shards: Vec::new(),
     };
@@ -178,6 +185,17 @@ pub fn read_database(config: &Config) -> Result<Status, String> {
         })
         .collect();
     Ok(status)
+}
+
+/// Bytes available to unprivileged users on the file system holding `path`.
+fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 fn now_ms() -> u64 {
@@ -299,6 +317,14 @@ pub fn render(s: &Status) -> String {
         hlc(s.last_local_hlc),
         hlc(s.published_hlc)
     );
+    if let Some(free) = s.db_free_bytes {
+        let full = if free < DISK_NEARLY_FULL_BYTES {
+            "  DISK FULL: applying remote changes pauses until space is freed (nothing is lost)"
+        } else {
+            ""
+        };
+        let _ = writeln!(o, "database disk: {} MiB free{full}", free / (1024 * 1024));
+    }
     if s.waiting_for_snapshot_since_ms > 0 {
         let waited = now_ms().saturating_sub(s.waiting_for_snapshot_since_ms) / 1000;
         let _ = writeln!(
