@@ -486,6 +486,10 @@ fn open_engine(config: &Config, transport: Arc<dyn LogTransport>) -> Result<Engi
         publish: config.publish,
         replicate: config.replicate,
         clock_skew_ms_max: config.max_clock_skew_ms,
+        // A quarter of what one shard's stream keeps: an incomplete batch is parked well
+        // before the stream drops the entries its hold would force a restart to re-read.
+        stray_after_entries: (config.replication_log.max_entries / u64::from(config.replication_log.shards.max(1)) / 4)
+            .clamp(8, marmot_core::wire::STRAY_AFTER_ENTRIES_DEFAULT),
         ..EngineConfig::default()
     };
     Ok(Engine::new(source, db, transport, engine_config))

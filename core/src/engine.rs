@@ -22,7 +22,7 @@ use crate::model::{Hlc, NodeId, Position, Shard};
 use crate::source::ChangeSource;
 use crate::sqlite::Db;
 use crate::transport::{LogTransport, Subscription};
-use crate::wire::{self, Assembled, EncodeOptions, Reassembler};
+use crate::wire::{self, Assembled, EncodeOptions, Reassembler, Stray};
 
 /// Default of [`EngineConfig::clock_skew_ms_max`]: one minute.
 pub const CLOCK_SKEW_MS_MAX_DEFAULT: u64 = 60_000;
@@ -41,6 +41,11 @@ pub struct EngineConfig {
     /// A remote batch whose versions are further ahead of this node's wall clock than this
     /// is logged as clock skew (0: never). Every node's clock follows the fastest one.
     pub clock_skew_ms_max: u64,
+    /// An incomplete multi-part batch is parked after this many more entries of its shard
+    /// (its origin crashed between parts and never publishes again), so that it never
+    /// holds the shard's stored position back for ever. Keep it well below the entries a
+    /// stream keeps.
+    pub stray_after_entries: u64,
 }
 
 impl Default for EngineConfig {
@@ -51,6 +56,7 @@ impl Default for EngineConfig {
             publish: true,
             replicate: true,
             clock_skew_ms_max: CLOCK_SKEW_MS_MAX_DEFAULT,
+            stray_after_entries: wire::STRAY_AFTER_ENTRIES_DEFAULT,
         }
     }
 }
@@ -90,6 +96,10 @@ pub struct EngineStats {
     pub remote_ahead_ms: u64,
     /// Remote batches whose versions were more than `clock_skew_ms_max` ahead.
     pub skewed_batches: u64,
+    /// Incomplete batches parked after waiting `stray_after_entries` for their other parts.
+    pub strays_parked: u64,
+    /// Parked incomplete batches fed back because more of their parts arrived.
+    pub strays_adopted: u64,
 }
 
 struct ShardReader {
@@ -110,6 +120,12 @@ pub struct Engine<S: ChangeSource> {
     /// Positions passed by entries that needed no database write (this node's own
     /// batches); stored by [`Engine::flush`] or with the next applied batch.
     deferred_positions: BTreeMap<Shard, Position>,
+    /// Parked parts of incomplete batches, by origin and batch id: their parked ids.
+    /// Loaded from the database when first needed.
+    strays: Option<BTreeMap<(NodeId, u64), Vec<i64>>>,
+    /// Parked parts fed back into a reassembler because more of their batch arrived;
+    /// unparked once the batch is applied (or parked whole).
+    adopted: BTreeMap<(NodeId, u64), Vec<i64>>,
 }
 
 /// The shard an origin publishes to: its transactions stay in order.
@@ -134,6 +150,8 @@ impl<S: ChangeSource> Engine<S> {
             faults: Faults::default(),
             parked_generation,
             deferred_positions: BTreeMap::new(),
+            strays: None,
+            adopted: BTreeMap::new(),
         }
     }
 
@@ -194,7 +212,8 @@ impl<S: ChangeSource> Engine<S> {
             let from = self.db.position(shard)?;
             let sub = self.transport.subscribe(shard, from).await?;
             debug!(shard = %shard, after = %from, "subscribed");
-            self.readers.insert(shard, ShardReader { sub, reassembler: Reassembler::default() });
+            let reassembler = Reassembler::new(self.config.stray_after_entries);
+            self.readers.insert(shard, ShardReader { sub, reassembler });
         }
         Ok(self.readers.get_mut(&shard).expect("reader just inserted"))
     }
@@ -225,9 +244,26 @@ impl<S: ChangeSource> Engine<S> {
     }
 
     fn process(&mut self, shard: Shard, position: Position, payload: &[u8]) -> Result<()> {
+        let key = self.adopt_parked_parts(shard, payload)?;
         let reader = self.readers.get_mut(&shard).expect("reader exists while processing");
         let assembled = reader.reassembler.feed(position, payload);
+        let strays = reader.reassembler.take_strays();
         let safe = reader.reassembler.safe_position(position);
+        for stray in strays {
+            // Not past this entry: it is applied (and its position stored) below.
+            self.park_stray(shard, Position(safe.0.min(position.0 - 1)), stray)?;
+        }
+        let done = !matches!(assembled, Assembled::Incomplete);
+        self.handle(shard, position, safe, assembled)?;
+        if let Some(ids) = key.filter(|_| done).and_then(|k| self.adopted.remove(&k)) {
+            for id in ids {
+                self.db.unpark(id)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, shard: Shard, position: Position, safe: Position, assembled: Assembled) -> Result<()> {
         match assembled {
             Assembled::Incomplete => Ok(()),
             Assembled::Bad { error, bytes } => self.park(shard, safe, &error, &bytes),
@@ -262,6 +298,55 @@ impl<S: ChangeSource> Engine<S> {
                 }
             }
         }
+    }
+
+    /// When `payload` is a part of a batch whose earlier parts were parked as a stray,
+    /// feeds those parts back into the shard's reassembler first. Returns the entry's
+    /// batch key while parked parts of it are in play.
+    fn adopt_parked_parts(&mut self, shard: Shard, payload: &[u8]) -> Result<Option<(NodeId, u64)>> {
+        if self.strays.is_none() {
+            let mut strays: BTreeMap<(NodeId, u64), Vec<i64>> = BTreeMap::new();
+            for (id, _, bytes) in self.db.parked()? {
+                if let Some((origin, batch_id, _)) = wire::decode_stray(&bytes) {
+                    strays.entry((origin, batch_id)).or_default().push(id);
+                }
+            }
+            self.strays = Some(strays);
+        }
+        let strays = self.strays.as_mut().expect("loaded above");
+        if strays.is_empty() && self.adopted.is_empty() {
+            return Ok(None);
+        }
+        let Some(key) = Reassembler::multi_part_key(payload) else { return Ok(None) };
+        if let Some(ids) = strays.remove(&key) {
+            let reader = self.readers.get_mut(&shard).expect("reader exists while processing");
+            for (id, _, bytes) in self.db.parked()?.into_iter().filter(|(id, _, _)| ids.contains(id)) {
+                if let Some((_, _, parts)) = wire::decode_stray(&bytes) {
+                    reader.reassembler.adopt(&parts);
+                    self.stats.strays_adopted += 1;
+                    info!(parked_id = id, origin = %key.0, batch = key.1, "more of a parked incomplete batch arrived");
+                }
+            }
+            self.adopted.entry(key).or_default().extend(ids);
+        }
+        Ok(self.adopted.contains_key(&key).then_some(key))
+    }
+
+    fn park_stray(&mut self, shard: Shard, position: Position, stray: Stray) -> Result<()> {
+        let error = Error::Corrupt(format!(
+            "incomplete batch {} of node {}: {} of its {} parts arrived, the rest not within {} entries \
+             (its origin stopped between parts; it publishes those changes again if it comes back)",
+            stray.batch_id,
+            stray.origin,
+            stray.parts.len(),
+            stray.part_count,
+            self.config.stray_after_entries
+        ));
+        self.park(shard, position, &error, &wire::encode_stray(&stray))?;
+        self.stats.strays_parked += 1;
+        // Reloaded when next needed, with this one's id.
+        self.strays = None;
+        Ok(())
     }
 
     fn note_skew(&mut self, origin: NodeId, ahead_ms: u64) {

@@ -302,37 +302,84 @@ struct Partial {
     batch_id: u64,
     compressed: bool,
     first_position: Position,
+    /// The reassembler's entry count when the first part arrived.
+    fed_at: u64,
     chunks: BTreeMap<u32, Vec<u8>>,
-    raw: Vec<u8>,
+    /// Each part as it arrived, with its position (parked as is if the batch never
+    /// completes).
+    parts: Vec<(Position, Vec<u8>)>,
     count: u32,
 }
 
 impl Partial {
-    fn new(h: &PartHeader, first_position: Position) -> Partial {
+    fn new(h: &PartHeader, first_position: Position, fed_at: u64) -> Partial {
         Partial {
             batch_id: h.batch_id,
             compressed: h.compressed,
             first_position,
+            fed_at,
             chunks: BTreeMap::new(),
-            raw: Vec::new(),
+            parts: Vec::new(),
             count: h.part_count,
         }
     }
+
+    fn raw(&self) -> Vec<u8> {
+        self.parts.iter().flat_map(|(_, p)| p.iter().copied()).collect()
+    }
 }
+
+/// An incomplete batch given up on: its other parts did not arrive within the
+/// reassembler's bound. Park it ([`encode_stray`]); if the rest shows up later, feed the
+/// parked parts back with [`Reassembler::adopt`].
+#[derive(Debug)]
+pub struct Stray {
+    /// The batch's origin.
+    pub origin: NodeId,
+    /// The batch's id at its origin.
+    pub batch_id: u64,
+    /// How many parts the batch has.
+    pub part_count: u32,
+    /// The parts that arrived, with their positions.
+    pub parts: Vec<(Position, Vec<u8>)>,
+}
+
+/// Entries after which an incomplete batch is given up on, unless configured.
+pub const STRAY_AFTER_ENTRIES_DEFAULT: u64 = 1000;
 
 /// Reassembles the parts of batches read from one shard, in position order.
 ///
 /// Parts of different origins may interleave. When an origin starts a new batch while an
 /// older one is incomplete, the older one is dropped: its origin crashed mid-publish and
-/// republishes those changes (never acknowledged) in a later batch.
-#[derive(Default)]
+/// republishes those changes (never acknowledged) in a later batch. An incomplete batch
+/// whose origin never publishes again (it crashed for good, or is cut off) is given up on
+/// after `stray_after` more entries ([`take_strays`](Self::take_strays)), so that it never
+/// holds the shard's stored position back for ever.
 pub struct Reassembler {
     partial: BTreeMap<u64, Partial>,
+    /// First and last positions of multi-part batches completed lately: a stored position
+    /// must never fall inside one, or a reader resuming there would see its later parts
+    /// without the first (an orphan that never completes).
+    completed: Vec<(Position, Position)>,
+    fed: u64,
+    stray_after: u64,
+}
+
+impl Default for Reassembler {
+    fn default() -> Self {
+        Reassembler::new(STRAY_AFTER_ENTRIES_DEFAULT)
+    }
 }
 
 impl Reassembler {
+    /// A reassembler that gives an incomplete batch up after `stray_after` more entries.
+    pub fn new(stray_after: u64) -> Reassembler {
+        Reassembler { partial: BTreeMap::new(), completed: Vec::new(), fed: 0, stray_after: stray_after.max(1) }
+    }
+
     /// Feeds the entry at `position`.
     pub fn feed(&mut self, position: Position, payload: &[u8]) -> Assembled {
+        self.fed += 1;
         let (h, chunk) = match decode_part(payload) {
             Ok(x) => x,
             Err(error) => return Assembled::Bad { error, bytes: payload.to_vec() },
@@ -349,40 +396,115 @@ impl Reassembler {
                 Err(error) => Assembled::Bad { error, bytes: payload.to_vec() },
             };
         }
-        let p = self.partial.entry(h.origin.0).or_insert_with(|| Partial::new(&h, position));
+        let fed = self.fed;
+        let p = self.partial.entry(h.origin.0).or_insert_with(|| Partial::new(&h, position, fed));
         if p.batch_id != h.batch_id || p.count != h.part_count || p.compressed != h.compressed {
-            *p = Partial::new(&h, position);
+            *p = Partial::new(&h, position, fed);
         }
+        p.first_position = p.first_position.min(position);
         if p.chunks.insert(h.part_index, chunk).is_none() {
-            p.raw.extend_from_slice(payload);
+            p.parts.push((position, payload.to_vec()));
         }
         if p.chunks.len() < p.count as usize {
             return Assembled::Incomplete;
         }
         let p = self.partial.remove(&h.origin.0).expect("partial batch present");
+        let last = p.parts.iter().map(|(pos, _)| *pos).max().unwrap_or(position);
+        self.completed.push((p.first_position, last));
+        let raw = p.raw();
         let body: Vec<u8> = p.chunks.into_values().flatten().collect();
         match decode_chunks(p.compressed, &body) {
             Ok(b) if b.origin == h.origin => Assembled::Batch(b),
-            Ok(_) => Assembled::Bad { error: Error::Corrupt("origin mismatch".into()), bytes: p.raw },
-            Err(error) => Assembled::Bad { error, bytes: p.raw },
+            Ok(_) => Assembled::Bad { error: Error::Corrupt("origin mismatch".into()), bytes: raw },
+            Err(error) => Assembled::Bad { error, bytes: raw },
         }
+    }
+
+    /// Feeds parts parked earlier as a [`Stray`] (when a later part of the same batch
+    /// arrived). Returns what the last of them produced.
+    pub fn adopt(&mut self, parts: &[(Position, Vec<u8>)]) -> Option<Assembled> {
+        let mut out = None;
+        for (position, payload) in parts {
+            self.fed = self.fed.saturating_sub(1);
+            out = Some(self.feed(*position, payload));
+        }
+        out
+    }
+
+    /// The origin and batch id of an entry, when it is one part of a multi-part batch.
+    pub fn multi_part_key(payload: &[u8]) -> Option<(NodeId, u64)> {
+        decode_part(payload).ok().filter(|(h, _)| h.part_count > 1).map(|(h, _)| (h.origin, h.batch_id))
+    }
+
+    /// Incomplete batches that waited more than `stray_after` entries for their other
+    /// parts: removed here, to be parked by the caller.
+    pub fn take_strays(&mut self) -> Vec<Stray> {
+        let (fed, after) = (self.fed, self.stray_after);
+        let old: Vec<u64> = self.partial.iter().filter(|(_, p)| fed - p.fed_at > after).map(|(o, _)| *o).collect();
+        old.into_iter()
+            .filter_map(|origin| self.partial.remove(&origin).map(|p| (origin, p)))
+            .map(|(origin, p)| Stray {
+                origin: NodeId(origin),
+                batch_id: p.batch_id,
+                part_count: p.count,
+                parts: p.parts,
+            })
+            .collect()
     }
 
     /// The position up to which a consumer can record progress: everything at or before it
     /// is fully processed, given that everything through `done` has been fed.
-    /// Incomplete batches hold it back so that a restart re-reads their parts.
-    pub fn safe_position(&self, done: Position) -> Position {
-        self.partial
+    /// Incomplete batches hold it back so that a restart re-reads their parts, and it never
+    /// falls between the parts of a batch completed meanwhile (a restart re-reads that
+    /// batch whole; applying it again changes nothing).
+    pub fn safe_position(&mut self, done: Position) -> Position {
+        let mut held = self
+            .partial
             .values()
             .map(|p| Position(p.first_position.0.saturating_sub(1)))
             .min()
-            .map_or(done, |held| held.min(done))
+            .map_or(done, |held| held.min(done));
+        loop {
+            let inside = self.completed.iter().find(|(first, last)| *first <= held && held < *last);
+            match inside {
+                Some((first, _)) => held = Position(first.0.saturating_sub(1)),
+                None => break,
+            }
+        }
+        self.completed.retain(|(_, last)| *last > held);
+        held
     }
 
     /// Forgets every incomplete batch (after a resubscription).
     pub fn clear(&mut self) {
         self.partial.clear();
+        self.completed.clear();
     }
+}
+
+/// Marks parked bytes that hold the parts of a [`Stray`].
+const STRAY_MAGIC: &[u8; 4] = b"MRST";
+
+/// One parked part: its position and its bytes.
+#[derive(Serialize, Deserialize)]
+struct WireStrayPart(u64, #[serde(with = "serde_bytes_compat")] Vec<u8>);
+
+/// Encodes a stray's parts for parking.
+pub fn encode_stray(stray: &Stray) -> Vec<u8> {
+    let parts: Vec<WireStrayPart> = stray.parts.iter().map(|(p, b)| WireStrayPart(p.0, b.clone())).collect();
+    let mut out = STRAY_MAGIC.to_vec();
+    out.extend(to_cbor(&(stray.origin.0, stray.batch_id, parts)));
+    out
+}
+
+/// Parts of a batch with their positions.
+pub type Parts = Vec<(Position, Vec<u8>)>;
+
+/// Decodes parked bytes written by [`encode_stray`]: origin, batch id and the parts.
+pub fn decode_stray(bytes: &[u8]) -> Option<(NodeId, u64, Parts)> {
+    let body = bytes.strip_prefix(STRAY_MAGIC)?;
+    let (origin, batch_id, parts): (u64, u64, Vec<WireStrayPart>) = ciborium::from_reader(body).ok()?;
+    Some((NodeId(origin), batch_id, parts.into_iter().map(|WireStrayPart(p, b)| (Position(p), b)).collect()))
 }
 
 #[cfg(test)]

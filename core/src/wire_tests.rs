@@ -195,3 +195,84 @@ fn a_single_part_batch_from_the_same_origin_releases_the_held_position() {
     assert!(matches!(r.feed(Position(4), &single[0].payload), Assembled::Batch(_)));
     assert_eq!(r.safe_position(Position(4)), Position(4), "the abandoned batch no longer holds the shard back");
 }
+
+/// A batch of `origin` that splits into two parts or more at 100 bytes per part.
+fn two_part(origin: u64, n: u8) -> (Batch, Vec<EncodedPart>) {
+    let b = Batch {
+        origin: NodeId(origin),
+        tables: vec![TableChanges {
+            table: "t".into(),
+            columns: vec!["id".into()],
+            pk: vec![0],
+            rows: vec![RowChange { hlc: Hlc(n as u64), op: Op::Upsert, values: vec![Value::Blob(vec![n; 150])] }],
+        }],
+    };
+    let parts = encode_batch(&b, EncodeOptions { compress: false, part_bytes_max: 100 });
+    assert!(parts.len() >= 2);
+    (b, parts)
+}
+
+#[test]
+fn the_stored_position_never_falls_between_the_parts_of_a_batch() {
+    // Issue #13, finding 8: A part 0 at 10, B part 0 at 11, A part 1 at 12. Storing 10
+    // (before B) would make a resumed reader see A's part 1 without its part 0.
+    let (a, a_parts) = two_part(1, 1);
+    let (b, b_parts) = two_part(2, 2);
+    // A's first part, B's first part, the rest of A, the rest of B.
+    let order =
+        std::iter::once(&a_parts[0]).chain(std::iter::once(&b_parts[0])).chain(&a_parts[1..]).chain(&b_parts[1..]);
+    let stream: Vec<(u64, &EncodedPart)> = order.enumerate().map(|(i, p)| (10 + i as u64, p)).collect();
+    let a_done = 11 + a_parts.len() as u64 - 1;
+    let mut r = Reassembler::default();
+    for (pos, part) in stream.iter().filter(|(pos, _)| *pos <= a_done) {
+        assert_eq!(matches!(r.feed(Position(*pos), &part.payload), Assembled::Batch(_)), *pos == a_done);
+    }
+    let stored = r.safe_position(Position(a_done));
+    assert_eq!(stored, Position(9), "held before A's first part, since B is incomplete");
+    // A reader resuming after the stored position gets both batches whole.
+    let mut resumed = Reassembler::default();
+    let mut got = Vec::new();
+    for (pos, part) in stream.iter().filter(|(pos, _)| *pos > stored.0) {
+        if let Assembled::Batch(batch) = resumed.feed(Position(*pos), &part.payload) {
+            got.push(batch);
+        }
+    }
+    assert_eq!(got, [a, b]);
+    let end = stream.last().unwrap().0;
+    assert_eq!(resumed.safe_position(Position(end)), Position(end));
+}
+
+#[test]
+fn a_batch_whose_origin_never_sends_the_rest_is_given_up_and_can_be_adopted_later() {
+    // Issue #13, finding 7: part 0 of 2 from an origin that then stops for good.
+    let (a, a_parts) = two_part(1, 1);
+    let other = encode_batch(&Batch { origin: NodeId(3), tables: vec![] }, EncodeOptions::default());
+    let mut r = Reassembler::new(3);
+    assert!(matches!(r.feed(Position(1), &a_parts[0].payload), Assembled::Incomplete));
+    let mut strays = Vec::new();
+    for pos in 2..=5 {
+        r.feed(Position(pos), &other[0].payload);
+        strays.extend(r.take_strays());
+        if pos < 5 {
+            assert!(strays.is_empty(), "given up too early, at {pos}");
+            assert_eq!(r.safe_position(Position(pos)), Position(0));
+        }
+    }
+    assert_eq!(strays.len(), 1, "given up after 3 more entries");
+    assert_eq!(r.safe_position(Position(5)), Position(5), "the shard's position moves on");
+    let parked = encode_stray(&strays[0]);
+    let (origin, batch_id, parts) = decode_stray(&parked).expect("a parked stray decodes");
+    assert_eq!((origin, parts.len()), (NodeId(1), 1));
+    assert_eq!(Reassembler::multi_part_key(&a_parts[1].payload), Some((origin, batch_id)));
+    assert!(decode_single(&parked).is_err(), "a parked stray is never taken for a batch");
+    // The rest arrives after all (a slow origin): the parked part is fed back first.
+    assert!(matches!(r.adopt(&parts), Some(Assembled::Incomplete)));
+    let mut last = None;
+    for (i, p) in a_parts[1..].iter().enumerate() {
+        last = Some(r.feed(Position(6 + i as u64), &p.payload));
+    }
+    match last {
+        Some(Assembled::Batch(batch)) => assert_eq!(batch, a),
+        other => panic!("expected the whole batch, got {other:?}"),
+    }
+}

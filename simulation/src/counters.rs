@@ -59,6 +59,11 @@ counters! {
     rows_skipped,
     /// Batches parked (for example, naming a column the node does not have yet).
     parked_batches,
+    /// Incomplete batches parked after waiting for their other parts (a publish that
+    /// stored some parts and failed; the origin publishes again later).
+    strays_parked,
+    /// Parked incomplete batches completed because their other parts arrived.
+    strays_adopted,
     /// Migrations run during the chaos phase (the rest run when healing).
     migrations,
     /// Rows set aside by a unique conflict (`users.email`).

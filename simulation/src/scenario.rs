@@ -129,6 +129,10 @@ pub struct FaultMix {
     pub part_bytes_max: usize,
     /// Compress batches.
     pub compress: bool,
+    /// Entries after which an incomplete batch is parked as a stray (small, so that the
+    /// parts of a batch whose publish partly failed are parked, then adopted when the
+    /// origin publishes the rest).
+    pub stray_after_entries: u64,
 }
 
 /// A whole simulation run.
@@ -238,14 +242,16 @@ fn fault_mix() -> impl Strategy<Value = FaultMix> {
         prop_oneof![Just(0.0), 0.0..0.2],
         prop_oneof![Just(1 << 20), 16usize..400],
         any::<bool>(),
+        prop_oneof![Just(marmot_core::wire::STRAY_AFTER_ENTRIES_DEFAULT), 1u64..12],
     )
-        .prop_map(|(delay, redeliver, fail, lost, part, compress)| FaultMix {
+        .prop_map(|(delay, redeliver, fail, lost, part, compress, stray_after_entries)| FaultMix {
             delay_ticks_max: delay,
             redeliver_probability: redeliver,
             publish_fail_probability: fail,
             publish_lost_ack_probability: lost,
             part_bytes_max: part,
             compress,
+            stray_after_entries,
         })
 }
 

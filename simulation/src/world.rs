@@ -67,6 +67,7 @@ fn engine_config(s: &Scenario) -> EngineConfig {
     EngineConfig {
         encode: EncodeOptions { compress: s.faults.compress, part_bytes_max: s.faults.part_bytes_max },
         fetch_entries_max: 8,
+        stray_after_entries: s.faults.stray_after_entries,
         ..EngineConfig::default()
     }
 }
@@ -365,6 +366,8 @@ impl World {
             c.batches_applied += stats.batches_applied;
             c.rows_skipped += stats.rows_skipped;
             c.parked_batches += stats.batches_parked;
+            c.strays_parked += stats.strays_parked;
+            c.strays_adopted += stats.strays_adopted;
         }
         c
     }
