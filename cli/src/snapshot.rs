@@ -180,7 +180,10 @@ pub async fn needs_restore(db: &Db, transport: &dyn LogTransport) -> Result<Opti
     for s in 0..transport.shard_count() {
         let shard = Shard(s);
         let bounds = transport.bounds(shard).await?;
-        let done = db.position(shard)?;
+        let stored_epoch = db.stream_epoch(shard)?;
+        // A position in a log since deleted and created again means nothing in the new one.
+        let recreated = stored_epoch != 0 && bounds.epoch != 0 && stored_epoch != bounds.epoch;
+        let done = if recreated { Position(0) } else { db.position(shard)? };
         if !bounds.can_resume_after(done) {
             warn!(
                 shard = s,
@@ -201,11 +204,12 @@ pub async fn restore(
     transport: &dyn LogTransport,
     snapshots: &Snapshots,
 ) -> Result<Manifest, RunError> {
-    let mut firsts = Vec::new();
+    let mut bounds = Vec::new();
     for s in 0..transport.shard_count() {
-        firsts.push((Shard(s), transport.bounds(Shard(s)).await?));
+        bounds.push(transport.bounds(Shard(s)).await?);
     }
-    let usable = move |m: &Manifest| firsts.iter().all(|(s, b)| b.can_resume_after(m.position(*s)));
+    let shards = transport.shard_count();
+    let usable = move |m: &Manifest| m.usable_with(shards, |s| bounds[s.0 as usize]);
     let mut db = Db::open(&config.db_path, NodeId(config.node_id), CaptureOptions::default())?;
     let mut progress = ProgressReporter::new("restoring snapshot");
     let manifest = snapshots

@@ -100,6 +100,8 @@ pub struct EngineStats {
     pub strays_parked: u64,
     /// Parked incomplete batches fed back because more of their parts arrived.
     pub strays_adopted: u64,
+    /// Shards whose log was found deleted and created again, and read from its start.
+    pub streams_restarted: u64,
 }
 
 struct ShardReader {
@@ -209,6 +211,7 @@ impl<S: ChangeSource> Engine<S> {
 
     async fn reader(&mut self, shard: Shard) -> Result<&mut ShardReader> {
         if !self.readers.contains_key(&shard) {
+            self.check_epoch(shard).await?;
             let from = self.db.position(shard)?;
             let sub = self.transport.subscribe(shard, from).await?;
             debug!(shard = %shard, after = %from, "subscribed");
@@ -216,6 +219,33 @@ impl<S: ChangeSource> Engine<S> {
             self.readers.insert(shard, ShardReader { sub, reassembler });
         }
         Ok(self.readers.get_mut(&shard).expect("reader just inserted"))
+    }
+
+    /// Records (or checks) the epoch of every shard's log, as subscribing does; a snapshot
+    /// saved afterwards names the logs its positions belong to.
+    pub async fn check_epochs(&mut self) -> Result<()> {
+        for s in 0..self.transport.shard_count() {
+            self.check_epoch(Shard(s)).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes sure the stored position of `shard` belongs to the log the transport has now:
+    /// a log deleted and created again (its data lost) is read again from its start,
+    /// instead of skipping its first entries up to the old position.
+    async fn check_epoch(&mut self, shard: Shard) -> Result<()> {
+        let epoch = self.transport.bounds(shard).await?.epoch;
+        let stored = self.db.stream_epoch(shard)?;
+        if epoch == 0 || stored == epoch {
+            return Ok(());
+        }
+        if stored == 0 {
+            return self.db.set_stream_epoch(shard, epoch);
+        }
+        warn!(shard = %shard, position = %self.db.position(shard)?,
+            "the stream of this shard was deleted and created again (its data lost); reading the new one from its start");
+        self.stats.streams_restarted += 1;
+        self.db.restart_shard(shard, epoch)
     }
 
     /// Reads what `shard` has (waiting at most `wait` for the first entry) and applies it.

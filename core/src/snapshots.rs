@@ -40,6 +40,10 @@ pub struct Manifest {
     pub created_ms: u64,
     /// Stream positions the snapshot has applied: `[shard, position]` pairs.
     pub positions: Vec<(u32, u64)>,
+    /// The epoch of each shard's log those positions belong to: `[shard, epoch]` pairs
+    /// (absent in older manifests: unknown).
+    #[serde(default)]
+    pub epochs: Vec<(u32, u64)>,
     /// Size of the database.
     pub db_bytes: u64,
     /// Size of the compressed object.
@@ -54,10 +58,31 @@ impl Manifest {
         Position(self.positions.iter().find(|(s, _)| *s == shard.0).map_or(0, |(_, p)| *p))
     }
 
-    /// How much of the streams the snapshot has applied: its positions summed, then its
-    /// creation time. Higher is better.
-    pub fn coverage(&self) -> (u64, u64) {
-        (self.positions.iter().map(|(_, p)| *p).sum(), self.created_ms)
+    /// The epoch of the log `shard`'s position belongs to (0 when unknown).
+    pub fn epoch(&self, shard: Shard) -> u64 {
+        self.epochs.iter().find(|(s, _)| *s == shard.0).map_or(0, |(_, e)| *e)
+    }
+
+    /// Whether the streams, whose bounds are `bounds(shard)`, can be replayed from this
+    /// snapshot's positions: each position belongs to the shard's current log and that log
+    /// still holds the next entry. A snapshot of a log since deleted and created again is
+    /// never usable: what the old log held after its positions is gone. (An epoch unknown
+    /// on either side, as in manifests of older builds, is taken to match.)
+    pub fn usable_with(&self, shards: u32, bounds: impl Fn(Shard) -> crate::Bounds) -> bool {
+        (0..shards).map(Shard).all(|s| {
+            let b = bounds(s);
+            let (mine, theirs) = (self.epoch(s), b.epoch);
+            (mine == 0 || theirs == 0 || mine == theirs) && b.can_resume_after(self.position(s))
+        })
+    }
+
+    /// How much of the streams the snapshot has applied: first the logs its positions
+    /// belong to (a log created later has a higher epoch: positions in a log since
+    /// recreated are worth nothing), then its positions summed, then its creation time.
+    /// Higher is better.
+    pub fn coverage(&self) -> (u128, u64, u64) {
+        let epochs = self.epochs.iter().map(|(_, e)| u128::from(*e)).sum();
+        (epochs, self.positions.iter().map(|(_, p)| *p).sum(), self.created_ms)
     }
 }
 
@@ -126,6 +151,7 @@ impl Snapshots {
             node_id: node.0,
             created_ms: now_ms,
             positions: saved.positions.iter().map(|(s, p)| (s.0, p.0)).collect(),
+            epochs: saved.epochs.iter().map(|(s, e)| (s.0, *e)).collect(),
             db_bytes: saved.db_bytes,
             compressed_bytes: saved.compressed_bytes,
             checksum: saved.checksum.clone(),
@@ -284,6 +310,7 @@ mod tests {
             node_id: 1,
             created_ms: ms,
             positions: vec![(0, position)],
+            epochs: Vec::new(),
             db_bytes: 0,
             compressed_bytes: 0,
             checksum: String::new(),

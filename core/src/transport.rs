@@ -24,6 +24,10 @@ pub struct Bounds {
     pub first: Position,
     /// The last position ever assigned (0 when nothing was ever published).
     pub last: Position,
+    /// Identifies this incarnation of the shard's log (JetStream: the stream's creation
+    /// time). A log deleted and created again (its data lost) has another epoch, and
+    /// positions stored against the old one mean nothing in it. 0: unknown.
+    pub epoch: u64,
 }
 
 impl Bounds {

@@ -122,6 +122,10 @@ counters! {
     op_null_nk,
     /// Upserts of `late`, the table the migration creates.
     op_upsert_late,
+    /// Logs lost and created again (the nodes then read the new ones from their start).
+    streams_recreated,
+    /// Shards a node found recreated and read again from the start.
+    streams_restarted,
     /// Snapshots saved into the store.
     snapshots_saved,
     /// Saves refused because the node was behind a stream (its snapshot would be stale).

@@ -1,6 +1,7 @@
 //! Faults: the transport's fault mix, the engine's crash points, partitions, truncation,
 //! and healing all of them at the end of the chaos phase.
 
+use futures::executor::block_on;
 use marmot_core::engine::Faults;
 use marmot_core::{Position, Shard};
 use marmot_transports::FaultConfig;
@@ -39,6 +40,39 @@ impl World {
         Ok(())
     }
 
+    /// Loses every log's data: the logs are deleted and created again, empty, with a new
+    /// epoch. Only when every node has stored everything the logs hold (each first reads
+    /// what it can): changes no node has read would be lost for good, which no replicator
+    /// repairs. Nodes must then read the new logs from their first entry, not from their
+    /// old positions.
+    pub(crate) fn recreate_streams(&mut self) -> Result<(), Failure> {
+        for i in 0..self.nodes.len() {
+            for s in 0..self.scenario.shards {
+                self.engine_op(i, |e| {
+                    block_on(e.receive_once(Shard(s), std::time::Duration::ZERO))
+                        .map(|c| format!("received {c} from {s}"))
+                })?;
+            }
+            let Some(engine) = self.nodes[i].engine.as_mut() else { continue };
+            if let Err(e) = block_on(engine.flush()) {
+                self.trace.push(format!("node {i}: flush: {e}"));
+            }
+        }
+        for i in 0..self.nodes.len() {
+            for s in 0..self.scenario.shards {
+                let p = self.stored_position(i, Shard(s))?;
+                if p < self.log.last(Shard(s)).0 {
+                    self.trace.push(format!("streams not recreated: node {i} is behind on shard {s}"));
+                    return Ok(());
+                }
+            }
+        }
+        self.log.recreate();
+        self.counters.streams_recreated += 1;
+        self.trace.push("streams recreated".into());
+        Ok(())
+    }
+
     /// Drops, in every shard, the entries every node has stored (applied or passed); a
     /// `deep` truncation drops everything the most caught-up node has stored, so nodes
     /// behind it find their next entries gone (at subscribe time or on a live subscription)
@@ -49,13 +83,12 @@ impl World {
         let leader = self.most_caught_up()?;
         for s in 0..self.scenario.shards {
             let mut cut = if deep { 0 } else { u64::MAX };
-            for (i, n) in self.nodes.iter().enumerate() {
+            for i in 0..self.nodes.len() {
                 if deep && i != leader {
                     continue;
                 }
-                let p =
-                    n.engine.as_ref().expect("engine").db().position(Shard(s)).map_err(|e| Failure(e.to_string()))?;
-                cut = if deep { p.0 } else { cut.min(p.0) };
+                let p = self.stored_position(i, Shard(s))?;
+                cut = if deep { p } else { cut.min(p) };
             }
             let dropped = self.log.truncate(Shard(s), Position(cut + 1));
             self.counters.truncations += u64::from(dropped > 0);

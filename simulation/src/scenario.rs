@@ -104,6 +104,9 @@ pub enum Action {
     Tick,
     /// Shards drop entries every node has already consumed.
     Truncate { deep: bool },
+    /// The logs' data is lost and the logs created again, empty (only once every node has
+    /// consumed everything: the nodes first read what they can).
+    RecreateStreams,
     /// The `marmot` of `node` saves a snapshot into the store.
     SaveSnapshot { node: usize },
     /// `node` restores the newest usable snapshot (publishing what is pending first), as a
@@ -229,6 +232,7 @@ fn action() -> impl Strategy<Value = Action> {
         1 => node.clone().prop_map(|node| Action::Migrate { node }),
         4 => Just(Action::Tick),
         1 => any::<bool>().prop_map(|deep| Action::Truncate { deep }),
+        1 => Just(Action::RecreateStreams),
         1 => node.clone().prop_map(|node| Action::SaveSnapshot { node }),
         1 => node.prop_map(|node| Action::Restore { node }),
     ]

@@ -14,7 +14,7 @@ use futures::executor::block_on;
 use marmot_core::snapshot::{ObjectInfo, SnapshotStore};
 use marmot_core::snapshots::{Manifest, Snapshots};
 use marmot_core::sqlite::{CaptureOptions, Db};
-use marmot_core::{Error, NodeId, Result, Shard};
+use marmot_core::{Bounds, Error, NodeId, Result, Shard};
 
 use crate::schema;
 use crate::world::{Failure, World};
@@ -81,11 +81,18 @@ impl World {
 
     /// Node `i` saves a snapshot into the store.
     pub(crate) fn save_snapshot(&mut self, i: usize) -> Result<Manifest, Failure> {
+        // A running marmot has subscribed (and so recorded its logs' epochs) before it
+        // saves anything; a fresh engine here may not have yet.
+        let engine = self.nodes[i].engine.as_mut().expect("engine running");
+        if let Err(e) = block_on(engine.check_epochs()) {
+            self.trace.push(format!("node {i}: not saving a snapshot: {e}"));
+            return Err(Failure(format!("node {i}: checking stream epochs: {e}")));
+        }
         let db = self.nodes[i].engine.as_ref().expect("engine running").db();
         let manifest = block_on(self.snapshots.save(db, self.work_dir(), self.now_ms(i)))
             .map_err(|e| Failure(format!("node {i}: saving a snapshot: {e}")))?;
         self.counters.snapshots_saved += 1;
-        self.trace.push(format!("node {i}: saved snapshot {:?}", manifest.positions));
+        self.trace.push(format!("node {i}: saved snapshot {:?} epochs {:?}", manifest.positions, manifest.epochs));
         Ok(manifest)
     }
 
@@ -103,7 +110,12 @@ impl World {
                 let saver = self.most_caught_up()?;
                 self.trace.push(format!("node {i}: asks node {saver} for a snapshot"));
                 self.save_snapshot(saver)?;
-                self.usable_snapshot()?.ok_or_else(|| Failure("a caught-up node's snapshot is not usable".into()))?
+                self.usable_snapshot()?.ok_or_else(|| {
+                    let b: Vec<_> = (0..self.scenario.shards)
+                        .map(|s| (self.log.first(Shard(s)).0, self.log.last(Shard(s)).0, self.log.epoch(Shard(s))))
+                        .collect();
+                    Failure(format!("a caught-up node's snapshot is not usable (streams {b:?})"))
+                })?
             }
         };
         if let Some(engine) = self.nodes[i].engine.take() {
@@ -157,8 +169,8 @@ impl World {
     /// shard's first held entry.
     fn usable_snapshot(&self) -> Result<Option<Manifest>, Failure> {
         let manifests = block_on(self.snapshots.list(self.work_dir())).map_err(|e| Failure(e.to_string()))?;
-        let usable =
-            |m: &Manifest| (0..self.scenario.shards).all(|s| m.position(Shard(s)).0 + 1 >= self.log.first(Shard(s)).0);
+        let bounds = |s: Shard| Bounds { first: self.log.first(s), last: self.log.last(s), epoch: self.log.epoch(s) };
+        let usable = |m: &Manifest| m.usable_with(self.scenario.shards, bounds);
         Ok(manifests.into_iter().filter(usable).max_by_key(Manifest::coverage))
     }
 
@@ -166,11 +178,10 @@ impl World {
     /// positions are highest (summed over shards).
     pub(crate) fn most_caught_up(&self) -> Result<usize, Failure> {
         let mut best: Option<(usize, u64)> = None;
-        for (i, n) in self.nodes.iter().enumerate() {
-            let db = n.engine.as_ref().expect("engine").db();
+        for i in 0..self.nodes.len() {
             let (mut sum, mut covers) = (0, true);
             for s in 0..self.scenario.shards {
-                let p = db.position(Shard(s)).map_err(|e| Failure(e.to_string()))?.0;
+                let p = self.stored_position(i, Shard(s))?;
                 covers &= p + 1 >= self.log.first(Shard(s)).0;
                 sum += p;
             }
@@ -179,5 +190,17 @@ impl World {
             }
         }
         best.map(|(i, _)| i).ok_or_else(|| Failure("no node holds what the streams dropped".into()))
+    }
+
+    /// Node `i`'s stored position in `shard`'s current log: 0 while it is stored against
+    /// a log since recreated (the node reads the new one from its start).
+    pub(crate) fn stored_position(&self, i: usize, shard: Shard) -> Result<u64, Failure> {
+        let db = self.nodes[i].engine.as_ref().expect("engine").db();
+        let fail = |e: Error| Failure(e.to_string());
+        let epoch = db.stream_epoch(shard).map_err(fail)?;
+        if epoch != 0 && epoch != self.log.epoch(shard) {
+            return Ok(0);
+        }
+        Ok(db.position(shard).map_err(fail)?.0)
     }
 }

@@ -205,6 +205,7 @@ impl World {
                 self.set_time()
             }
             Action::Truncate { deep } => self.truncate(*deep),
+            Action::RecreateStreams => self.recreate_streams(),
             Action::SaveSnapshot { node } => self.save_snapshot_if_caught_up(node % n),
             Action::Restore { node } => self.restore(node % n).map(|_| ()),
             Action::Migrate { node } => {
@@ -336,6 +337,9 @@ impl World {
                         self.counters.restores_after_truncation += u64::from(self.restore(i)?);
                         1
                     }
+                    // A subscription opened before the logs were recreated ends once; the
+                    // next step subscribes to the new logs.
+                    Err(e) if e.is_retryable() && self.counters.streams_recreated > 0 => 1,
                     Err(e) => return Err(Failure(format!("node {i}: step: {e}"))),
                 };
                 self.record_writes(i)?;
@@ -368,6 +372,7 @@ impl World {
             c.parked_batches += stats.batches_parked;
             c.strays_parked += stats.strays_parked;
             c.strays_adopted += stats.strays_adopted;
+            c.streams_restarted += stats.streams_restarted;
         }
         c
     }

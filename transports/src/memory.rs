@@ -74,6 +74,8 @@ struct ShardLog {
     entries: std::collections::VecDeque<StoredEntry>,
     ids: BTreeMap<String, u64>,
     last: u64,
+    /// Changes when the log is recreated ([`MemoryLog::recreate`]).
+    epoch: u64,
 }
 
 struct NodeView {
@@ -103,7 +105,7 @@ impl MemoryLog {
     /// `shards` empty logs keeping at most `max_entries` each, faults seeded by `seed`.
     pub fn new(shards: u32, max_entries: u64, seed: u64) -> MemoryLog {
         let state = State {
-            shards: (0..shards).map(|_| ShardLog { first: 1, ..ShardLog::default() }).collect(),
+            shards: (0..shards).map(|_| ShardLog { first: 1, epoch: 1, ..ShardLog::default() }).collect(),
             max_entries: max_entries.max(1),
             tick: 0,
             rng: ChaCha8Rng::seed_from_u64(seed),
@@ -155,6 +157,20 @@ impl MemoryLog {
         dropped
     }
 
+    /// Deletes every shard's log and creates it again, empty, with a new epoch (the
+    /// stream's data lost, as when JetStream's storage is lost). Live subscriptions fail.
+    pub fn recreate(&self) {
+        let mut st = self.lock();
+        for log in &mut st.shards {
+            *log = ShardLog { first: 1, epoch: log.epoch + 1, ..ShardLog::default() };
+        }
+        for node in &mut st.nodes {
+            node.visible.clear();
+        }
+        drop(st);
+        self.notify.notify_waiters();
+    }
+
     /// The faults fired so far.
     pub fn fired(&self) -> FiredFaults {
         self.lock().fired
@@ -163,6 +179,11 @@ impl MemoryLog {
     /// The first position `shard` still holds.
     pub fn first(&self, shard: Shard) -> Position {
         Position(self.lock().shards[shard.0 as usize].first)
+    }
+
+    /// The epoch of `shard`'s log (see [`Bounds::epoch`]).
+    pub fn epoch(&self, shard: Shard) -> u64 {
+        self.lock().shards[shard.0 as usize].epoch
     }
 
     /// The last position of `shard`.
@@ -248,14 +269,16 @@ impl LogTransport for MemoryTransport {
         if !b.can_resume_after(after) {
             return Err(Error::Truncated { shard, position: after, first: b.first });
         }
-        Ok(Box::new(MemorySubscription { view: self.clone(), shard, next: after.0 + 1, delivered: after.0 }))
+        let sub =
+            MemorySubscription { view: self.clone(), shard, next: after.0 + 1, delivered: after.0, epoch: b.epoch };
+        Ok(Box::new(sub))
     }
 
     async fn bounds(&self, shard: Shard) -> Result<Bounds> {
         let st = self.log.lock();
         check_shard(&st.shards, shard)?;
         let log = &st.shards[shard.0 as usize];
-        Ok(Bounds { first: Position(log.first), last: Position(log.last) })
+        Ok(Bounds { first: Position(log.first), last: Position(log.last), epoch: log.epoch })
     }
 }
 
@@ -266,6 +289,8 @@ struct MemorySubscription {
     next: u64,
     /// The highest position delivered (or the `after` the subscription started with).
     delivered: u64,
+    /// The log's epoch when subscribed: a recreated log ends the subscription.
+    epoch: u64,
 }
 
 impl MemorySubscription {
@@ -286,6 +311,9 @@ impl MemorySubscription {
             self.next = rewound;
         }
         let log = &st.shards[self.shard.0 as usize];
+        if log.epoch != self.epoch {
+            return Err(Error::transport("the log was deleted and created again"));
+        }
         if self.delivered + 1 < log.first {
             st.fired.live_truncations += 1;
             return Err(Error::Truncated {

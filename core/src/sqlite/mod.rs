@@ -224,6 +224,29 @@ impl Db {
         set_state_max(&self.conn, &format!("own_replay_through.{}", shard.0), position.0)
     }
 
+    /// The epoch ([`Bounds::epoch`](crate::Bounds)) of the log that this node's position
+    /// for `shard` belongs to; 0 when not recorded yet.
+    pub fn stream_epoch(&self, shard: Shard) -> Result<u64> {
+        get_state(&self.conn, &format!("epoch.{}", shard.0))
+    }
+
+    /// Records the epoch of the log that `shard`'s position belongs to.
+    pub fn set_stream_epoch(&self, shard: Shard, epoch: u64) -> Result<()> {
+        set_state(&self.conn, &format!("epoch.{}", shard.0), epoch)
+    }
+
+    /// `shard`'s log was deleted and created again: its position starts over at 0 in the
+    /// log of `epoch` (re-reading it whole; applying is idempotent). The own-replay point
+    /// stays: after a restore it covers this node's own batches the copy lacks, and
+    /// otherwise replaying own batches changes nothing.
+    pub fn restart_shard(&self, shard: Shard, epoch: u64) -> Result<()> {
+        let tx = self.immediate()?;
+        tx.execute("UPDATE __marmot__positions SET position = 0 WHERE shard = ?1", [shard.0])
+            .ctx(|| format!("resetting the position of shard {shard}"))?;
+        set_state(&tx, &format!("epoch.{}", shard.0), epoch)?;
+        tx.commit().ctx(|| "committing a shard restart".into())
+    }
+
     /// Records that everything in `shard` up to `position` is processed.
     pub fn store_position(&self, shard: Shard, position: Position) -> Result<()> {
         store_position(&self.conn, shard, position)

@@ -37,6 +37,8 @@ pub struct SnapshotFile {
     pub checksum: String,
     /// Stream positions the copy has applied, per shard.
     pub positions: Vec<(Shard, Position)>,
+    /// The epoch of each shard's log those positions belong to (0: not recorded).
+    pub epochs: Vec<(Shard, u64)>,
 }
 
 /// Reports progress: (bytes done, bytes total).
@@ -96,7 +98,7 @@ impl Db {
         let target = copy.to_str().ok_or_else(|| Error::Database("work dir is not UTF-8".into()))?;
         self.conn.execute("VACUUM INTO ?1", [target]).ctx(|| "copying the database (VACUUM INTO)".into())?;
         self.fold_copy(copy)?;
-        let positions = strip_capture(copy)?;
+        let (positions, epochs) = strip_capture(copy)?;
         let db_bytes = std::fs::metadata(copy).map_err(io("sizing the copy"))?.len();
         let file = File::create(out).map_err(io(format!("creating {}", out.display())))?;
         let mut writer = HashingWriter { inner: BufWriter::new(file), hasher: Default::default(), bytes: 0 };
@@ -110,6 +112,7 @@ impl Db {
             compressed_bytes: writer.bytes,
             checksum: format!("xxh3-128:{:032x}", writer.hasher.digest128()),
             positions,
+            epochs,
         })
     }
 
@@ -245,8 +248,10 @@ fn unpublished_changes(path: &Path) -> Result<u64> {
 }
 
 /// Removes capture from a copy: triggers and this node's log; raises the clock
-/// to every version the copy holds; resets the published point. Returns the positions.
-fn strip_capture(copy: &Path) -> Result<Vec<(Shard, Position)>> {
+/// to every version the copy holds; resets the published point. Returns the positions and
+/// the epochs of the logs they belong to.
+#[allow(clippy::type_complexity)]
+fn strip_capture(copy: &Path) -> Result<(Vec<(Shard, Position)>, Vec<(Shard, u64)>)> {
     let conn = Connection::open(copy).ctx(|| "opening the copy".into())?;
     let triggers: Vec<String> = conn
         .prepare("SELECT name FROM sqlite_master WHERE type = 'trigger' AND substr(name, 1, 10) = ?1")
@@ -270,5 +275,11 @@ fn strip_capture(copy: &Path) -> Result<Vec<(Shard, Position)>> {
         .prepare("SELECT shard, position FROM __marmot__positions ORDER BY shard")
         .and_then(|mut s| s.query_map([], |r| Ok((Shard(r.get(0)?), Position(r.get::<_, i64>(1)? as u64))))?.collect())
         .ctx(|| "reading positions of the copy".into())?;
-    Ok(positions)
+    let epochs = conn
+        .prepare(
+            "SELECT CAST(substr(key, 7) AS INTEGER), value FROM __marmot__state WHERE key LIKE 'epoch.%' ORDER BY 1",
+        )
+        .and_then(|mut s| s.query_map([], |r| Ok((Shard(r.get(0)?), r.get::<_, i64>(1)? as u64)))?.collect())
+        .ctx(|| "reading stream epochs of the copy".into())?;
+    Ok((positions, epochs))
 }

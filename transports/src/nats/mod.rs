@@ -246,7 +246,9 @@ impl LogTransport for NatsTransport {
             errors::get_stream(&name, e)
                 .unwrap_or_else(|| errors::permanent(format!("stream {name}"), "does not exist"))
         })?;
-        let state = &stream.cached_info().state;
-        Ok(Bounds { first: Position(state.first_sequence.max(1)), last: Position(state.last_sequence) })
+        let info = stream.cached_info();
+        let state = &info.state;
+        let epoch = u64::try_from(info.created.unix_timestamp_nanos()).unwrap_or(0);
+        Ok(Bounds { first: Position(state.first_sequence.max(1)), last: Position(state.last_sequence), epoch })
     }
 }
