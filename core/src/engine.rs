@@ -130,6 +130,9 @@ pub struct Engine<S: ChangeSource> {
     adopted: BTreeMap<(NodeId, u64), Vec<i64>>,
 }
 
+/// A multi-part batch: its origin and its id there.
+type BatchKey = (NodeId, u64);
+
 /// The shard an origin publishes to: its transactions stay in order.
 pub fn shard_of(origin: NodeId, shards: u32) -> Shard {
     let h = xxhash_rust::xxh3::xxh3_64(&origin.0.to_le_bytes());
@@ -234,12 +237,20 @@ impl<S: ChangeSource> Engine<S> {
     /// a log deleted and created again (its data lost) is read again from its start,
     /// instead of skipping its first entries up to the old position.
     async fn check_epoch(&mut self, shard: Shard) -> Result<()> {
-        let epoch = self.transport.bounds(shard).await?.epoch;
+        let bounds = self.transport.bounds(shard).await?;
+        let epoch = bounds.epoch;
         let stored = self.db.stream_epoch(shard)?;
         if epoch == 0 || stored == epoch {
             return Ok(());
         }
         if stored == 0 {
+            if self.db.position(shard)? == Position(0) {
+                // Nothing read from this log yet: a new node, or one whose Marmot state was
+                // removed (`-cleanup`, a lost database file). What the log holds of this
+                // node's own changes may be missing here: apply them like remote ones, so
+                // that an older remote write never wins over them on this node only.
+                self.db.set_own_replay_through(shard, bounds.last)?;
+            }
             return self.db.set_stream_epoch(shard, epoch);
         }
         warn!(shard = %shard, position = %self.db.position(shard)?,
@@ -274,18 +285,40 @@ impl<S: ChangeSource> Engine<S> {
     }
 
     fn process(&mut self, shard: Shard, position: Position, payload: &[u8]) -> Result<()> {
-        let key = self.adopt_parked_parts(shard, payload)?;
+        let (key, early) = self.adopt_parked_parts(shard, payload)?;
+        if !early.is_empty() {
+            // The parked parts completed a batch whose other parts were here already: this
+            // entry is one more copy of a part of it.
+            let before = Position(position.0 - 1);
+            for assembled in early {
+                let reader = self.readers.get_mut(&shard).expect("reader exists while processing");
+                let safe = reader.reassembler.safe_position(before);
+                self.handle(shard, before, safe, assembled)?;
+            }
+            return self.unpark_adopted(key);
+        }
         let reader = self.readers.get_mut(&shard).expect("reader exists while processing");
         let assembled = reader.reassembler.feed(position, payload);
         let strays = reader.reassembler.take_strays();
+        // Strays are parked with a position short of this entry and of every part of a
+        // batch this entry completes: that batch is applied (and its position stored)
+        // below, and a crash in between must re-read it whole.
+        let park_at = reader.reassembler.safe_position(Position(position.0 - 1));
         let safe = reader.reassembler.safe_position(position);
         for stray in strays {
-            // Not past this entry: it is applied (and its position stored) below.
-            self.park_stray(shard, Position(safe.0.min(position.0 - 1)), stray)?;
+            self.park_stray(shard, park_at, stray)?;
         }
         let done = !matches!(assembled, Assembled::Incomplete);
         self.handle(shard, position, safe, assembled)?;
-        if let Some(ids) = key.filter(|_| done).and_then(|k| self.adopted.remove(&k)) {
+        if done {
+            self.unpark_adopted(key)?;
+        }
+        Ok(())
+    }
+
+    /// Unparks the parked parts of the batch `key` once the batch is handled.
+    fn unpark_adopted(&mut self, key: Option<BatchKey>) -> Result<()> {
+        if let Some(ids) = key.and_then(|k| self.adopted.remove(&k)) {
             for id in ids {
                 self.db.unpark(id)?;
             }
@@ -332,8 +365,8 @@ impl<S: ChangeSource> Engine<S> {
 
     /// When `payload` is a part of a batch whose earlier parts were parked as a stray,
     /// feeds those parts back into the shard's reassembler first. Returns the entry's
-    /// batch key while parked parts of it are in play.
-    fn adopt_parked_parts(&mut self, shard: Shard, payload: &[u8]) -> Result<Option<(NodeId, u64)>> {
+    /// batch key while parked parts of it are in play, and what the parked parts completed.
+    fn adopt_parked_parts(&mut self, shard: Shard, payload: &[u8]) -> Result<(Option<BatchKey>, Vec<Assembled>)> {
         if self.strays.is_none() {
             let mut strays: BTreeMap<(NodeId, u64), Vec<i64>> = BTreeMap::new();
             for (id, _, bytes) in self.db.parked()? {
@@ -345,21 +378,22 @@ impl<S: ChangeSource> Engine<S> {
         }
         let strays = self.strays.as_mut().expect("loaded above");
         if strays.is_empty() && self.adopted.is_empty() {
-            return Ok(None);
+            return Ok((None, Vec::new()));
         }
-        let Some(key) = Reassembler::multi_part_key(payload) else { return Ok(None) };
+        let Some(key) = Reassembler::multi_part_key(payload) else { return Ok((None, Vec::new())) };
+        let mut early = Vec::new();
         if let Some(ids) = strays.remove(&key) {
             let reader = self.readers.get_mut(&shard).expect("reader exists while processing");
             for (id, _, bytes) in self.db.parked()?.into_iter().filter(|(id, _, _)| ids.contains(id)) {
                 if let Some((_, _, parts)) = wire::decode_stray(&bytes) {
-                    reader.reassembler.adopt(&parts);
+                    early.extend(reader.reassembler.adopt(&parts));
                     self.stats.strays_adopted += 1;
                     info!(parked_id = id, origin = %key.0, batch = key.1, "more of a parked incomplete batch arrived");
                 }
             }
             self.adopted.entry(key).or_default().extend(ids);
         }
-        Ok(self.adopted.contains_key(&key).then_some(key))
+        Ok((self.adopted.contains_key(&key).then_some(key), early))
     }
 
     fn park_stray(&mut self, shard: Shard, position: Position, stray: Stray) -> Result<()> {

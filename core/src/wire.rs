@@ -421,12 +421,16 @@ impl Reassembler {
     }
 
     /// Feeds parts parked earlier as a [`Stray`] (when a later part of the same batch
-    /// arrived). Returns what the last of them produced.
-    pub fn adopt(&mut self, parts: &[(Position, Vec<u8>)]) -> Option<Assembled> {
-        let mut out = None;
+    /// arrived). Returns what completed meanwhile (a batch whose other parts were already
+    /// here), to be handled like any fed entry.
+    pub fn adopt(&mut self, parts: &[(Position, Vec<u8>)]) -> Vec<Assembled> {
+        let mut out = Vec::new();
         for (position, payload) in parts {
             self.fed = self.fed.saturating_sub(1);
-            out = Some(self.feed(*position, payload));
+            match self.feed(*position, payload) {
+                Assembled::Incomplete => {}
+                done => out.push(done),
+            }
         }
         out
     }

@@ -122,6 +122,8 @@ counters! {
     op_null_nk,
     /// Upserts of `late`, the table the migration creates.
     op_upsert_late,
+    /// `marmot -cleanup` runs followed by a restart.
+    cleanups,
     /// Logs lost and created again (the nodes then read the new ones from their start).
     streams_recreated,
     /// Shards a node found recreated and read again from the start.

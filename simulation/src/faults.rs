@@ -40,6 +40,66 @@ impl World {
         Ok(())
     }
 
+    /// `marmot -cleanup` on node `i` after a clean stop (which publishes what is pending;
+    /// when that fails the operator waits), then a start: the node has rows but no
+    /// versions, positions or clock, and reads the logs from the start (or restores a
+    /// snapshot when they no longer start at 1). Its own changes in the logs are applied
+    /// like remote ones, or an older remote write would win over them on this node only.
+    pub(crate) fn cleanup(&mut self, i: usize) -> Result<(), Failure> {
+        // After the logs were recreated, their history since the cluster began is gone but
+        // they start at 1 again, so a cleaned-up node cannot tell it must take the
+        // cluster's state by snapshot: a documented limitation (docs/operations.md), not
+        // drawn here.
+        if self.counters.streams_recreated > 0 {
+            self.trace.push(format!("node {i}: no cleanup after the logs were recreated"));
+            return Ok(());
+        }
+        // Like truncation, never leave the cluster without a node (or a snapshot) that
+        // holds what the logs dropped: cleaning up the only one loses that for good.
+        let others_cover = (0..self.nodes.len()).filter(|&j| j != i).try_fold(false, |any, j| {
+            let covers = (0..self.scenario.shards)
+                .map(|s| self.stored_position(j, Shard(s)).map(|p| p + 1 >= self.log.first(Shard(s)).0))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok::<_, Failure>(any || covers.into_iter().all(|c| c))
+        })?;
+        if !others_cover && self.usable_snapshot()?.is_none() {
+            self.trace.push(format!("node {i}: no cleanup: it alone holds what the logs dropped"));
+            return Ok(());
+        }
+        if !self.publish_all(i)? {
+            self.trace.push(format!("node {i}: cleanup postponed: pending changes not published"));
+            return Ok(());
+        }
+        // Cleanup removes the clock with the rest. Stopping, cleaning up and starting again
+        // takes longer than the cluster's clock skew, so the node's wall clock is past every
+        // version it produced before (otherwise a new write could reuse one of them, and
+        // two different writes with one version never converge).
+        let clock = self.nodes[i].engine.as_ref().expect("engine").db().clock().map_err(|e| Failure(e.to_string()))?;
+        while self.now_ms(i) <= clock.millis() {
+            self.advance_tick();
+        }
+        self.set_time()?;
+        if let Some(engine) = self.nodes[i].engine.take() {
+            self.retired.push(engine.stats().clone());
+        }
+        marmot_core::sqlite::cleanup(&self.nodes[i].app).map_err(|e| Failure(format!("node {i}: cleanup: {e}")))?;
+        // The simulated wall clock is a table with Marmot's prefix: cleanup dropped it too.
+        let now = self.now_ms(i) as i64;
+        self.nodes[i]
+            .app
+            .execute_batch(&format!(
+                "CREATE TABLE __marmot__simtime (ms INTEGER NOT NULL); INSERT INTO __marmot__simtime VALUES ({now});"
+            ))
+            .map_err(|e| Failure(format!("node {i}: recreating the simulated clock: {e}")))?;
+        // The new log starts from the wall clock again.
+        self.nodes[i].log_seen = 0;
+        self.counters.cleanups += 1;
+        self.trace.push(format!("node {i}: cleanup; restart"));
+        self.start(i)?;
+        self.record_writes(i)?;
+        crate::oracle::check_atomicity(&self.nodes[i].app, i)
+    }
+
     /// Loses every log's data: the logs are deleted and created again, empty, with a new
     /// epoch. Only when every node has stored everything the logs hold (each first reads
     /// what it can): changes no node has read would be lost for good, which no replicator

@@ -104,6 +104,10 @@ pub enum Action {
     Tick,
     /// Shards drop entries every node has already consumed.
     Truncate { deep: bool },
+    /// The operator stops `node`'s marmot (publishing what is pending), runs `marmot
+    /// -cleanup` on its database (Marmot's tables and triggers gone: versions, positions,
+    /// log) and starts it again.
+    Cleanup { node: usize },
     /// The logs' data is lost and the logs created again, empty (only once every node has
     /// consumed everything: the nodes first read what they can).
     RecreateStreams,
@@ -233,6 +237,7 @@ fn action() -> impl Strategy<Value = Action> {
         4 => Just(Action::Tick),
         1 => any::<bool>().prop_map(|deep| Action::Truncate { deep }),
         1 => Just(Action::RecreateStreams),
+        1 => node.clone().prop_map(|node| Action::Cleanup { node }),
         1 => node.clone().prop_map(|node| Action::SaveSnapshot { node }),
         1 => node.prop_map(|node| Action::Restore { node }),
     ]

@@ -150,7 +150,7 @@ impl World {
     }
 
     /// Publishes everything node `i` has pending; false when a publish failed.
-    fn publish_all(&mut self, i: usize) -> Result<bool, Failure> {
+    pub(crate) fn publish_all(&mut self, i: usize) -> Result<bool, Failure> {
         let engine = self.nodes[i].engine.as_mut().expect("engine running");
         loop {
             match block_on(engine.publish_once()) {
@@ -167,7 +167,7 @@ impl World {
 
     /// The stored snapshot that covers the most among those whose positions reach every
     /// shard's first held entry.
-    fn usable_snapshot(&self) -> Result<Option<Manifest>, Failure> {
+    pub(crate) fn usable_snapshot(&self) -> Result<Option<Manifest>, Failure> {
         let manifests = block_on(self.snapshots.list(self.work_dir())).map_err(|e| Failure(e.to_string()))?;
         let bounds = |s: Shard| Bounds { first: self.log.first(s), last: self.log.last(s), epoch: self.log.epoch(s) };
         let usable = |m: &Manifest| m.usable_with(self.scenario.shards, bounds);

@@ -34,7 +34,7 @@ pub(crate) struct Node {
     pub(crate) app: Connection,
     transport: MemoryTransport,
     pub(crate) engine: Option<Engine<SqliteChangeSource>>,
-    log_seen: u64,
+    pub(crate) log_seen: u64,
     next_gid: i64,
     pub(crate) migrated: bool,
     /// Rows set aside when last looked at (new ones are counted).
@@ -169,6 +169,9 @@ impl World {
     }
 
     fn act(&mut self, action: &Action) -> Result<(), Failure> {
+        if std::env::var_os("SIM_DUMP_ACTIONS").is_some() {
+            self.trace.push(format!("ACTION {action:?}"));
+        }
         let n = self.nodes.len();
         match action {
             Action::Write { node, ops } => self.write(node % n, ops),
@@ -206,6 +209,7 @@ impl World {
             }
             Action::Truncate { deep } => self.truncate(*deep),
             Action::RecreateStreams => self.recreate_streams(),
+            Action::Cleanup { node } => self.cleanup(node % n),
             Action::SaveSnapshot { node } => self.save_snapshot_if_caught_up(node % n),
             Action::Restore { node } => self.restore(node % n).map(|_| ()),
             Action::Migrate { node } => {
