@@ -490,6 +490,12 @@ fn open_engine(config: &Config, transport: Arc<dyn LogTransport>) -> Result<Engi
         // before the stream drops the entries its hold would force a restart to re-read.
         stray_after_entries: (config.replication_log.max_entries / u64::from(config.replication_log.shards.max(1)) / 4)
             .clamp(8, marmot_core::wire::STRAY_AFTER_ENTRIES_DEFAULT),
+        // A quarter of a shard's stream too: a node whose consumer stalls stops adding to
+        // the stream well before it would roll past its own position.
+        publish_ahead_entries_max: (config.replication_log.max_entries
+            / u64::from(config.replication_log.shards.max(1))
+            / 4)
+        .max(8),
         ..EngineConfig::default()
     };
     Ok(Engine::new(source, db, transport, engine_config))
@@ -697,7 +703,7 @@ async fn publish(engine: &mut Engine<SqliteChangeSource>, t: &mut Timers, dirty:
     match engine.publish_once().await {
         Ok(n) => {
             t.publish_backoff = Duration::from_millis(100);
-            if n > 0 {
+            if n > 0 || engine.publishing_held() {
                 // More may have been committed while publishing.
                 dirty.store(true, Ordering::Release);
             }

@@ -46,7 +46,17 @@ pub struct EngineConfig {
     /// holds the shard's stored position back for ever. Keep it well below the entries a
     /// stream keeps.
     pub stray_after_entries: u64,
+    /// Publishing pauses while this node's own reader of its shard is more than this many
+    /// entries behind the last entry it published (for at most [`PUBLISH_HOLD_MAX`]): a
+    /// node whose consumer is stalled (its server left the cluster, an election) does not
+    /// push the stream past its own position, and past the other nodes' stalled at the
+    /// same moment. `u64::MAX`: never pause.
+    pub publish_ahead_entries_max: u64,
 }
+
+/// Longest pause of publishing while this node's reader lags (see
+/// [`EngineConfig::publish_ahead_entries_max`]); afterwards publishing goes on regardless.
+pub const PUBLISH_HOLD_MAX: Duration = Duration::from_secs(10);
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -57,6 +67,7 @@ impl Default for EngineConfig {
             replicate: true,
             clock_skew_ms_max: CLOCK_SKEW_MS_MAX_DEFAULT,
             stray_after_entries: wire::STRAY_AFTER_ENTRIES_DEFAULT,
+            publish_ahead_entries_max: u64::MAX,
         }
     }
 }
@@ -102,6 +113,8 @@ pub struct EngineStats {
     pub strays_adopted: u64,
     /// Shards whose log was found deleted and created again, and read from its start.
     pub streams_restarted: u64,
+    /// Publish attempts skipped because this node's reader lagged what it published.
+    pub publish_holds: u64,
 }
 
 struct ShardReader {
@@ -128,6 +141,11 @@ pub struct Engine<S: ChangeSource> {
     /// Parked parts fed back into a reassembler because more of their batch arrived;
     /// unparked once the batch is applied (or parked whole).
     adopted: BTreeMap<(NodeId, u64), Vec<i64>>,
+    /// Per shard: the last position this node published, and the last one it read.
+    published_at: BTreeMap<Shard, Position>,
+    read_at: BTreeMap<Shard, Position>,
+    /// Since when publishing pauses because this node's reader lags.
+    holding_since: Option<std::time::Instant>,
 }
 
 /// A multi-part batch: its origin and its id there.
@@ -157,12 +175,20 @@ impl<S: ChangeSource> Engine<S> {
             deferred_positions: BTreeMap::new(),
             strays: None,
             adopted: BTreeMap::new(),
+            published_at: BTreeMap::new(),
+            read_at: BTreeMap::new(),
+            holding_since: None,
         }
     }
 
     /// Arms crash points (simulation and tests).
     pub fn set_faults(&mut self, faults: Faults) {
         self.faults = faults;
+    }
+
+    /// Whether publishing pauses because this node's reader lags what it published.
+    pub fn publishing_held(&self) -> bool {
+        self.holding_since.is_some()
     }
 
     /// What the engine did so far.
@@ -191,16 +217,27 @@ impl<S: ChangeSource> Engine<S> {
         if !self.config.publish {
             return Ok(0);
         }
+        let shard = shard_of(self.db.node(), self.transport.shard_count());
+        if self.reader_lags(shard)? {
+            return Ok(0);
+        }
         let Some(pending) = self.source.pending().await? else { return Ok(0) };
-        let shard = shard_of(pending.batch.origin, self.transport.shard_count());
         let parts = wire::encode_batch(&pending.batch, self.config.encode);
         let transport = &self.transport;
         let results =
             futures::future::join_all(parts.iter().map(|p| transport.publish(shard, &p.id, p.payload.clone()))).await;
-        if let Some(e) = results.into_iter().find_map(|r| r.err()) {
-            self.stats.publish_errors += 1;
-            return Err(e);
+        let mut last = Position(0);
+        for r in results {
+            match r {
+                Ok(p) => last = last.max(p),
+                Err(e) => {
+                    self.stats.publish_errors += 1;
+                    return Err(e);
+                }
+            }
         }
+        let at = self.published_at.entry(shard).or_default();
+        *at = (*at).max(last);
         if std::mem::take(&mut self.faults.crash_before_ack) {
             return Err(Error::InjectedCrash("publish: after publish, before acknowledge"));
         }
@@ -210,6 +247,33 @@ impl<S: ChangeSource> Engine<S> {
         self.stats.changes_published += n;
         debug!(shard = %shard, changes = n, parts = parts.len(), through = %pending.through, "published batch");
         Ok(n)
+    }
+
+    /// Whether publishing should pause: this node's reader of `shard` is more than
+    /// `publish_ahead_entries_max` behind what it published, and has been for less than
+    /// [`PUBLISH_HOLD_MAX`].
+    fn reader_lags(&mut self, shard: Shard) -> Result<bool> {
+        let Some(&published) = self.published_at.get(&shard) else { return Ok(false) };
+        let read = match self.read_at.get(&shard) {
+            Some(&p) => p,
+            None => self.db.position(shard)?,
+        };
+        if published.0.saturating_sub(read.0) <= self.config.publish_ahead_entries_max {
+            if let Some(since) = self.holding_since.take() {
+                debug!(shard = %shard, held_ms = since.elapsed().as_millis() as u64, "reader caught up; publishing again");
+            }
+            return Ok(false);
+        }
+        let since = *self.holding_since.get_or_insert_with(|| {
+            debug!(shard = %shard, published = %published, read = %read,
+                "this node's reader lags what it published; publishing pauses until it catches up");
+            std::time::Instant::now()
+        });
+        if since.elapsed() < PUBLISH_HOLD_MAX {
+            self.stats.publish_holds += 1;
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     async fn reader(&mut self, shard: Shard) -> Result<&mut ShardReader> {
@@ -280,6 +344,8 @@ impl<S: ChangeSource> Engine<S> {
                 self.readers.remove(&shard);
                 return Err(e);
             }
+            let at = self.read_at.entry(shard).or_default();
+            *at = (*at).max(entry.position);
         }
         Ok(n)
     }
