@@ -33,6 +33,33 @@ const SHUTDOWN_PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often, at most, a node that must restore, with no usable snapshot in the store,
 /// asks the cluster for one and looks again; the first waits are shorter.
 const NO_SNAPSHOT_RETRY: Duration = Duration::from_secs(15);
+/// A stream whose entries span less than this (when full) is too short to ride out a
+/// stall or a restart without a snapshot: warned about at start and every
+/// [`RETENTION_CHECK_EVERY`].
+const RETENTION_SPAN_MIN: Duration = Duration::from_secs(10);
+/// How often a running node checks how much time its streams hold.
+const RETENTION_CHECK_EVERY: Duration = Duration::from_secs(600);
+
+/// Warns when a full stream holds less than [`RETENTION_SPAN_MIN`] of changes.
+async fn check_retention(config: &Config, transport: &NatsTransport) {
+    for s in 0..transport.shard_count() {
+        match transport.retained_span(Shard(s)).await {
+            Ok(Some((entries, span))) if span < RETENTION_SPAN_MIN => warn!(
+                shard = s,
+                entries,
+                span_ms = span.as_millis() as u64,
+                max_entries = config.replication_log.max_entries,
+                "this stream keeps only {} ms of changes at the recent publish rate: a node that stalls or stops \
+                 for longer must restore a snapshot; raise replication_log.max_entries to at least entries per \
+                 second x the longest stall to ride out (docs/operations.md)",
+                span.as_millis()
+            ),
+            Ok(_) => {}
+            Err(e) => debug!(shard = s, error = %e, "could not check the stream's retention"),
+        }
+    }
+}
+
 /// The first wait before applying again on a full disk; it doubles up to
 /// [`PUBLISH_BACKOFF_MAX`].
 const DISK_FULL_RETRY_MIN: Duration = Duration::from_millis(200);
@@ -184,6 +211,7 @@ async fn run_node(config: Config, flags: Flags) -> Result<(), RunError> {
         if flags.save_snapshot {
             return save_snapshot_once(&config, &transport, snapshots.as_deref()).await;
         }
+        check_retention(&config, &transport).await;
         let dirty = Arc::new(AtomicBool::new(true));
         let _watcher = watch_database(&config.db_path, dirty.clone());
         let snap = SnapshotContext {
@@ -553,6 +581,7 @@ struct Timers {
     publish_backoff: Duration,
     last_snapshot: Instant,
     entries_since_snapshot: u64,
+    last_retention_check: Instant,
 }
 
 /// A full file system under the database: applying pauses (the stream keeps what is not
@@ -622,6 +651,7 @@ async fn node_loop(
         publish_backoff: Duration::from_millis(100),
         last_snapshot: now,
         entries_since_snapshot: 0,
+        last_retention_check: now,
     };
     let snapshot_every_entries =
         (config.replication_log.max_entries / u64::from(config.replication_log.shards.max(1))).max(1);
@@ -680,6 +710,10 @@ async fn node_loop(
                 Err(e) if e.is_disk_full() => full.failed(&e),
                 Err(e) => return Err(e.into()),
             }
+        }
+        if t.last_retention_check.elapsed() >= RETENTION_CHECK_EVERY {
+            t.last_retention_check = Instant::now();
+            check_retention(config, &snap.transport).await;
         }
         if t.last_maintain.elapsed() >= config.cleanup_interval() && !full.paused() {
             t.last_maintain = Instant::now();

@@ -110,6 +110,23 @@ impl NatsTransport {
         Ok(NatsTransport { client, js, losses, elections, advisories, opts })
     }
 
+    /// When `shard`'s stream is full (it holds `max_entries`), how many entries it holds and
+    /// the time between its oldest and newest one: how long a node may stall before what it
+    /// has not read is dropped, at the recent publish rate. `None` while it is not full.
+    pub async fn retained_span(&self, shard: Shard) -> Result<Option<(u64, Duration)>> {
+        let name = self.opts.stream_name(shard.0);
+        let stream = self.js.get_stream(&name).await.map_err(|e| {
+            errors::get_stream(&name, e)
+                .unwrap_or_else(|| errors::permanent(format!("stream {name}"), "does not exist"))
+        })?;
+        let state = &stream.cached_info().state;
+        if state.messages < self.opts.max_entries {
+            return Ok(None);
+        }
+        let span = state.last_timestamp - state.first_timestamp;
+        Ok(Some((state.messages, Duration::try_from(span).unwrap_or_default())))
+    }
+
     /// The options this transport was made with.
     pub fn options(&self) -> &NatsOptions {
         &self.opts
