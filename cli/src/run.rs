@@ -424,7 +424,8 @@ async fn restore_if_behind(
 /// Errors a node waiting for a snapshot waits out instead of exiting with.
 fn is_waitable(e: &RunError) -> bool {
     match e.downcast_ref::<Error>() {
-        Some(e) => matches!(e, Error::NotFound(_) | Error::Corrupt(_) | Error::Store { .. }) || e.is_retryable(),
+        // A store that refuses this node's credentials is a configuration error: refused.
+        Some(e) => matches!(e, Error::NotFound(_) | Error::Corrupt(_)) || e.is_retryable(),
         None => false,
     }
 }

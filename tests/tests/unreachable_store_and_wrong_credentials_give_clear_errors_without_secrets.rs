@@ -6,7 +6,9 @@
 //!   each failing save (periodic, by entries or `snapshot.interval`) logs a warning
 //!   naming the store and the cause, and replication goes on;
 //! - `marmot -save-snapshot` exits with status 1 and the error;
-//! - a node that must restore exits with status 1 and the error (it cannot catch up).
+//! - a node that must restore, and whose store rejects its keys, exits with status 1 and
+//!   the error: wrong credentials are a configuration error. (An empty or unreachable
+//!   store is waited for instead, as is an unreachable one, below.)
 //!
 //! Neither the secret key nor the access key appears in any output.
 
@@ -135,6 +137,17 @@ fn unreachable_store_and_wrong_credentials_give_clear_errors_without_secrets() {
         "says why it needs a snapshot and why it has none:\n{output}"
     );
     assert_no_secrets("node 2 behind", &output);
+
+    // The same node behind, with a store that does not answer: it waits (asking the cluster,
+    // retrying with backoff) instead of exiting, and stops at once on SIGTERM.
+    let mut waiting = Node::start(dir.path(), &s3_config(2, &dbs[1], &server.url(), &closed, 0), &[]);
+    wait_until("node 2 waits for a reachable store", DEADLINE, || {
+        waiting.assert_running();
+        let log = waiting.log_since_start();
+        log.contains("no usable snapshot exists yet") && log.contains(&closed)
+    });
+    assert!(waiting.terminate(DEADLINE).success());
+    assert_no_secrets("node 2 waiting", &std::fs::read_to_string(waiting.log_path()).unwrap_or_default());
 
     nodes[0].assert_running();
     for (name, log) in [("node 1", nodes[0].log_path()), ("node 2", nodes[1].log_path())] {
