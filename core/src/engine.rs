@@ -253,6 +253,10 @@ impl<S: ChangeSource> Engine<S> {
     /// `publish_ahead_entries_max` behind what it published, and has been for less than
     /// [`PUBLISH_HOLD_MAX`].
     fn reader_lags(&mut self, shard: Shard) -> Result<bool> {
+        // A node that does not read (`replicate = false`) has no reader to wait for.
+        if !self.config.replicate {
+            return Ok(false);
+        }
         let Some(&published) = self.published_at.get(&shard) else { return Ok(false) };
         let read = match self.read_at.get(&shard) {
             Some(&p) => p,
