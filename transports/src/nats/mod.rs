@@ -104,7 +104,14 @@ impl NatsTransport {
             .build(client.clone());
         for shard in 0..opts.shards {
             let wanted = streams::desired_config(&opts, shard);
-            streams::ensure_with_retry(&js, &wanted, opts.update_existing, opts.reconnect_wait_max).await?;
+            streams::ensure_with_retry(
+                &js,
+                &wanted,
+                opts.update_existing,
+                opts.reconnect_wait_max,
+                opts.request_timeout,
+            )
+            .await?;
         }
         let (elections, advisories) = streams::count_leader_elections(&client, &opts).await?;
         Ok(NatsTransport { client, js, losses, elections, advisories, opts })

@@ -175,16 +175,25 @@ fn vanished(name: &str) -> Error {
     errors::retryable(format!("stream {name}"), "deleted while it was being created")
 }
 
-/// Bounded retry of a retryable stream operation, for use while JetStream starts up.
+/// The wait for the answer to one of the first attempts to make sure a stream exists.
+const ENSURE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Retries a retryable stream operation, for use while JetStream starts up.
 pub(crate) async fn ensure_with_retry(
     js: &Context,
     wanted: &Config,
     update_existing: bool,
     wait_max: Duration,
+    request_timeout: Duration,
 ) -> Result<()> {
     let mut attempt = 0usize;
     loop {
-        match ensure(js, wanted, update_existing).await {
+        // While a new cluster elects its meta leader (the first seconds after its servers
+        // start), requests go unanswered: ask again after a short wait rather than after
+        // the full request timeout, growing the wait so that a slow server still answers.
+        let mut js = js.clone();
+        js.set_timeout(ENSURE_ATTEMPT_TIMEOUT.saturating_mul(1 + attempt as u32 / 4).min(request_timeout));
+        match ensure(&js, wanted, update_existing).await {
             Err(e) if e.is_retryable() => {
                 attempt += 1;
                 tracing::warn!(stream = %wanted.name, attempt, error = %e,
