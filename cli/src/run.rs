@@ -527,6 +527,13 @@ fn open_engine(config: &Config, transport: Arc<dyn LogTransport>) -> Result<Engi
         .max(8),
         ..EngineConfig::default()
     };
+    // Changes the application committed while Marmot was stopped are folded now, in
+    // slices, rather than inside the first remote apply's write transaction.
+    match db.fold_in_slices() {
+        Ok(slices) if slices > 1 => info!(slices, "folded the local changes made while stopped"),
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "could not fold local changes yet; the next apply does"),
+    }
     Ok(Engine::new(source, db, transport, engine_config))
 }
 

@@ -27,6 +27,10 @@ pub struct ApplyOutcome {
     pub remote_ahead_ms: u64,
 }
 
+/// Most log rows one of Marmot's own write transactions folds or deletes: a few tens of
+/// milliseconds of the write lock (docs/operations.md).
+pub const WRITE_SLICE_ROWS: i64 = 10_000;
+
 /// Upper bound on placement rounds when returning set-aside rows, per table.
 const RECONCILE_ROUNDS_MAX: usize = 100_000;
 
@@ -146,14 +150,21 @@ impl Db {
     /// merge compares remote changes with local ones. Runs inside the caller's write
     /// transaction.
     pub(crate) fn fold_local(&self, conn: &Connection) -> Result<()> {
+        self.fold_local_limited(conn, -1).map(|_| ())
+    }
+
+    /// Folds at most `limit` log rows (all when negative); returns whether rows are left.
+    pub(crate) fn fold_local_limited(&self, conn: &Connection, limit: i64) -> Result<bool> {
         self.check_schema()?;
         let folded = get_state(conn, "folded_hlc")?;
         let mut stmt = conn
-            .prepare_cached("SELECT * FROM __marmot__log WHERE hlc > ?1 ORDER BY hlc")
+            .prepare_cached("SELECT * FROM __marmot__log WHERE hlc > ?1 ORDER BY hlc LIMIT ?2")
             .ctx(|| "reading the log to fold".into())?;
-        let mut rows = stmt.query([folded as i64]).ctx(|| "reading the log to fold".into())?;
+        let mut rows = stmt.query((folded as i64, limit)).ctx(|| "reading the log to fold".into())?;
         let mut last = folded;
+        let mut n = 0i64;
         while let Some(r) = rows.next().ctx(|| "folding".into())? {
+            n += 1;
             let hlc = r.get::<_, i64>(0).ctx(|| "folding".into())? as u64;
             let tbl: i64 = r.get(1).ctx(|| "folding".into())?;
             let op: i64 = r.get(2).ctx(|| "folding".into())?;
@@ -175,7 +186,24 @@ impl Db {
         }
         drop(rows);
         drop(stmt);
-        set_state_max(conn, "folded_hlc", last)
+        set_state_max(conn, "folded_hlc", last)?;
+        Ok(limit >= 0 && n == limit)
+    }
+
+    /// Folds every local change not folded yet, at most [`WRITE_SLICE_ROWS`] per write
+    /// transaction, so that a large backlog (the application wrote while Marmot was
+    /// stopped) never holds the write lock long. Returns how many slices it took.
+    pub fn fold_in_slices(&self) -> Result<u64> {
+        let mut slices = 0;
+        loop {
+            let tx = self.immediate()?;
+            let more = self.fold_local_limited(&tx, WRITE_SLICE_ROWS)?;
+            tx.commit().ctx(|| "committing a fold".into())?;
+            slices += 1;
+            if !more {
+                return Ok(slices);
+            }
+        }
     }
 
     /// Returns set-aside rows whose unique values became free (after local deletes or

@@ -100,22 +100,39 @@ impl Db {
     }
 
     /// Deletes published log rows (after folding their versions), keeping the clock at
-    /// least as high as the highest deleted version. Returns how many rows were deleted.
+    /// least as high as the highest deleted version, at most
+    /// [`WRITE_SLICE_ROWS`](super::merge::WRITE_SLICE_ROWS) rows per write transaction.
+    /// Returns how many rows were deleted.
     pub fn clean_published(&self) -> Result<u64> {
-        let tx = self.immediate()?;
-        self.fold_local(&tx)?;
-        let published = get_state(&tx, "published_hlc")?.min(get_state(&tx, "folded_hlc")?);
-        tx.execute(
-            "UPDATE __marmot__clock SET hlc = max(hlc, coalesce( \
-             (SELECT max(hlc) FROM __marmot__log WHERE hlc <= ?1), 0)) WHERE id = 0",
-            [published as i64],
-        )
-        .ctx(|| "raising the clock before cleaning".into())?;
-        let n = tx
-            .execute("DELETE FROM __marmot__log WHERE hlc <= ?1", [published as i64])
-            .ctx(|| "cleaning published changes".into())?;
-        tx.commit().ctx(|| "committing the cleaning".into())?;
-        Ok(n as u64)
+        self.fold_in_slices()?;
+        let mut total = 0;
+        loop {
+            let tx = self.immediate()?;
+            self.fold_local(&tx)?;
+            let published = get_state(&tx, "published_hlc")?.min(get_state(&tx, "folded_hlc")?);
+            // This slice ends at the WRITE_SLICE_ROWS-th published row, or at the published point.
+            let bound: i64 = tx
+                .query_row(
+                    "SELECT coalesce((SELECT hlc FROM __marmot__log WHERE hlc <= ?1 ORDER BY hlc LIMIT 1 OFFSET ?2), ?1)",
+                    (published as i64, super::merge::WRITE_SLICE_ROWS - 1),
+                    |r| r.get(0),
+                )
+                .ctx(|| "finding a slice of published changes".into())?;
+            tx.execute(
+                "UPDATE __marmot__clock SET hlc = max(hlc, coalesce( \
+                 (SELECT max(hlc) FROM __marmot__log WHERE hlc <= ?1), 0)) WHERE id = 0",
+                [bound],
+            )
+            .ctx(|| "raising the clock before cleaning".into())?;
+            let n = tx
+                .execute("DELETE FROM __marmot__log WHERE hlc <= ?1", [bound])
+                .ctx(|| "cleaning published changes".into())? as u64;
+            tx.commit().ctx(|| "committing the cleaning".into())?;
+            total += n;
+            if (n as i64) < super::merge::WRITE_SLICE_ROWS || bound as u64 >= published {
+                return Ok(total);
+            }
+        }
     }
 }
 

@@ -384,3 +384,34 @@ fn generated_columns_do_not_shift_which_columns_are_unique() {
     let skipped = n.db.schema().skipped.iter().find(|s| s.name == "h").expect("h is skipped");
     assert!(skipped.reason.contains("generated"), "{}", skipped.reason);
 }
+
+/// Issue #13, finding 6: a large backlog of local changes (written while Marmot was
+/// stopped) is folded and cleaned in slices of at most `WRITE_SLICE_ROWS` rows per write
+/// transaction, so the application never waits long for the write lock. The time per
+/// slice is printed, not asserted.
+#[test]
+fn a_large_local_backlog_is_folded_and_cleaned_in_bounded_slices() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.db");
+    let app = Connection::open(&path).unwrap();
+    app.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);").unwrap();
+    let db = Db::open(&path, NodeId(1), CaptureOptions::default()).unwrap();
+    let rows = 2 * crate::sqlite::merge::WRITE_SLICE_ROWS + 5;
+    let tx = app.unchecked_transaction().unwrap();
+    for i in 1..=rows {
+        tx.execute("INSERT INTO t(id, v) VALUES (?1, 'x')", [i]).unwrap();
+    }
+    tx.commit().unwrap();
+    let started = std::time::Instant::now();
+    let slices = db.fold_in_slices().unwrap();
+    println!("folded {rows} rows in {slices} slices, {:?} per slice", started.elapsed() / slices as u32);
+    assert_eq!(slices, 3, "two full slices and the rest");
+    let last: i64 = app.query_row("SELECT max(hlc) FROM __marmot__log", [], |r| r.get(0)).unwrap();
+    db.acknowledge(crate::Hlc(last as u64)).unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(db.clean_published().unwrap(), rows as u64);
+    println!("cleaned {rows} rows in {:?}", started.elapsed());
+    let left: i64 = app.query_row("SELECT count(*) FROM __marmot__log", [], |r| r.get(0)).unwrap();
+    assert_eq!(left, 0);
+    assert!(db.version_of("t", &[Value::Integer(rows)]).unwrap().is_some(), "the last row has its version");
+}
