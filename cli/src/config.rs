@@ -320,6 +320,13 @@ impl ReplicationLogConfig {
         let wanted = if self.replicas < 1 { i64::from(self.shards / 2 + 1) } else { self.replicas };
         wanted.clamp(1, i64::from(MAX_STREAM_REPLICAS)) as u32
     }
+
+    /// Entries one shard's stream keeps: `max_entries / shards`, at least 1. The bounds
+    /// that keep a node from falling off a stream (saving only when caught up, parking an
+    /// incomplete batch, pausing publishing) are a quarter of it.
+    pub fn entries_per_shard(&self) -> u64 {
+        (self.max_entries / u64::from(self.shards.max(1))).max(1)
+    }
 }
 
 /// `[nats]`: how to reach NATS, or how to run the embedded server.

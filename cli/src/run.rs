@@ -510,6 +510,7 @@ fn open_engine(config: &Config, transport: Arc<dyn LogTransport>) -> Result<Engi
         skipped = db.schema().skipped.len(),
         "capture installed"
     );
+    let quarter = config.replication_log.entries_per_shard() / 4;
     let engine_config = EngineConfig {
         encode: EncodeOptions { compress: config.replication_log.compress, ..EncodeOptions::default() },
         publish: config.publish,
@@ -517,14 +518,10 @@ fn open_engine(config: &Config, transport: Arc<dyn LogTransport>) -> Result<Engi
         clock_skew_ms_max: config.max_clock_skew_ms,
         // A quarter of what one shard's stream keeps: an incomplete batch is parked well
         // before the stream drops the entries its hold would force a restart to re-read.
-        stray_after_entries: (config.replication_log.max_entries / u64::from(config.replication_log.shards.max(1)) / 4)
-            .clamp(8, marmot_core::wire::STRAY_AFTER_ENTRIES_DEFAULT),
+        stray_after_entries: quarter.clamp(8, marmot_core::wire::STRAY_AFTER_ENTRIES_DEFAULT),
         // A quarter of a shard's stream too: a node whose consumer stalls stops adding to
         // the stream well before it would roll past its own position.
-        publish_ahead_entries_max: (config.replication_log.max_entries
-            / u64::from(config.replication_log.shards.max(1))
-            / 4)
-        .max(8),
+        publish_ahead_entries_max: quarter.max(8),
         ..EngineConfig::default()
     };
     // Changes the application committed while Marmot was stopped are folded now, in
@@ -661,8 +658,7 @@ async fn node_loop(
         entries_since_snapshot: 0,
         last_retention_check: now,
     };
-    let snapshot_every_entries =
-        (config.replication_log.max_entries / u64::from(config.replication_log.shards.max(1))).max(1);
+    let snapshot_every_entries = config.replication_log.entries_per_shard();
     let mut acks = crate::ack_flush::AckFlush::default();
     let mut full = DiskFull::default();
     let local_check = config.polling_interval().unwrap_or(LOCAL_CHECK_FALLBACK);

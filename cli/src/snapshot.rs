@@ -76,7 +76,7 @@ pub enum NotSaved {
 /// How far behind a stream's last entry a node may be and still save a snapshot: a
 /// quarter of what one shard's stream keeps, at least one entry.
 pub fn save_slack(config: &Config) -> u64 {
-    (config.replication_log.max_entries / u64::from(config.replication_log.shards.max(1)) / 4).max(1)
+    (config.replication_log.entries_per_shard() / 4).max(1)
 }
 
 /// `Some(reason)` when a stored position (`positions`, from [`Db::positions`]) is more

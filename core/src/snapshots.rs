@@ -269,37 +269,8 @@ impl Snapshots {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-    use std::sync::Mutex;
-
-    use async_trait::async_trait;
-
     use super::*;
-    use crate::snapshot::ObjectInfo;
-
-    #[derive(Default)]
-    struct Memory(Mutex<BTreeMap<String, Vec<u8>>>);
-
-    #[async_trait]
-    impl SnapshotStore for Memory {
-        async fn put(&self, name: &str, from: &Path) -> Result<()> {
-            let bytes = std::fs::read(from).map_err(|source| Error::Io { context: name.into(), source })?;
-            self.0.lock().unwrap().insert(name.to_owned(), bytes);
-            Ok(())
-        }
-        async fn get(&self, name: &str, to: &Path) -> Result<()> {
-            let bytes = self.0.lock().unwrap().get(name).cloned().ok_or_else(|| Error::NotFound(name.into()))?;
-            std::fs::write(to, bytes).map_err(|source| Error::Io { context: name.into(), source })
-        }
-        async fn list(&self) -> Result<Vec<ObjectInfo>> {
-            let objects = self.0.lock().unwrap();
-            Ok(objects.iter().map(|(n, b)| ObjectInfo { name: n.clone(), size_bytes: b.len() as u64 }).collect())
-        }
-        async fn delete(&self, name: &str) -> Result<()> {
-            self.0.lock().unwrap().remove(name);
-            Ok(())
-        }
-    }
+    use crate::testing::MemoryStore as Memory;
 
     /// Stores a manifest (and a dummy object) saved at `ms` covering `position` on shard 0.
     fn put(store: &Memory, ms: u64, position: u64) {
@@ -315,9 +286,8 @@ mod tests {
             compressed_bytes: 0,
             checksum: String::new(),
         };
-        let mut objects = store.0.lock().unwrap();
-        objects.insert(format!("{stem}.json"), serde_json::to_vec(&m).unwrap());
-        objects.insert(m.object.clone(), Vec::new());
+        store.insert(&format!("{stem}.json"), serde_json::to_vec(&m).unwrap());
+        store.insert(&m.object, Vec::new());
     }
 
     fn positions(list: &[Manifest]) -> Vec<u64> {
@@ -340,7 +310,7 @@ mod tests {
         let mut kept = snapshots.list(dir.path()).await.unwrap();
         by_coverage(&mut kept);
         assert_eq!(positions(&kept), [400, 368]);
-        assert_eq!(store.0.lock().unwrap().len(), 4, "each deleted snapshot's object is deleted too");
+        assert_eq!(store.len(), 4, "each deleted snapshot's object is deleted too");
     }
 
     #[tokio::test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::error::Error;
+use crate::error::{Error, Result};
 use crate::model::{Position, Shard};
 use crate::snapshot::{ObjectInfo, SnapshotStore};
 use crate::transport::{Entry, LogTransport, Subscription};
@@ -445,4 +445,52 @@ async fn no_partial_object_is_visible_during_put(store: &dyn SnapshotStore, dir:
     put.expect("put of the new version");
     assert!(fetch(store, dir, name).await == new, "after put returns, get gives the new version");
     store.delete(name).await.expect("delete");
+}
+
+/// Named blobs in memory: a [`SnapshotStore`] for unit tests and the simulation.
+#[derive(Default)]
+pub struct MemoryStore {
+    objects: std::sync::Mutex<std::collections::BTreeMap<String, Vec<u8>>>,
+}
+
+#[async_trait::async_trait]
+impl SnapshotStore for MemoryStore {
+    async fn put(&self, name: &str, from: &std::path::Path) -> Result<()> {
+        let bytes = std::fs::read(from).map_err(|source| Error::Io { context: format!("reading {name}"), source })?;
+        self.objects.lock().expect("store lock").insert(name.to_owned(), bytes);
+        Ok(())
+    }
+
+    async fn get(&self, name: &str, to: &std::path::Path) -> Result<()> {
+        let bytes = self.objects.lock().expect("store lock").get(name).cloned();
+        let bytes = bytes.ok_or_else(|| Error::NotFound(name.to_owned()))?;
+        std::fs::write(to, bytes).map_err(|source| Error::Io { context: format!("writing {name}"), source })
+    }
+
+    async fn list(&self) -> Result<Vec<ObjectInfo>> {
+        let objects = self.objects.lock().expect("store lock");
+        Ok(objects.iter().map(|(n, b)| ObjectInfo { name: n.clone(), size_bytes: b.len() as u64 }).collect())
+    }
+
+    async fn delete(&self, name: &str) -> Result<()> {
+        self.objects.lock().expect("store lock").remove(name);
+        Ok(())
+    }
+}
+
+impl MemoryStore {
+    /// Stores `bytes` under `name` directly (tests that lay out a store by hand).
+    pub fn insert(&self, name: &str, bytes: Vec<u8>) {
+        self.objects.lock().expect("store lock").insert(name.to_owned(), bytes);
+    }
+
+    /// Number of objects stored.
+    pub fn len(&self) -> usize {
+        self.objects.lock().expect("store lock").len()
+    }
+
+    /// Whether the store is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }

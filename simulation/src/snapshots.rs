@@ -5,16 +5,13 @@
 //! "ask the cluster"), restore it under the write lock, replay the streams, own batches
 //! included, from the snapshot's positions.
 
-use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use async_trait::async_trait;
 use futures::executor::block_on;
-use marmot_core::snapshot::{ObjectInfo, SnapshotStore};
 use marmot_core::snapshots::{Manifest, Snapshots};
 use marmot_core::sqlite::{CaptureOptions, Db};
-use marmot_core::{Bounds, Error, NodeId, Result, Shard};
+use marmot_core::testing::MemoryStore;
+use marmot_core::{Bounds, Error, NodeId, Shard};
 
 use crate::schema;
 use crate::world::{Failure, World};
@@ -26,37 +23,6 @@ pub const SNAPSHOTS_KEPT: usize = 2;
 /// How many entries behind a stream's last one a node may be and still save a snapshot
 /// (`marmot` allows a quarter of a shard's `max_entries`).
 const SAVE_SLACK: u64 = 2;
-
-/// Named blobs in memory.
-#[derive(Default)]
-pub struct MemoryStore {
-    objects: Mutex<BTreeMap<String, Vec<u8>>>,
-}
-
-#[async_trait]
-impl SnapshotStore for MemoryStore {
-    async fn put(&self, name: &str, from: &Path) -> Result<()> {
-        let bytes = std::fs::read(from).map_err(|source| Error::Io { context: format!("reading {name}"), source })?;
-        self.objects.lock().expect("store lock").insert(name.to_owned(), bytes);
-        Ok(())
-    }
-
-    async fn get(&self, name: &str, to: &Path) -> Result<()> {
-        let bytes = self.objects.lock().expect("store lock").get(name).cloned();
-        let bytes = bytes.ok_or_else(|| Error::NotFound(name.to_owned()))?;
-        std::fs::write(to, bytes).map_err(|source| Error::Io { context: format!("writing {name}"), source })
-    }
-
-    async fn list(&self) -> Result<Vec<ObjectInfo>> {
-        let objects = self.objects.lock().expect("store lock");
-        Ok(objects.iter().map(|(n, b)| ObjectInfo { name: n.clone(), size_bytes: b.len() as u64 }).collect())
-    }
-
-    async fn delete(&self, name: &str) -> Result<()> {
-        self.objects.lock().expect("store lock").remove(name);
-        Ok(())
-    }
-}
 
 /// A new store with its [`Snapshots`].
 pub fn snapshots() -> Snapshots {

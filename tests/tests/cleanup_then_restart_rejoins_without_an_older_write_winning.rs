@@ -6,10 +6,8 @@
 
 mod snapshot_common;
 
-use marmot_tests::{
-    create_db, query_i64, require_tools, wait_converged, wait_until, NatsServer, Node, NodeConfig, TestDir, DEADLINE,
-};
-use snapshot_common::run_marmot;
+use marmot_tests::{query_i64, require_tools, wait_converged, wait_until, NatsServer, TestDir, DEADLINE};
+use snapshot_common::{run_marmot, start_nodes_without_snapshots};
 
 const SCHEMA: &str = "CREATE TABLE t(id INTEGER PRIMARY KEY, v INTEGER NOT NULL);";
 
@@ -25,19 +23,7 @@ fn cleanup_then_restart_rejoins_without_an_older_write_winning() {
     let dir = TestDir::new("cleanup-rejoin");
     let server = NatsServer::standalone(dir.path(), "nats");
     let dbs: Vec<_> = (1..=2).map(|i| dir.join(format!("node-{i}.db"))).collect();
-    for db in &dbs {
-        create_db(db, SCHEMA);
-    }
-    let mut nodes: Vec<Node> = (0..2)
-        .map(|i| {
-            let mut c = NodeConfig::new(i as u64 + 1, &dbs[i]).with_urls(vec![server.url()]);
-            c.extra = "\n[snapshot]\nenabled = false\n".into();
-            Node::start(dir.path(), &c, &[])
-        })
-        .collect();
-    for node in &mut nodes {
-        node.wait_replicating(DEADLINE);
-    }
+    let mut nodes = start_nodes_without_snapshots(dir.path(), &server.url(), &dbs, SCHEMA);
     // Node 1 writes the row, then node 2 overwrites it: node 2's value is the newer one.
     set(&dbs[0], 100);
     wait_until("node 2 has node 1's value", DEADLINE, || {

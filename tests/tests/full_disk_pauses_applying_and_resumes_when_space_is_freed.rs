@@ -12,10 +12,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use marmot_tests::{
-    create_db, require_tools, wait_converged, wait_until, NatsServer, Node, NodeConfig, TestDir, DEADLINE,
-};
-use snapshot_common::{run_marmot, write_pairs, SCHEMA};
+use marmot_tests::{require_tools, wait_converged, wait_until, NatsServer, TestDir, DEADLINE};
+use snapshot_common::{run_marmot, start_nodes_without_snapshots, write_pairs, SCHEMA};
 
 /// A mounted tmpfs, unmounted on drop.
 struct SmallDisk(PathBuf);
@@ -64,21 +62,8 @@ fn full_disk_pauses_applying_and_resumes_when_space_is_freed() {
     let dir = TestDir::new("disk-full");
     let server = NatsServer::standalone(dir.path(), "nats");
     let disk = SmallDisk::mount(&dir.join("small"), "8m");
-    let dbs = [dir.join("node-1.db"), dir.join("small").join("node-2.db")];
-    for db in &dbs {
-        create_db(db, SCHEMA);
-    }
-    let no_snapshots = "\n[snapshot]\nenabled = false\n";
-    let mut nodes: Vec<Node> = (0..2)
-        .map(|i| {
-            let mut c = NodeConfig::new(i as u64 + 1, &dbs[i]).with_urls(vec![server.url()]);
-            c.extra = no_snapshots.into();
-            Node::start(dir.path(), &c, &[])
-        })
-        .collect();
-    for node in &mut nodes {
-        node.wait_replicating(DEADLINE);
-    }
+    let dbs = vec![dir.join("node-1.db"), dir.join("small").join("node-2.db")];
+    let mut nodes = start_nodes_without_snapshots(dir.path(), &server.url(), &dbs, SCHEMA);
     write_pairs(&dbs[0], 1, 1, 5, 100);
     wait_converged(&[&dbs[0], &dbs[1]], DEADLINE);
 

@@ -6,10 +6,8 @@
 
 mod snapshot_common;
 
-use marmot_tests::{
-    create_db, require_tools, wait_converged, wait_until, NatsServer, Node, NodeConfig, TestDir, DEADLINE,
-};
-use snapshot_common::{position, write_pairs, write_published_rounds, SCHEMA};
+use marmot_tests::{require_tools, wait_converged, wait_until, NatsServer, TestDir, DEADLINE};
+use snapshot_common::{position, start_nodes_without_snapshots, write_pairs, write_published_rounds, SCHEMA};
 
 fn delete_stream(nats_url: &str, name: &str) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -26,19 +24,7 @@ fn recreated_stream_is_read_from_its_start() {
     let dir = TestDir::new("recreated-stream");
     let server = NatsServer::standalone(dir.path(), "nats");
     let dbs: Vec<_> = (1..=2).map(|i| dir.join(format!("node-{i}.db"))).collect();
-    for db in &dbs {
-        create_db(db, SCHEMA);
-    }
-    let mut nodes: Vec<Node> = (0..2)
-        .map(|i| {
-            let mut c = NodeConfig::new(i as u64 + 1, &dbs[i]).with_urls(vec![server.url()]);
-            c.extra = "\n[snapshot]\nenabled = false\n".into();
-            Node::start(dir.path(), &c, &[])
-        })
-        .collect();
-    for node in &mut nodes {
-        node.wait_replicating(DEADLINE);
-    }
+    let mut nodes = start_nodes_without_snapshots(dir.path(), &server.url(), &dbs, SCHEMA);
     write_published_rounds(&dbs[0], 1, 1, 20, 1, 100);
     wait_converged(&[&dbs[0], &dbs[1]], DEADLINE);
     wait_until("node 2 stored its position", DEADLINE, || position(&dbs[1]) >= 20);

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use marmot_tests::{log_tail, marmot_bin, open, poll, NodeConfig, LOG_TAIL_LINES};
+use marmot_tests::{create_db, log_tail, marmot_bin, open, poll, Node, NodeConfig, DEADLINE, LOG_TAIL_LINES};
 
 /// A short replication log: the streams keep the last `MAX_ENTRIES` entries per shard.
 pub const MAX_ENTRIES: u64 = 20;
@@ -29,6 +29,25 @@ pub fn file_store_config(id: u64, db: &Path, nats_url: &str, store: &Path, keep:
         store.to_string_lossy()
     );
     config
+}
+
+/// Creates `schema` in each of `dbs` and starts node `i + 1` on `dbs[i]` against the NATS
+/// server at `nats_url`, snapshots off; returns once every node replicates.
+pub fn start_nodes_without_snapshots(dir: &Path, nats_url: &str, dbs: &[PathBuf], schema: &str) -> Vec<Node> {
+    let mut nodes: Vec<Node> = dbs
+        .iter()
+        .enumerate()
+        .map(|(i, db)| {
+            create_db(db, schema);
+            let mut c = NodeConfig::new(i as u64 + 1, db).with_urls(vec![nats_url.to_owned()]);
+            c.extra = "\n[snapshot]\nenabled = false\n".into();
+            Node::start(dir, &c, &[])
+        })
+        .collect();
+    for node in &mut nodes {
+        node.wait_replicating(DEADLINE);
+    }
+    nodes
 }
 
 /// Writes `n` transactions on `db`, each inserting the pair `(k, -k)` with ids from
