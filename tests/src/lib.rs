@@ -17,15 +17,17 @@ mod nats;
 mod node;
 mod ports;
 mod process;
+mod proxy;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use db::{create_db, dump, dump_tables, open, query_i64, user_tables};
-pub use nats::NatsServer;
+pub use nats::{http_get, NatsServer};
 pub use node::{Node, NodeConfig};
 pub use ports::{free_cluster_port, free_port};
 pub use process::{log_tail, Background};
+pub use proxy::Proxy;
 
 /// The default longest wait for anything a test polls for.
 pub const DEADLINE: Duration = Duration::from_secs(60);

@@ -135,15 +135,23 @@ impl Drop for NatsServer {
     }
 }
 
-/// One `GET /healthz` on `127.0.0.1:<port>`: whether it answered 200.
-fn healthz(port: u16) -> bool {
-    let probe = || -> std::io::Result<bool> {
+/// One `GET <path>` on `127.0.0.1:<port>`: the body when the answer is 200.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    let get = || -> std::io::Result<String> {
         let mut conn = TcpStream::connect(("127.0.0.1", port))?;
         conn.set_read_timeout(Some(Duration::from_secs(2)))?;
-        conn.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        write!(conn, "GET {path} HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
         let mut response = String::new();
         conn.read_to_string(&mut response)?;
-        Ok(response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"))
+        Ok(response)
     };
-    probe().unwrap_or(false)
+    let response = get().ok()?;
+    let ok = response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200");
+    let body = response.split_once("\r\n\r\n")?.1;
+    ok.then(|| body.to_owned())
+}
+
+/// One `GET /healthz` on `127.0.0.1:<port>`: whether it answered 200.
+fn healthz(port: u16) -> bool {
+    http_get(port, "/healthz").is_some()
 }

@@ -24,6 +24,8 @@ pub struct NodeConfig {
     pub replicas: i64,
     /// `replication_log.max_entries`.
     pub max_entries: u64,
+    /// `nats.server_config`: a file the embedded server's configuration includes.
+    pub server_config: Option<PathBuf>,
     /// More TOML appended as is (top-level keys must not follow a table header, so put
     /// whole tables here).
     pub extra: String,
@@ -40,6 +42,7 @@ impl NodeConfig {
             shards: 1,
             replicas: 1,
             max_entries: 1_000_000,
+            server_config: None,
             extra: String::new(),
         }
     }
@@ -63,6 +66,9 @@ impl NodeConfig {
         let _ = writeln!(out, "max_entries = {}", self.max_entries);
         let _ = writeln!(out, "\n[nats]");
         let _ = writeln!(out, "urls = [{}]", urls.join(", "));
+        if let Some(file) = &self.server_config {
+            let _ = writeln!(out, "server_config = {}", quote(&file.to_string_lossy()));
+        }
         let _ = writeln!(out, "\n[logging]\nverbose = false\nformat = \"console\"");
         out.push_str(&self.extra);
         out
