@@ -222,6 +222,11 @@ impl<S: ChangeSource> Engine<S> {
             return Ok(0);
         }
         let Some(pending) = self.source.pending().await? else { return Ok(0) };
+        if pending.batch.tables.is_empty() {
+            // Every row read was overwritten since by a newer remote write, which carries it.
+            self.source.acknowledge(pending.through).await?;
+            return Ok(0);
+        }
         let parts = wire::encode_batch(&pending.batch, self.config.encode);
         let transport = &self.transport;
         let results =

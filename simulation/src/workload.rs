@@ -2,7 +2,7 @@
 //! transaction, and the reading of what capture logged for it into the model's writes.
 
 use marmot_core::{Hlc, NodeId, Value, Version};
-use rusqlite::{params, Connection, ErrorCode};
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 
 use crate::counters::Counters;
 use crate::model::Write;
@@ -172,7 +172,10 @@ pub fn group(app: &Connection, grp: i64, size: u8) -> Result<(), Failure> {
 }
 
 /// Appends to `writes` what capture logged on `app` after `log_seen` (the node's last
-/// transactions), and moves `log_seen` past it. `node` is the origin's id.
+/// transactions), and moves `log_seen` past it. `node` is the origin's id. The log holds
+/// the written rows' keys; the model takes each row's values as they are now, right after
+/// the transaction (a row written twice in it ends with its last image at both versions,
+/// which the model resolves to the same outcome).
 pub fn record_writes(
     app: &Connection,
     node: NodeId,
@@ -185,21 +188,40 @@ pub fn record_writes(
     let mut stmt = app
         .prepare("SELECT t.name, l.* FROM __marmot__log l JOIN __marmot__tables t ON t.id = l.tbl WHERE l.hlc > ?1 ORDER BY l.hlc")
         .map_err(err)?;
-    let rows: Vec<(u64, i64, Vec<Value>, String)> = stmt
+    let rows: Vec<(u64, Vec<Value>, String)> = stmt
         .query_map([*log_seen as i64], |r| {
             let ncols = r.as_ref().column_count();
             let values = (4..ncols).map(|c| r.get_ref(c).map(Value::from)).collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok((r.get::<_, i64>(1)? as u64, r.get(3)?, values, r.get(0)?))
+            Ok((r.get::<_, i64>(1)? as u64, values, r.get(0)?))
         })
         .and_then(|rows| rows.collect())
         .map_err(err)?;
-    for (hlc, op, values, table) in rows {
+    for (hlc, values, table) in rows {
         *log_seen = (*log_seen).max(hlc);
         let t = schema::table(&table).ok_or_else(|| Failure(format!("captured unknown table {table}")))?;
-        let image: Vec<Value> = values.into_iter().take(t.width).collect();
-        let pk = t.pk.iter().map(|&c| image[c].clone()).collect();
+        let pk: Vec<Value> = values.into_iter().take(t.pk.len()).collect();
+        let image = current_image(app, t, &pk).map_err(err)?.map(|mut image| {
+            image.truncate(t.width);
+            image
+        });
         let version = Version { hlc: Hlc(hlc), node };
-        writes.push(Write { table, pk, version, image: (op == 0).then_some(image) });
+        writes.push(Write { table, pk, version, image });
     }
     Ok(())
+}
+
+/// The row of `t` whose key is `pk`, all its columns, if it exists.
+fn current_image(app: &Connection, t: &schema::Table, pk: &[Value]) -> rusqlite::Result<Option<Vec<Value>>> {
+    let names: Vec<String> = app
+        .prepare(&format!("SELECT name FROM pragma_table_info('{}') ORDER BY cid", t.name))?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    let matches: Vec<String> =
+        t.pk.iter().enumerate().map(|(n, &c)| format!("{} = ?{}", quote(&names[c]), n + 1)).collect();
+    let sql = format!("SELECT * FROM {} WHERE {}", quote(t.name), matches.join(" AND "));
+    app.query_row(&sql, rusqlite::params_from_iter(pk), |r| {
+        (0..names.len()).map(|i| r.get_ref(i).map(Value::from)).collect::<rusqlite::Result<Vec<_>>>()
+    })
+    .optional()
 }

@@ -1,11 +1,17 @@
 //! Installing and removing capture: the `__marmot__` tables and the per-table triggers.
 //!
-//! Every replicated table gets three AFTER triggers that append the row image and its
-//! version to one shared log, `__marmot__log`, inside the application's own transaction.
-//! The version is computed by reads only: `max(now, clock + 1, max(log) + 1)`, so a write
-//! costs one extra insert into a table keyed by that version. Writes made while
-//! `__marmot__clock.applying` is set (the side-car applying remote changes) are not
-//! captured.
+//! Every replicated table gets three AFTER triggers that append the written row's *key*
+//! and its version to one shared log, `__marmot__log`, inside the application's own
+//! transaction; the reader takes the row's values from the table when it reads the log
+//! (see [`super::reader`]). The version is computed by reads only: `max(now, clock + 1,
+//! max(log) + 1)`, so a write costs one extra insert into a table keyed by that version.
+//! The triggers name only key columns, so any other column can be added, dropped or
+//! renamed while they are installed. Writes made while `__marmot__clock.applying` is set
+//! (the side-car applying remote changes) are not captured.
+//!
+//! Log layout: `hlc`, `tbl`, `op` (0 written, 1 deleted), then the key values in key order
+//! in `c0`, `c1`, … (layout 2; layout 1 held the whole image, each value at its column's
+//! position, and is converted at install).
 
 use std::collections::BTreeMap;
 
@@ -87,28 +93,42 @@ pub fn install(conn: &Connection, opts: &CaptureOptions) -> Result<Schema> {
     for skipped in &schema.skipped {
         warn!(table = %skipped.name, reason = %skipped.reason, "table not replicated");
     }
-    let width = schema.tables.iter().map(|t| t.columns.len()).max().unwrap_or(0);
-    ensure_log_width(&tx, width)?;
     let key_width = schema.tables.iter().map(|t| t.pk.len()).max().unwrap_or(0);
+    ensure_log_width(&tx, key_width)?;
     ensure_width(&tx, "__marmot__displaced", "k", 1, key_width)?;
     let existing = existing_triggers(&tx)?;
     follow_renames(&tx, &existing)?;
+    let layout_1 = !first_install && get_layout(&tx)? < LOG_LAYOUT;
     let mut wanted = BTreeMap::new();
     for table in &schema.tables {
         let captured = captured_columns(&tx, &table.name)?;
         let id = table_id(&tx, &table.name)?;
-        if captured.as_ref() != Some(&table.columns) {
+        let key: Vec<String> = table.pk.iter().map(|&i| table.columns[i].clone()).collect();
+        let mut key_changed = captured_key(&tx, &table.name)?.is_some_and(|k| k != key);
+        if layout_1 {
             if let Some(old) = &captured {
-                remap_log(&tx, table, id, old)?;
+                key_changed |= keys_to_layout_2(&tx, table, id, old)?;
             }
+        }
+        if captured.as_ref() != Some(&table.columns) || key_changed || layout_1 {
             tx.execute(
-                "UPDATE __marmot__tables SET columns = ?2 WHERE id = ?1",
-                (id, serde_json::to_string(&table.columns).expect("names serialize")),
+                "UPDATE __marmot__tables SET columns = ?2, key_columns = ?3 WHERE id = ?1",
+                (
+                    id,
+                    serde_json::to_string(&table.columns).expect("names serialize"),
+                    serde_json::to_string(&key).expect("names serialize"),
+                ),
             )
             .ctx(|| format!("recording the columns of {:?}", table.name))?;
         }
         let has_capture = existing.values().any(|(on, _)| on == &table.name);
-        if !has_capture && !first_install && !restored {
+        if key_changed || (!has_capture && !first_install && !restored) {
+            if key_changed {
+                warn!(table = %table.name, "primary key columns changed: every row is sent again, and \
+                    unpublished deletes of the old keys are not sent");
+                tx.execute("DELETE FROM __marmot__log WHERE tbl = ?1 AND hlc > ?2", (id, published(&tx)?))
+                    .ctx(|| format!("dropping unpublished keys of {:?}", table.name))?;
+            }
             backfill(&tx, table, id, &opts.time_ms_sql)?;
         }
         for (what, sql) in trigger_sql(table, id, &opts.time_ms_sql) {
@@ -126,8 +146,44 @@ pub fn install(conn: &Connection, opts: &CaptureOptions) -> Result<Schema> {
             tx.execute_batch(sql).ctx(|| format!("creating trigger {name:?}"))?;
         }
     }
+    set_layout(&tx)?;
     tx.commit().ctx(|| "committing capture install".into())?;
     Ok(schema)
+}
+
+/// The log layout this code writes (see the module's documentation).
+const LOG_LAYOUT: i64 = 2;
+
+fn get_layout(conn: &Connection) -> Result<i64> {
+    conn.query_row("SELECT value FROM __marmot__state WHERE key = 'log_layout'", [], |r| r.get(0))
+        .optional()
+        .map(|v| v.unwrap_or(1))
+        .ctx(|| "reading the log layout".into())
+}
+
+fn set_layout(conn: &Connection) -> Result<()> {
+    conn.execute("INSERT OR REPLACE INTO __marmot__state(key, value) VALUES ('log_layout', ?1)", [LOG_LAYOUT])
+        .map(|_| ())
+        .ctx(|| "recording the log layout".into())
+}
+
+fn published(conn: &Connection) -> Result<i64> {
+    conn.query_row("SELECT value FROM __marmot__state WHERE key = 'published_hlc'", [], |r| r.get(0))
+        .ctx(|| "reading the published point".into())
+}
+
+/// Moves the key values of the table's layout-1 log rows (whole images, each value at its
+/// column's position in `old`) to `c0`, `c1`, …; returns whether the key changed instead.
+fn keys_to_layout_2(conn: &Connection, t: &TableInfo, id: i64, old: &[String]) -> Result<bool> {
+    let Some(from): Option<Vec<usize>> = t.pk.iter().map(|&i| old.iter().position(|c| c == &t.columns[i])).collect()
+    else {
+        return Ok(true);
+    };
+    let targets: Vec<String> = (0..from.len()).map(|n| format!("c{n}")).collect();
+    let sources: Vec<String> = from.iter().map(|p| format!("c{p}")).collect();
+    let sql = format!("UPDATE __marmot__log SET ({}) = ({}) WHERE tbl = {id}", targets.join(", "), sources.join(", "));
+    conn.execute(&sql, []).ctx(|| format!("converting the log rows of {:?}", t.name))?;
+    Ok(false)
 }
 
 fn object_exists(conn: &Connection, name: &str) -> Result<bool> {
@@ -136,19 +192,32 @@ fn object_exists(conn: &Connection, name: &str) -> Result<bool> {
         .ctx(|| format!("looking for {name}"))
 }
 
-/// Adds `__marmot__tables.columns` (the column names the triggers capture, as JSON) to
-/// databases installed before it existed.
+/// Adds `__marmot__tables.columns` (the table's column names when capture was last
+/// installed, as JSON) and `key_columns` (its key's) to databases installed before they
+/// existed.
 fn ensure_captured_columns(conn: &Connection) -> Result<()> {
-    let has: i64 = conn
-        .query_row("SELECT count(*) FROM pragma_table_info('__marmot__tables') WHERE name = 'columns'", [], |r| {
-            r.get(0)
-        })
-        .ctx(|| "reading __marmot__tables".into())?;
-    if has == 0 {
-        conn.execute_batch("ALTER TABLE __marmot__tables ADD COLUMN columns TEXT")
-            .ctx(|| "adding __marmot__tables.columns".into())?;
+    for column in ["columns", "key_columns"] {
+        let has: i64 = conn
+            .query_row("SELECT count(*) FROM pragma_table_info('__marmot__tables') WHERE name = ?1", [column], |r| {
+                r.get(0)
+            })
+            .ctx(|| "reading __marmot__tables".into())?;
+        if has == 0 {
+            conn.execute_batch(&format!("ALTER TABLE __marmot__tables ADD COLUMN {column} TEXT"))
+                .ctx(|| format!("adding __marmot__tables.{column}"))?;
+        }
     }
     Ok(())
+}
+
+/// The key columns logged for `table`, when recorded.
+fn captured_key(conn: &Connection, table: &str) -> Result<Option<Vec<String>>> {
+    let json: Option<String> = conn
+        .query_row("SELECT key_columns FROM __marmot__tables WHERE name = ?1", [table], |r| r.get(0))
+        .optional()
+        .ctx(|| format!("reading the key columns of {table:?}"))?
+        .flatten();
+    Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
 }
 
 /// The columns the current triggers of `table` capture, when recorded.
@@ -184,8 +253,8 @@ fn follow_renames(conn: &Connection, existing: &BTreeMap<String, (String, String
 /// Logs every row of a table that had no capture (created, or dropped and created again,
 /// since the last install), so rows written before Marmot noticed are not missed.
 fn backfill(conn: &Connection, t: &TableInfo, id: i64, time_ms_sql: &str) -> Result<()> {
-    let cols: String = (0..t.columns.len()).map(|i| format!(", c{i}")).collect();
-    let vals: String = t.columns.iter().map(|c| format!(", r.{}", quote(c))).collect();
+    let cols: String = (0..t.pk.len()).map(|n| format!(", c{n}")).collect();
+    let vals: String = t.pk.iter().map(|&i| format!(", r.{}", quote(&t.columns[i]))).collect();
     let base = next_hlc_sql(time_ms_sql);
     let keyed = key_not_null(t, "r").map(|c| format!(" WHERE {c}")).unwrap_or_default();
     let sql = format!(
@@ -196,49 +265,6 @@ fn backfill(conn: &Connection, t: &TableInfo, id: i64, time_ms_sql: &str) -> Res
     let n = conn.execute(&sql, []).ctx(|| format!("logging the rows of new table {:?}", t.name))?;
     if n > 0 {
         tracing::info!(table = %t.name, rows = n, "logged rows written before capture was installed");
-    }
-    Ok(())
-}
-
-/// Rewrites the unpublished log rows of a table whose columns changed (`ALTER TABLE ADD
-/// COLUMN`, a rebuilt table) from the captured layout `old` to the current one: columns
-/// that were captured move to their new position, new ones are read from the row as it
-/// is now (the newest image of that row, and every later change to it is logged too).
-fn remap_log(conn: &Connection, t: &TableInfo, id: i64, old: &[String]) -> Result<()> {
-    let old_pos = |name: &str| old.iter().position(|c| c == name);
-    let Some(pk_old): Option<Vec<usize>> = t.pk.iter().map(|&i| old_pos(&t.columns[i])).collect() else {
-        warn!(table = %t.name, "primary key columns changed; unpublished changes keep their captured layout");
-        return Ok(());
-    };
-    let key_match: Vec<String> =
-        t.pk.iter().zip(&pk_old).map(|(&i, p)| format!("r.{} = __marmot__log.c{p}", quote(&t.columns[i]))).collect();
-    let key_match = key_match.join(" AND ");
-    let table = quote(&t.name);
-    let wide = t.columns.len().max(old.len());
-    let targets: Vec<String> = (0..wide).map(|i| format!("c{i}")).collect();
-    let upsert: Vec<String> = (0..wide)
-        .map(|i| match t.columns.get(i) {
-            None => "NULL".to_owned(),
-            Some(c) => match old_pos(c) {
-                Some(p) => format!("c{p}"),
-                None => format!("(SELECT r.{} FROM {table} AS r WHERE {key_match})", quote(c)),
-            },
-        })
-        .collect();
-    let delete: Vec<String> = (0..wide)
-        .map(|i| match t.pk.iter().position(|&k| k == i) {
-            Some(n) => format!("c{}", pk_old[n]),
-            None => "NULL".to_owned(),
-        })
-        .collect();
-    let unpublished = "hlc > (SELECT value FROM __marmot__state WHERE key = 'published_hlc')";
-    for (op, exprs) in [(0, upsert), (1, delete)] {
-        let sql = format!(
-            "UPDATE __marmot__log SET ({}) = ({}) WHERE tbl = {id} AND op = {op} AND {unpublished}",
-            targets.join(", "),
-            exprs.join(", ")
-        );
-        conn.execute(&sql, []).ctx(|| format!("re-laying out unpublished changes of {:?}", t.name))?;
     }
     Ok(())
 }
@@ -335,23 +361,21 @@ fn trigger_sql(t: &TableInfo, id: i64, time_ms_sql: &str) -> Vec<(&'static str, 
     let applying = "(SELECT applying FROM __marmot__clock WHERE id = 0) = 0";
     let when = format!("WHEN {applying}");
     let hlc = next_hlc_sql(time_ms_sql);
-    let all_cols: String = (0..t.columns.len()).map(|i| format!(", c{i}")).collect();
-    let image = |row: &str| -> String { t.columns.iter().map(|c| format!(", {row}.{}", quote(c))).collect() };
-    let pk_cols: String = t.pk.iter().map(|i| format!(", c{i}")).collect();
+    let pk_cols: String = (0..t.pk.len()).map(|n| format!(", c{n}")).collect();
     let pk_vals = |row: &str| -> String { t.pk.iter().map(|&i| format!(", {row}.{}", quote(&t.columns[i]))).collect() };
     let pk_changed: Vec<String> =
         t.pk.iter().map(|&i| format!("OLD.{0} IS NOT NEW.{0}", quote(&t.columns[i]))).collect();
     let displaced = displaced_sql(t, id, &hlc);
-    let (insert_when, new_image) = match key_not_null(t, "NEW") {
+    let (insert_when, new_key) = match key_not_null(t, "NEW") {
         None => (
             when.clone(),
-            format!("INSERT INTO __marmot__log(hlc, tbl, op{all_cols}) VALUES ({hlc}, {id}, 0{});", image("NEW")),
+            format!("INSERT INTO __marmot__log(hlc, tbl, op{pk_cols}) VALUES ({hlc}, {id}, 0{});", pk_vals("NEW")),
         ),
         Some(c) => (
             format!("{when} AND {c}"),
             format!(
-                "INSERT INTO __marmot__log(hlc, tbl, op{all_cols}) SELECT {hlc}, {id}, 0{} WHERE {c};",
-                image("NEW")
+                "INSERT INTO __marmot__log(hlc, tbl, op{pk_cols}) SELECT {hlc}, {id}, 0{} WHERE {c};",
+                pk_vals("NEW")
             ),
         ),
     };
@@ -362,13 +386,13 @@ fn trigger_sql(t: &TableInfo, id: i64, time_ms_sql: &str) -> Vec<(&'static str, 
     };
     let insert = format!(
         "CREATE TRIGGER {} AFTER INSERT ON {table} {insert_when} BEGIN \
-         INSERT INTO __marmot__log(hlc, tbl, op{all_cols}) VALUES ({hlc}, {id}, 0{}); END;",
+         INSERT INTO __marmot__log(hlc, tbl, op{pk_cols}) VALUES ({hlc}, {id}, 0{}); END;",
         name("insert"),
-        image("NEW"),
+        pk_vals("NEW"),
     );
     let update = format!(
         "CREATE TRIGGER {} AFTER UPDATE ON {table} {when} BEGIN \
-         INSERT INTO __marmot__log(hlc, tbl, op{pk_cols}) SELECT {hlc}, {id}, 1{} WHERE {changed}{old_key}; {new_image} END;",
+         INSERT INTO __marmot__log(hlc, tbl, op{pk_cols}) SELECT {hlc}, {id}, 1{} WHERE {changed}{old_key}; {new_key} END;",
         name("update"),
         pk_vals("OLD"),
     );
@@ -454,7 +478,7 @@ fn displaced_sql(t: &TableInfo, id: i64, hlc: &str) -> Option<Displaced> {
             .enumerate()
             .map(|(n, (&i, c))| format!("r.{} IS d.k{n} COLLATE {}", quote(&t.columns[i]), c.sql()))
             .collect();
-    let pk_cols: String = t.pk.iter().map(|i| format!(", c{i}")).collect();
+    let pk_cols: String = (0..t.pk.len()).map(|n| format!(", c{n}")).collect();
     let d_keys: String = (0..t.pk.len()).map(|n| format!(", d.k{n}")).collect();
     let log = format!(
         "INSERT INTO __marmot__log(hlc, tbl, op{pk_cols}) SELECT {hlc} + row_number() OVER () - 1, {id}, 1{d_keys} \
@@ -489,6 +513,6 @@ mod install_tests {
         let sql: String = conn
             .query_row("SELECT sql FROM sqlite_master WHERE name = '__marmot__t__insert'", [], |r| r.get(0))
             .unwrap();
-        assert!(sql.contains("NEW.\"w\""), "the trigger follows the new column: {sql}");
+        assert!(!sql.contains("NEW.\"w\""), "the trigger names key columns only: {sql}");
     }
 }

@@ -35,7 +35,7 @@ pub const WRITE_SLICE_ROWS: i64 = 10_000;
 const RECONCILE_ROUNDS_MAX: usize = 100_000;
 
 /// A row image: local column index and value.
-type Image = Vec<(usize, Value)>;
+pub(crate) type Image = Vec<(usize, Value)>;
 
 impl Db {
     /// Applies `batch`, read from `shard` at `position`, in one transaction that also
@@ -170,10 +170,8 @@ impl Db {
             let op: i64 = r.get(2).ctx(|| "folding".into())?;
             last = hlc;
             let Some(info) = self.table_by_id(tbl) else { continue };
-            let pk: Vec<Value> = info
-                .pk
-                .iter()
-                .map(|&i| r.get_ref(3 + i).map(Value::from))
+            let pk: Vec<Value> = (0..info.pk.len())
+                .map(|n| r.get_ref(3 + n).map(Value::from))
                 .collect::<rusqlite::Result<_>>()
                 .ctx(|| "folding".into())?;
             if pk.iter().any(Value::is_null) {
@@ -318,7 +316,7 @@ fn delete_row(conn: &Connection, t: &TableInfo, tbl: i64, pk: &[Value]) -> Resul
     })
 }
 
-fn read_image(conn: &Connection, t: &TableInfo, pk: &[Value]) -> Result<Option<Image>> {
+pub(crate) fn read_image(conn: &Connection, t: &TableInfo, pk: &[Value]) -> Result<Option<Image>> {
     let cols: Vec<String> = t.columns.iter().map(|c| quote(c)).collect();
     let sql = format!("SELECT {} FROM {} WHERE {}", cols.join(", "), quote(&t.name), pk_where(t, 1));
     conn.prepare_cached(&sql)

@@ -5,13 +5,40 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 
-use super::{get_state, set_state_max, Db};
-use crate::error::{Result, SqlContext};
-use crate::model::{Batch, Hlc, Op, RowChange, TableChanges, Value};
+use rusqlite::{Connection, OptionalExtension};
+
+use super::{get_state, merge, set_state_max, version_of, Db, TableInfo};
+use crate::error::{Error, Result, SqlContext};
+use crate::model::{Batch, Hlc, Op, RowChange, TableChanges, Value, Version};
 use crate::source::{ChangeSource, Pending};
 
-/// Log columns read besides the image: `hlc`, `tbl`, `op`.
+/// Log columns before the key: `hlc`, `tbl`, `op`.
 const LOG_FIXED: usize = 3;
+
+/// A row of a replicated table: its table's id and its canonical key bytes.
+type RowId = (i64, Vec<u8>);
+
+/// The image of a row the merge set aside (a unique value lost to a higher version) while
+/// its write, `mine`, waited to be published: the row still exists, out of the table.
+fn aside_image(conn: &Connection, t: &TableInfo, tbl: i64, key: &[u8], mine: Version) -> Result<Option<Vec<Value>>> {
+    let row: Option<(i64, i64, Vec<u8>)> = conn
+        .prepare_cached("SELECT hlc, node, image FROM __marmot__aside WHERE tbl = ?1 AND pk = ?2")
+        .and_then(|mut s| s.query_row((tbl, key), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).optional())
+        .ctx(|| "reading a set-aside row".into())?;
+    let Some((hlc, node, blob)) = row else { return Ok(None) };
+    if (hlc as u64, node as u64) != (mine.hlc.0, mine.node.0) {
+        return Ok(None);
+    }
+    let named: Vec<(String, Value)> =
+        ciborium::from_reader(&blob[..]).map_err(|e| Error::Corrupt(format!("set-aside image: {e}")))?;
+    let mut values = vec![Value::Null; t.columns.len()];
+    for (column, value) in named {
+        if let Some(i) = t.column_index(&column) {
+            values[i] = value;
+        }
+    }
+    Ok(Some(values))
+}
 
 impl Db {
     /// Every local change committed after the last acknowledged point, read in one read
@@ -32,38 +59,59 @@ impl Db {
         // rows of a table created a moment ago would be skipped and passed over.
         self.check_schema()?;
         let published = get_state(&tx, "published_hlc")?.max(after.0);
-        let width: usize = tx
-            .query_row("SELECT count(*) FROM pragma_table_info('__marmot__log')", [], |r| r.get::<_, i64>(0))
-            .ctx(|| "reading log width".into())? as usize;
-        let mut stmt = tx
-            .prepare_cached("SELECT * FROM __marmot__log WHERE hlc > ?1 ORDER BY hlc")
-            .ctx(|| "reading the log".into())?;
-        let mut rows = stmt.query([published as i64]).ctx(|| "reading the log".into())?;
-        let mut tables: BTreeMap<i64, TableChanges> = BTreeMap::new();
+        // Per written row: the newest version read and the key. The log holds keys only;
+        // the values are the row's as this read sees it, below.
+        let mut written: BTreeMap<RowId, (Hlc, Vec<Value>)> = BTreeMap::new();
         let mut through = Hlc(published);
-        while let Some(row) = rows.next().ctx(|| "reading the log".into())? {
-            let hlc = Hlc(row.get::<_, i64>(0).ctx(|| "reading hlc".into())? as u64);
-            let tbl: i64 = row.get(1).ctx(|| "reading tbl".into())?;
-            let op: i64 = row.get(2).ctx(|| "reading op".into())?;
-            through = through.max(hlc);
-            let Some(info) = self.table_by_id(tbl) else { continue };
-            let n = info.columns.len().min(width - LOG_FIXED);
-            let mut values = Vec::with_capacity(info.columns.len());
-            for i in 0..n {
-                values.push(Value::from(row.get_ref(LOG_FIXED + i).ctx(|| "reading a value".into())?));
+        {
+            let mut stmt = tx
+                .prepare_cached("SELECT * FROM __marmot__log WHERE hlc > ?1 ORDER BY hlc")
+                .ctx(|| "reading the log".into())?;
+            let mut rows = stmt.query([published as i64]).ctx(|| "reading the log".into())?;
+            while let Some(row) = rows.next().ctx(|| "reading the log".into())? {
+                let hlc = Hlc(row.get::<_, i64>(0).ctx(|| "reading hlc".into())? as u64);
+                let tbl: i64 = row.get(1).ctx(|| "reading tbl".into())?;
+                through = through.max(hlc);
+                let Some(info) = self.table_by_id(tbl) else { continue };
+                let pk: Vec<Value> = (0..info.pk.len())
+                    .map(|n| row.get_ref(LOG_FIXED + n).map(Value::from))
+                    .collect::<rusqlite::Result<_>>()
+                    .ctx(|| "reading a key".into())?;
+                written.insert((tbl, info.key(&pk)), (hlc, pk));
             }
-            values.resize(info.columns.len(), Value::Null);
+        }
+        let mut by_version: Vec<(RowId, (Hlc, Vec<Value>))> = written.into_iter().collect();
+        by_version.sort_by_key(|(_, (hlc, _))| *hlc);
+        let mut tables: BTreeMap<i64, TableChanges> = BTreeMap::new();
+        for ((tbl, key), (hlc, pk)) in by_version {
+            let info = self.table_by_id(tbl).expect("read above");
+            let mine = Version { hlc, node: self.node };
+            // A remote write applied since overwrote the row: that write carries it.
+            if version_of(&tx, tbl, &key)?.is_some_and(|(v, _)| (v.hlc, v.node) > (mine.hlc, mine.node)) {
+                continue;
+            }
+            let image = match merge::read_image(&tx, info, &pk)? {
+                Some(image) => Some(image.into_iter().map(|(_, v)| v).collect()),
+                None => aside_image(&tx, info, tbl, &key, mine)?,
+            };
+            let (op, values) = match image {
+                Some(values) => (Op::Upsert, values),
+                None => {
+                    let mut values = vec![Value::Null; info.columns.len()];
+                    for (&i, v) in info.pk.iter().zip(pk) {
+                        values[i] = v;
+                    }
+                    (Op::Delete, values)
+                }
+            };
             let entry = tables.entry(tbl).or_insert_with(|| TableChanges {
                 table: info.name.clone(),
                 columns: info.columns.clone(),
                 pk: info.pk.clone(),
                 rows: Vec::new(),
             });
-            let op = if op == 1 { Op::Delete } else { Op::Upsert };
             entry.rows.push(RowChange { hlc, op, values });
         }
-        drop(rows);
-        drop(stmt);
         tx.commit().ctx(|| "ending a read".into())?;
         if through.0 == published {
             return Ok(None);

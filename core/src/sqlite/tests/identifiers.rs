@@ -27,7 +27,6 @@ fn odd_identifiers_are_captured_and_merged() {
         rows_of(&p.batch, "a \"b\" table"),
         vec![
             (Op::Upsert, vec![text("k 1"), int(7), text("it's")]),
-            (Op::Upsert, vec![text("k 2"), int(8), NULL]),
             (Op::Delete, vec![text("k 2"), int(8), NULL]),
             (Op::Upsert, vec![text("k 2"), int(9), NULL]),
         ],

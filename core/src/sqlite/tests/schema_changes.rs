@@ -164,3 +164,76 @@ fn a_row_last_written_by_a_node_without_the_new_column_ends_with_its_default_eve
     );
     assert_eq!(b.dump("t"), a.dump("t"));
 }
+
+#[test]
+fn drop_column_works_while_capture_is_installed_and_rows_around_it_arrive() {
+    let schema = "CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT, old TEXT);";
+    let mut a = node(1, schema);
+    let mut b = node(2, schema);
+    a.exec("INSERT INTO t VALUES (1, 'before', 'gone')");
+    // The triggers name only the key, so SQLite lets the application drop any other column.
+    a.exec("ALTER TABLE t DROP COLUMN old; INSERT INTO t VALUES (2, 'after');");
+    b.exec("ALTER TABLE t DROP COLUMN old");
+    let p = ship(&mut a, &mut b);
+    assert_eq!(p.batch.tables[0].columns, vec!["id", "name"]);
+    assert_eq!(b.dump("t"), vec![vec![int(1), text("before")], vec![int(2), text("after")]]);
+    a.exec("UPDATE t SET name = 'later' WHERE id = 1");
+    ship(&mut a, &mut b);
+    assert_eq!(b.dump("t"), a.dump("t"));
+}
+
+#[test]
+fn rename_column_with_unpublished_rows_loses_nothing() {
+    let mut a = node(1, T);
+    let mut b = node(2, T);
+    a.exec("INSERT INTO t VALUES (1, 'one', 1.0)");
+    a.exec(
+        "ALTER TABLE t RENAME COLUMN name TO title; ALTER TABLE t RENAME COLUMN id TO key; \
+            INSERT INTO t VALUES (2, 'two', 2.0);",
+    );
+    b.exec("ALTER TABLE t RENAME COLUMN name TO title; ALTER TABLE t RENAME COLUMN id TO key;");
+    let p = ship(&mut a, &mut b);
+    assert_eq!(p.batch.tables[0].columns, vec!["key", "title", "score"]);
+    assert_eq!(b.dump("t"), vec![vec![int(1), text("one"), real(1.0)], vec![int(2), text("two"), real(2.0)]]);
+}
+
+#[test]
+fn a_log_written_by_the_previous_layout_is_converted_and_read() {
+    // Layout 1 kept whole images, each value at its column's position: key `k` is column 1.
+    let schema = "CREATE TABLE t(v TEXT, k TEXT PRIMARY KEY);";
+    let mut a = node(1, schema);
+    let mut b = node(2, schema);
+    a.exec(
+        "INSERT INTO t VALUES ('one', 'a'); \
+         ALTER TABLE __marmot__log ADD COLUMN c1; \
+         UPDATE __marmot__log SET c1 = c0, c0 = 'one'; \
+         DELETE FROM __marmot__state WHERE key = 'log_layout'; \
+         UPDATE __marmot__tables SET key_columns = NULL;",
+    );
+    a.db.reinstall().unwrap();
+    let layout: i64 =
+        a.app.query_row("SELECT value FROM __marmot__state WHERE key = 'log_layout'", [], |r| r.get(0)).unwrap();
+    assert_eq!(layout, 2);
+    let p = ship(&mut a, &mut b);
+    assert_eq!(rows_of(&p.batch, "t"), vec![(Op::Upsert, vec![text("one"), text("a")])]);
+    assert_eq!(b.dump("t"), a.dump("t"));
+}
+
+#[test]
+fn a_changed_primary_key_sends_every_row_again() {
+    let mut a = node(1, "CREATE TABLE t(id INTEGER PRIMARY KEY, code TEXT NOT NULL, v TEXT);");
+    let mut b = node(2, "CREATE TABLE t(code TEXT PRIMARY KEY, id INTEGER NOT NULL, v TEXT);");
+    a.exec("INSERT INTO t VALUES (1, 'x', 'one'), (2, 'y', 'two')");
+    a.acknowledge_all();
+    a.exec(
+        "BEGIN; CREATE TABLE t_new(code TEXT PRIMARY KEY, id INTEGER NOT NULL, v TEXT); \
+         INSERT INTO t_new SELECT code, id, v FROM t; DROP TABLE t; ALTER TABLE t_new RENAME TO t; COMMIT;",
+    );
+    a.db.reinstall().unwrap();
+    let p = ship(&mut a, &mut b);
+    assert_eq!(
+        rows_of(&p.batch, "t"),
+        vec![(Op::Upsert, vec![text("x"), int(1), text("one")]), (Op::Upsert, vec![text("y"), int(2), text("two")])]
+    );
+    assert_eq!(b.dump("t"), a.dump("t"));
+}
