@@ -110,6 +110,9 @@ pub fn install(conn: &Connection, opts: &CaptureOptions) -> Result<Schema> {
                 key_changed |= keys_to_layout_2(&tx, table, id, old)?;
             }
         }
+        if let Some(old) = captured.as_ref().filter(|old| *old != &table.columns) {
+            record_dropped(&tx, id, old, &table.columns)?;
+        }
         if captured.as_ref() != Some(&table.columns) || key_changed || layout_1 {
             tx.execute(
                 "UPDATE __marmot__tables SET columns = ?2, key_columns = ?3 WHERE id = ?1",
@@ -196,7 +199,7 @@ fn object_exists(conn: &Connection, name: &str) -> Result<bool> {
 /// installed, as JSON) and `key_columns` (its key's) to databases installed before they
 /// existed.
 fn ensure_captured_columns(conn: &Connection) -> Result<()> {
-    for column in ["columns", "key_columns"] {
+    for column in ["columns", "key_columns", "dropped_columns"] {
         let has: i64 = conn
             .query_row("SELECT count(*) FROM pragma_table_info('__marmot__tables') WHERE name = ?1", [column], |r| {
                 r.get(0)
@@ -208,6 +211,35 @@ fn ensure_captured_columns(conn: &Connection) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Adds the columns of `old` that `now` lacks to the table's dropped columns, and takes
+/// those `now` has (added again) out.
+fn record_dropped(conn: &Connection, id: i64, old: &[String], now: &[String]) -> Result<()> {
+    let json: Option<String> = conn
+        .query_row("SELECT dropped_columns FROM __marmot__tables WHERE id = ?1", [id], |r| r.get(0))
+        .ctx(|| "reading dropped columns".into())?;
+    let mut dropped: Vec<String> = json.and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default();
+    dropped.extend(old.iter().filter(|c| !now.contains(c) && !dropped.contains(c)).cloned().collect::<Vec<_>>());
+    dropped.retain(|c| !now.contains(c));
+    conn.execute(
+        "UPDATE __marmot__tables SET dropped_columns = ?2 WHERE id = ?1",
+        (id, serde_json::to_string(&dropped).expect("names serialize")),
+    )
+    .map(|_| ())
+    .ctx(|| "recording dropped columns".into())
+}
+
+/// Per table id, the columns the table had and dropped.
+pub(crate) fn dropped_columns(conn: &Connection) -> Result<BTreeMap<i64, Vec<String>>> {
+    let mut stmt = conn
+        .prepare("SELECT id, dropped_columns FROM __marmot__tables WHERE dropped_columns IS NOT NULL")
+        .ctx(|| "reading dropped columns".into())?;
+    let rows: Vec<(i64, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .and_then(|rows| rows.collect())
+        .ctx(|| "reading dropped columns".into())?;
+    Ok(rows.into_iter().filter_map(|(id, j)| Some((id, serde_json::from_str(&j).ok()?))).collect())
 }
 
 /// The key columns logged for `table`, when recorded.

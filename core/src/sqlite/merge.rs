@@ -98,15 +98,24 @@ impl Db {
         let mismatch = |detail: String| Error::SchemaMismatch { table: tc.table.clone(), detail };
         let tid = self.id_of(&tc.table).ok_or_else(|| mismatch("no such table here".into()))?;
         let info = self.table_by_id(tid).expect("id maps to a table");
-        let map: Vec<usize> = tc
+        // Remote column i → local column; None for a column this node dropped (its origin
+        // has not dropped it yet): its values are left out. A column never seen here parks
+        // the batch until this node has it.
+        let dropped = self.dropped_columns(tid);
+        let remote: Vec<Option<usize>> = tc
             .columns
             .iter()
-            .map(|c| info.column_index(c).ok_or_else(|| mismatch(format!("no column {c:?} here"))))
+            .map(|c| match info.column_index(c) {
+                Some(i) => Ok(Some(i)),
+                None if dropped.contains(c) => Ok(None),
+                None => Err(mismatch(format!("no column {c:?} here"))),
+            })
             .collect::<Result<_>>()?;
-        let remote_pk: Vec<usize> = tc.pk.iter().map(|&i| map[i]).collect();
-        if remote_pk != info.pk {
+        let remote_pk: Vec<Option<usize>> = tc.pk.iter().map(|&i| remote[i]).collect();
+        if remote_pk.iter().copied().collect::<Option<Vec<usize>>>().as_ref() != Some(&info.pk) {
             return Err(mismatch("primary key columns differ".into()));
         }
+        let map: Vec<usize> = remote.iter().flatten().copied().collect();
         let upsert = upsert_sql(info, &map);
         let mut aside_any = has_aside(conn, tid)?;
         for row in &tc.rows {
@@ -133,7 +142,11 @@ impl Db {
                     }
                 }
                 Op::Upsert => {
-                    let image: Image = map.iter().copied().zip(row.values.iter().cloned()).collect();
+                    let image: Image = remote
+                        .iter()
+                        .zip(row.values.iter())
+                        .filter_map(|(local, v)| local.map(|i| (i, v.clone())))
+                        .collect();
                     let target = Placement { tbl: tid, key: &key, pk: &pk, version: v, upsert_sql: &upsert };
                     place(conn, info, &target, &image, &mut aside_any)?;
                 }

@@ -63,6 +63,8 @@ pub struct Db {
     schema: Schema,
     /// `__marmot__tables` id → index into `schema.tables`.
     ids: BTreeMap<i64, usize>,
+    /// `__marmot__tables` id → columns the table had and dropped here.
+    dropped: BTreeMap<i64, Vec<String>>,
     schema_version: i64,
     generation: u64,
     /// The WAL checkpoint a restore left running on its own connection.
@@ -92,6 +94,7 @@ impl Db {
             opts,
             schema: Schema::default(),
             ids: BTreeMap::new(),
+            dropped: BTreeMap::new(),
             schema_version: -1,
             generation: 0,
             checkpoint: None,
@@ -108,6 +111,7 @@ impl Db {
             let id = table_id(&self.conn, &t.name)?;
             self.ids.insert(id, i);
         }
+        self.dropped = capture::dropped_columns(&self.conn)?;
         guard::install(&self.conn, &self.schema, |name| self.id_of(name))?;
         self.schema_version = self.read_schema_version()?;
         for (table, rows) in self.null_key_rows()? {
@@ -122,6 +126,11 @@ impl Db {
     /// replicated); tables without such rows are left out.
     pub fn null_key_rows(&self) -> Result<Vec<(String, u64)>> {
         null_key_rows(&self.conn, &self.schema)
+    }
+
+    /// Columns table `tbl` had here and dropped (remote values for them are left out).
+    pub(crate) fn dropped_columns(&self, tbl: i64) -> &[String] {
+        self.dropped.get(&tbl).map(Vec::as_slice).unwrap_or(&[])
     }
 
     /// Re-installs capture when the application changed the schema. Returns whether it did.

@@ -237,3 +237,30 @@ fn a_changed_primary_key_sends_every_row_again() {
     );
     assert_eq!(b.dump("t"), a.dump("t"));
 }
+
+#[test]
+fn a_node_that_dropped_a_column_applies_rows_from_nodes_that_still_have_it() {
+    let schema = "CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT, old TEXT);";
+    let mut a = node(1, schema);
+    let mut b = node(2, schema);
+    a.exec("ALTER TABLE t DROP COLUMN old");
+    a.db.reinstall().unwrap();
+    // b has not dropped it yet: its rows carry `old`, which a leaves out.
+    b.exec("INSERT INTO t VALUES (1, 'from b', 'legacy')");
+    let p = ship(&mut b, &mut a);
+    assert_eq!(p.batch.tables[0].columns, vec!["id", "name", "old"]);
+    assert_eq!(a.dump("t"), vec![vec![int(1), text("from b")]]);
+    // A column never seen here still parks the batch until this node has it.
+    let unknown =
+        batch(2, "t", &["id", "name", "newer"], &[0], vec![upsert(u64::MAX >> 2, vec![int(2), text("x"), int(1)])]);
+    assert!(matches!(
+        a.db.apply_batch(Shard(0), Position(0), &unknown, None),
+        Err(crate::Error::SchemaMismatch { .. })
+    ));
+    // Added back, the column is the table's again.
+    a.exec("ALTER TABLE t ADD COLUMN old TEXT");
+    a.db.reinstall().unwrap();
+    b.exec("UPDATE t SET old = 'kept' WHERE id = 1");
+    ship(&mut b, &mut a);
+    assert_eq!(a.dump("t"), vec![vec![int(1), text("from b"), text("kept")]]);
+}
