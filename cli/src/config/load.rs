@@ -161,9 +161,21 @@ impl Loaded {
             ("snapshot.keep", c.snapshot.keep == 0, "must be at least 1"),
             ("snapshot.nats.replicas", c.snapshot.nats.replicas == 0, "must be at least 1"),
         ];
-        match checks.iter().find(|(_, bad, _)| *bad) {
-            Some((key, _, why)) => Err(self.invalid(key, (*why).to_owned())),
-            None => Ok(()),
+        if let Some((key, _, why)) = checks.iter().find(|(_, bad, _)| *bad) {
+            return Err(self.invalid(key, (*why).to_owned()));
+        }
+        // A client certificate needs its key and the reverse: one alone was silently unused.
+        let (cert, key) = (&c.nats.cert_file, &c.nats.key_file);
+        match (cert.is_empty(), key.is_empty()) {
+            (false, true) => Err(self.invalid(
+                "nats.cert_file",
+                format!("is set ({cert}) but nats.key_file is not: a client certificate needs both"),
+            )),
+            (true, false) => Err(self.invalid(
+                "nats.key_file",
+                format!("is set ({key}) but nats.cert_file is not: a client certificate needs both"),
+            )),
+            _ => Ok(()),
         }
     }
 }

@@ -144,6 +144,20 @@ fn node_id_zero_is_refused() {
 }
 
 #[test]
+fn a_client_certificate_without_its_key_is_refused_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "[nats]\ncert_file = \"/etc/marmot/client.pem\"\n");
+    let msg = load_with_env(Some(&path), &[]).unwrap_err().to_string();
+    assert!(msg.contains("\"nats.cert_file\"") && msg.contains("nats.key_file"), "{msg}");
+    assert!(msg.contains(&path.display().to_string()), "{msg}");
+    let err = load_with_env(None, &vars(&[("MARMOT_NATS_KEY_FILE", "/k.pem")])).unwrap_err();
+    assert_eq!(err.key(), Some("nats.key_file"), "{err}");
+    assert!(err.to_string().contains("nats.cert_file"), "{err}");
+    let both = write_config(dir.path(), "[nats]\ncert_file = \"/c.pem\"\nkey_file = \"/k.pem\"\n");
+    assert!(load_with_env(Some(&both), &[]).is_ok(), "both set is fine (files are checked at start)");
+}
+
+#[test]
 fn missing_file_is_a_read_error_naming_it() {
     let err = load_with_env(Some(Path::new("/nonexistent/node.toml")), &[]).unwrap_err();
     assert!(matches!(err, ConfigError::Read { .. }));
