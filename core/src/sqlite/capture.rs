@@ -101,17 +101,17 @@ pub fn install(conn: &Connection, opts: &CaptureOptions) -> Result<Schema> {
     let layout_1 = !first_install && get_layout(&tx)? < LOG_LAYOUT;
     let mut wanted = BTreeMap::new();
     for table in &schema.tables {
-        let captured = captured_columns(&tx, &table.name)?;
+        let captured = recorded_names(&tx, &table.name, "columns")?;
         let id = table_id(&tx, &table.name)?;
         let key: Vec<String> = table.pk.iter().map(|&i| table.columns[i].clone()).collect();
-        let mut key_changed = captured_key(&tx, &table.name)?.is_some_and(|k| k != key);
+        let mut key_changed = recorded_names(&tx, &table.name, "key_columns")?.is_some_and(|k| k != key);
         if layout_1 {
             if let Some(old) = &captured {
                 key_changed |= keys_to_layout_2(&tx, table, id, old)?;
             }
         }
         if let Some(old) = captured.as_ref().filter(|old| *old != &table.columns) {
-            record_dropped(&tx, id, old, &table.columns)?;
+            record_dropped(&tx, table, id, old)?;
         }
         if captured.as_ref() != Some(&table.columns) || key_changed || layout_1 {
             tx.execute(
@@ -213,13 +213,11 @@ fn ensure_captured_columns(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
-/// Adds the columns of `old` that `now` lacks to the table's dropped columns, and takes
-/// those `now` has (added again) out.
-fn record_dropped(conn: &Connection, id: i64, old: &[String], now: &[String]) -> Result<()> {
-    let json: Option<String> = conn
-        .query_row("SELECT dropped_columns FROM __marmot__tables WHERE id = ?1", [id], |r| r.get(0))
-        .ctx(|| "reading dropped columns".into())?;
-    let mut dropped: Vec<String> = json.and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default();
+/// Adds the columns of `old` that table `t` lacks now to its dropped columns, and takes
+/// those it has again out.
+fn record_dropped(conn: &Connection, t: &TableInfo, id: i64, old: &[String]) -> Result<()> {
+    let now = &t.columns;
+    let mut dropped = recorded_names(conn, &t.name, "dropped_columns")?.unwrap_or_default();
     dropped.extend(old.iter().filter(|c| !now.contains(c) && !dropped.contains(c)).cloned().collect::<Vec<_>>());
     dropped.retain(|c| !now.contains(c));
     conn.execute(
@@ -242,22 +240,14 @@ pub(crate) fn dropped_columns(conn: &Connection) -> Result<BTreeMap<i64, Vec<Str
     Ok(rows.into_iter().filter_map(|(id, j)| Some((id, serde_json::from_str(&j).ok()?))).collect())
 }
 
-/// The key columns logged for `table`, when recorded.
-fn captured_key(conn: &Connection, table: &str) -> Result<Option<Vec<String>>> {
+/// The names recorded in `__marmot__tables.<column>` (`columns`: the table's columns when
+/// capture was last installed; `key_columns`: the key its log rows hold;
+/// `dropped_columns`), when recorded.
+fn recorded_names(conn: &Connection, table: &str, column: &str) -> Result<Option<Vec<String>>> {
     let json: Option<String> = conn
-        .query_row("SELECT key_columns FROM __marmot__tables WHERE name = ?1", [table], |r| r.get(0))
+        .query_row(&format!("SELECT {column} FROM __marmot__tables WHERE name = ?1"), [table], |r| r.get(0))
         .optional()
-        .ctx(|| format!("reading the key columns of {table:?}"))?
-        .flatten();
-    Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
-}
-
-/// The columns the current triggers of `table` capture, when recorded.
-fn captured_columns(conn: &Connection, table: &str) -> Result<Option<Vec<String>>> {
-    let json: Option<String> = conn
-        .query_row("SELECT columns FROM __marmot__tables WHERE name = ?1", [table], |r| r.get(0))
-        .optional()
-        .ctx(|| format!("reading the captured columns of {table:?}"))?
+        .ctx(|| format!("reading the recorded {column} of {table:?}"))?
         .flatten();
     Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
 }

@@ -502,6 +502,11 @@ struct AsideRow {
     image: Vec<(String, Value)>,
 }
 
+/// A set-aside row's image: `[column name, value]` pairs (see [`put_aside`]).
+pub(crate) fn decode_aside_image(blob: &[u8]) -> Result<Vec<(String, Value)>> {
+    ciborium::from_reader(blob).map_err(|e| Error::Corrupt(format!("set-aside image: {e}")))
+}
+
 fn aside_rows(conn: &Connection, tbl: i64) -> Result<Vec<AsideRow>> {
     let mut stmt = conn
         .prepare_cached("SELECT pk, hlc, node, image FROM __marmot__aside WHERE tbl = ?1 ORDER BY hlc DESC, node DESC")
@@ -512,8 +517,7 @@ fn aside_rows(conn: &Connection, tbl: i64) -> Result<Vec<AsideRow>> {
         .ctx(|| "reading set-aside rows".into())?;
     rows.into_iter()
         .map(|(key, hlc, node, blob)| {
-            let image: Vec<(String, Value)> =
-                ciborium::from_reader(&blob[..]).map_err(|e| Error::Corrupt(format!("set-aside image: {e}")))?;
+            let image = decode_aside_image(&blob)?;
             let version = Version { hlc: Hlc(hlc as u64), node: crate::model::NodeId(node as u64) };
             Ok(AsideRow { key, version, image })
         })

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension};
 
 use super::{get_state, merge, set_state_max, version_of, Db, TableInfo};
-use crate::error::{Error, Result, SqlContext};
+use crate::error::{Result, SqlContext};
 use crate::model::{Batch, Hlc, Op, RowChange, TableChanges, Value, Version};
 use crate::source::{ChangeSource, Pending};
 
@@ -29,8 +29,7 @@ fn aside_image(conn: &Connection, t: &TableInfo, tbl: i64, key: &[u8], mine: Ver
     if (hlc as u64, node as u64) != (mine.hlc.0, mine.node.0) {
         return Ok(None);
     }
-    let named: Vec<(String, Value)> =
-        ciborium::from_reader(&blob[..]).map_err(|e| Error::Corrupt(format!("set-aside image: {e}")))?;
+    let named = merge::decode_aside_image(&blob)?;
     let mut values = vec![Value::Null; t.columns.len()];
     for (column, value) in named {
         if let Some(i) = t.column_index(&column) {
