@@ -15,10 +15,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::error::{Error, Result};
-use crate::model::{Hlc, NodeId, Position, Shard};
+use crate::model::{Batch, Hlc, NodeId, Position, SchemaChanges, Shard};
 use crate::source::ChangeSource;
 use crate::sqlite::Db;
 use crate::transport::{LogTransport, Subscription};
@@ -52,7 +52,17 @@ pub struct EngineConfig {
     /// push the stream past its own position, and past the other nodes' stalled at the
     /// same moment. `u64::MAX`: never pause.
     pub publish_ahead_entries_max: u64,
+    /// Apply other nodes' schema changes from the schema log (`replicate_ddl`); off, the
+    /// log's entries are passed over and schemas are changed on every node by hand.
+    pub replicate_ddl: bool,
 }
+
+/// The shard whose log orders schema changes cluster-wide.
+pub const SCHEMA_SHARD: Shard = Shard(0);
+
+/// How long another node may go on publishing with a schema that differs from this
+/// node's before it is logged as a warning (a schema change takes a moment to propagate).
+pub const SCHEMA_DIFFERS_WARN_MS: u64 = 60_000;
 
 /// Longest pause of publishing while this node's reader lags (see
 /// [`EngineConfig::publish_ahead_entries_max`]); afterwards publishing goes on regardless.
@@ -68,6 +78,7 @@ impl Default for EngineConfig {
             clock_skew_ms_max: CLOCK_SKEW_MS_MAX_DEFAULT,
             stray_after_entries: wire::STRAY_AFTER_ENTRIES_DEFAULT,
             publish_ahead_entries_max: u64::MAX,
+            replicate_ddl: true,
         }
     }
 }
@@ -115,6 +126,10 @@ pub struct EngineStats {
     pub streams_restarted: u64,
     /// Publish attempts skipped because this node's reader lagged what it published.
     pub publish_holds: u64,
+    /// Schema changes of this node published on the schema log.
+    pub schema_changes_published: u64,
+    /// Entries of the schema log applied (this node's own included).
+    pub schema_changes_applied: u64,
 }
 
 struct ShardReader {
@@ -146,6 +161,18 @@ pub struct Engine<S: ChangeSource> {
     read_at: BTreeMap<Shard, Position>,
     /// Since when publishing pauses because this node's reader lags.
     holding_since: Option<std::time::Instant>,
+    /// Other nodes whose last batch carried a schema fingerprint unlike this node's.
+    peer_schemas: BTreeMap<NodeId, PeerSchema>,
+}
+
+/// Another node's schema, as its batches report it, when it differs from this node's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerSchema {
+    /// Its fingerprint.
+    pub fingerprint: u64,
+    /// Since when (ms since the epoch) it differs from this node's.
+    pub differs_since_ms: u64,
+    warned: bool,
 }
 
 /// A multi-part batch: its origin and its id there.
@@ -178,7 +205,14 @@ impl<S: ChangeSource> Engine<S> {
             published_at: BTreeMap::new(),
             read_at: BTreeMap::new(),
             holding_since: None,
+            peer_schemas: BTreeMap::new(),
         }
+    }
+
+    /// Other nodes whose last batch carried a schema fingerprint different from this
+    /// node's.
+    pub fn differing_schemas(&self) -> &BTreeMap<NodeId, PeerSchema> {
+        &self.peer_schemas
     }
 
     /// Arms crash points (simulation and tests).
@@ -217,6 +251,7 @@ impl<S: ChangeSource> Engine<S> {
         if !self.config.publish {
             return Ok(0);
         }
+        self.publish_schema_changes().await?;
         let shard = shard_of(self.db.node(), self.transport.shard_count());
         if self.reader_lags(shard)? {
             return Ok(0);
@@ -252,6 +287,31 @@ impl<S: ChangeSource> Engine<S> {
         self.stats.changes_published += n;
         debug!(shard = %shard, changes = n, parts = parts.len(), through = %pending.through, "published batch");
         Ok(n)
+    }
+
+    /// Publishes this node's queued schema changes on the schema log, oldest first, each
+    /// dequeued once durable.
+    async fn publish_schema_changes(&mut self) -> Result<()> {
+        self.db.refresh_if_schema_changed()?;
+        while let Some((id, changes)) = self.db.next_schema_change()? {
+            let n = changes.objects.len();
+            let batch = Batch {
+                origin: self.db.node(),
+                schema: Some(changes),
+                schema_fingerprint: self.db.schema_fingerprint(),
+                ..Batch::default()
+            };
+            for part in wire::encode_batch(&batch, self.config.encode) {
+                if let Err(e) = self.transport.publish(SCHEMA_SHARD, &part.id, part.payload).await {
+                    self.stats.publish_errors += 1;
+                    return Err(e);
+                }
+            }
+            self.db.schema_change_published(id)?;
+            self.stats.schema_changes_published += 1;
+            info!(objects = n, "published a schema change");
+        }
+        Ok(())
     }
 
     /// Whether publishing should pause: this node's reader of `shard` is more than
@@ -405,6 +465,9 @@ impl<S: ChangeSource> Engine<S> {
         match assembled {
             Assembled::Incomplete => Ok(()),
             Assembled::Bad { error, bytes } => self.park(shard, safe, &error, &bytes),
+            Assembled::Batch(Batch { schema: Some(changes), origin, .. }) => {
+                self.apply_schema(shard, position, safe, origin, &changes)
+            }
             Assembled::Batch(batch)
                 if batch.origin == self.db.node() && position > self.db.own_replay_through(shard)? =>
             {
@@ -421,6 +484,7 @@ impl<S: ChangeSource> Engine<S> {
                             self.stats.rows_applied += out.applied;
                             self.stats.rows_skipped += out.skipped;
                             self.stats.last_applied_hlc = batch.max_hlc().unwrap_or_default();
+                            self.note_schema(batch.origin, batch.schema_fingerprint)?;
                             self.note_skew(batch.origin, out.remote_ahead_ms);
                             debug!(shard = %shard, position = %position, origin = %batch.origin,
                                 applied = out.applied, skipped = out.skipped, "applied batch");
@@ -488,6 +552,70 @@ impl<S: ChangeSource> Engine<S> {
         Ok(())
     }
 
+    /// Applies an entry of the schema log; one that cannot be applied here is parked.
+    fn apply_schema(
+        &mut self,
+        shard: Shard,
+        position: Position,
+        safe: Position,
+        origin: NodeId,
+        changes: &SchemaChanges,
+    ) -> Result<()> {
+        if !self.config.replicate_ddl {
+            self.deferred_positions.insert(shard, safe);
+            return Ok(());
+        }
+        match self.db.apply_schema(shard, safe, changes) {
+            Ok(notes) => {
+                self.stats.schema_changes_applied += 1;
+                for note in notes {
+                    warn!(origin = %origin, position = %position, "{note}");
+                }
+                let names: Vec<&str> = changes.objects.iter().map(|o| o.name.as_str()).collect();
+                info!(origin = %origin, position = %position, objects = ?names,
+                    fingerprint = %format!("{:016x}", self.db.schema_fingerprint()), "applied a schema change");
+                Ok(())
+            }
+            Err(error) if error.is_data_error() => {
+                error!(origin = %origin, position = %position, error = %error,
+                    "a schema change from the schema log cannot be applied here; it is parked and this \
+                     node's schema now differs from the other nodes' (see `marmot status`): make the schema \
+                     match by hand, then restart");
+                let batch = Batch { origin, schema: Some(changes.clone()), ..Batch::default() };
+                let opts = EncodeOptions { compress: true, part_bytes_max: usize::MAX };
+                let bytes = wire::encode_batch(&batch, opts).remove(0).payload;
+                self.park(shard, safe, &error, &bytes)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Notes the schema fingerprint another node's batch carried: a difference is logged
+    /// when it lasts longer than [`SCHEMA_DIFFERS_WARN_MS`].
+    fn note_schema(&mut self, origin: NodeId, fingerprint: u64) -> Result<()> {
+        let ours = self.db.schema_fingerprint();
+        if fingerprint == 0 || fingerprint == ours {
+            self.peer_schemas.remove(&origin);
+            return Ok(());
+        }
+        let now = self.db.wall_ms()?;
+        let peer = self.peer_schemas.entry(origin).or_insert_with(|| {
+            debug!(origin = %origin, "node {origin} publishes with another schema than this node's \
+                (normal while a schema change propagates)");
+            PeerSchema { fingerprint, differs_since_ms: now, warned: false }
+        });
+        if peer.fingerprint != fingerprint {
+            *peer = PeerSchema { fingerprint, differs_since_ms: now, warned: false };
+        }
+        if !peer.warned && now.saturating_sub(peer.differs_since_ms) > SCHEMA_DIFFERS_WARN_MS {
+            peer.warned = true;
+            warn!(origin = %origin, theirs = %format!("{fingerprint:016x}"), ours = %format!("{ours:016x}"),
+                "node {origin}'s schema has differed from this node's for over a minute: compare `marmot status` \
+                 on both; a schema change that could not be applied is parked");
+        }
+        Ok(())
+    }
+
     fn note_skew(&mut self, origin: NodeId, ahead_ms: u64) {
         self.stats.remote_ahead_ms = ahead_ms;
         let max = self.config.clock_skew_ms_max;
@@ -544,6 +672,11 @@ impl<S: ChangeSource> Engine<S> {
         let mut applied = 0;
         for (id, _, bytes) in self.db.parked()? {
             let Ok(batch) = wire::decode_single(&bytes) else { continue };
+            if batch.schema.is_some() {
+                // A schema change that failed here stays parked: applied later it would
+                // undo whatever the schema log did since.
+                continue;
+            }
             match self.db.apply_batch(Shard(0), Position(0), &batch, None) {
                 Ok(_) => {
                     self.db.unpark(id)?;

@@ -78,6 +78,10 @@ pub enum Error {
     /// The database is not usable by Marmot (not WAL, wrong file, …).
     #[error("database: {0}")]
     Database(String),
+    /// A schema change from the schema log could not be applied here (its SQL failed on
+    /// this node's schema). The entry is parked; the schema fingerprints differ.
+    #[error("schema change cannot be applied here: {0}")]
+    SchemaConflict(String),
     /// The application changed the schema while Marmot was about to read or write against
     /// the schema it knew; Marmot re-reads the schema and tries again.
     #[error("the schema changed during the operation; retrying against the new schema")]
@@ -120,7 +124,7 @@ impl Error {
     /// table or column, a constraint the local schema adds, a value SQLite refuses).
     pub fn is_data_error(&self) -> bool {
         match self {
-            Error::SchemaMismatch { .. } | Error::Corrupt(_) => true,
+            Error::SchemaMismatch { .. } | Error::Corrupt(_) | Error::SchemaConflict(_) => true,
             Error::Sqlite { source, .. } => matches!(
                 source.sqlite_error_code(),
                 Some(

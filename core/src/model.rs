@@ -200,12 +200,79 @@ pub struct TableChanges {
 
 /// A batch: the union of one or more whole committed transactions of one origin node.
 /// It is published, delivered and applied as one unit.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Batch {
     /// The node whose application made these changes.
     pub origin: NodeId,
     /// Changes grouped by table. A table appears at most once.
     pub tables: Vec<TableChanges>,
+    /// Schema changes (only in entries of the schema log, shard 0; no rows then).
+    pub schema: Option<SchemaChanges>,
+    /// The origin's schema fingerprint when it read these changes (0: not known).
+    pub schema_fingerprint: u64,
+}
+
+/// The kind of a schema object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ObjectKind {
+    /// A table (ordinary or virtual).
+    Table,
+    /// An index.
+    Index,
+    /// A view.
+    View,
+    /// A trigger.
+    Trigger,
+}
+
+impl ObjectKind {
+    /// The name `sqlite_master.type` uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObjectKind::Table => "table",
+            ObjectKind::Index => "index",
+            ObjectKind::View => "view",
+            ObjectKind::Trigger => "trigger",
+        }
+    }
+
+    /// Parses `sqlite_master.type`.
+    pub fn parse(s: &str) -> Option<ObjectKind> {
+        match s {
+            "table" => Some(ObjectKind::Table),
+            "index" => Some(ObjectKind::Index),
+            "view" => Some(ObjectKind::View),
+            "trigger" => Some(ObjectKind::Trigger),
+            _ => None,
+        }
+    }
+}
+
+/// How one schema object changed on its origin: its definition before and after (as
+/// `sqlite_master.sql` holds it; `None`: absent).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectChange {
+    /// What the object is.
+    pub kind: ObjectKind,
+    /// Its name.
+    pub name: String,
+    /// The table it belongs to (itself for a table).
+    pub table: String,
+    /// A table renamed into this one: its former name.
+    pub renamed_from: Option<String>,
+    /// Its definition before the change.
+    pub before: Option<String>,
+    /// Its definition after the change.
+    pub after: Option<String>,
+}
+
+/// The schema changes one node noticed at once, in the order they are applied.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SchemaChanges {
+    /// When the origin noticed them (orders and distinguishes a node's schema entries).
+    pub hlc: Hlc,
+    /// The changed objects.
+    pub objects: Vec<ObjectChange>,
 }
 
 impl Batch {

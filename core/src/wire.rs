@@ -13,7 +13,9 @@ use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
-use crate::model::{Batch, Hlc, NodeId, Op, Position, RowChange, TableChanges, Value};
+use crate::model::{
+    Batch, Hlc, NodeId, ObjectChange, ObjectKind, Op, Position, RowChange, SchemaChanges, TableChanges, Value,
+};
 
 /// The wire-format version this build writes and reads.
 pub const FORMAT_VERSION: u8 = 1;
@@ -115,7 +117,26 @@ impl<'de> Deserialize<'de> for Value {
 struct WireBatch {
     origin: u64,
     tables: Vec<WireTable>,
+    /// Schema changes (schema log entries only); absent in data batches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    schema: Option<WireSchema>,
+    /// The origin's schema fingerprint; absent when not known.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    fingerprint: u64,
 }
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireSchema {
+    hlc: u64,
+    objects: Vec<WireObject>,
+}
+
+/// (kind, name, table, renamed from, before, after)
+type WireObject = (String, String, String, Option<String>, Option<String>, Option<String>);
 
 #[derive(Serialize, Deserialize)]
 struct WireTable {
@@ -162,8 +183,44 @@ pub fn encode_body(batch: &Batch) -> Vec<u8> {
                 rows: t.rows.iter().map(|r| (r.hlc.0, matches!(r.op, Op::Delete) as u8, r.values.clone())).collect(),
             })
             .collect(),
+        schema: batch.schema.as_ref().map(to_wire_schema),
+        fingerprint: batch.schema_fingerprint,
     };
     to_cbor(&wire)
+}
+
+fn to_wire_schema(c: &SchemaChanges) -> WireSchema {
+    WireSchema {
+        hlc: c.hlc.0,
+        objects: c
+            .objects
+            .iter()
+            .map(|o| {
+                let kind = o.kind.as_str().to_owned();
+                (kind, o.name.clone(), o.table.clone(), o.renamed_from.clone(), o.before.clone(), o.after.clone())
+            })
+            .collect(),
+    }
+}
+
+fn from_wire_schema(w: WireSchema) -> Result<SchemaChanges> {
+    let mut objects = Vec::with_capacity(w.objects.len());
+    for (kind, name, table, renamed_from, before, after) in w.objects {
+        let kind = ObjectKind::parse(&kind).ok_or_else(|| Error::Corrupt(format!("unknown schema object {kind:?}")))?;
+        objects.push(ObjectChange { kind, name, table, renamed_from, before, after });
+    }
+    Ok(SchemaChanges { hlc: Hlc(w.hlc), objects })
+}
+
+/// Encodes schema changes on their own (CBOR), as a node queues them before publishing.
+pub fn encode_schema(changes: &SchemaChanges) -> Vec<u8> {
+    to_cbor(&to_wire_schema(changes))
+}
+
+/// Decodes what [`encode_schema`] produced.
+pub fn decode_schema(bytes: &[u8]) -> Result<SchemaChanges> {
+    let w: WireSchema = ciborium::from_reader(bytes).map_err(|e| Error::Corrupt(format!("schema changes: {e}")))?;
+    from_wire_schema(w)
 }
 
 /// Decodes a batch body produced by [`encode_body`].
@@ -195,7 +252,8 @@ pub fn decode_body(body: &[u8]) -> Result<Batch> {
         let pk = t.pk.into_iter().map(|i| i as usize).collect();
         tables.push(TableChanges { table: t.table, columns: t.columns, pk, rows });
     }
-    Ok(Batch { origin: NodeId(wire.origin), tables })
+    let schema = wire.schema.map(from_wire_schema).transpose()?;
+    Ok(Batch { origin: NodeId(wire.origin), tables, schema, schema_fingerprint: wire.fingerprint })
 }
 
 /// Encodes a batch into one or more transport entries.

@@ -46,8 +46,11 @@ fn batch() -> impl Strategy<Value = Batch> {
             pk: vec![0],
             rows,
         });
-    (any::<u64>(), prop::collection::vec(table, 0..4))
-        .prop_map(|(origin, tables)| Batch { origin: NodeId(origin), tables })
+    (any::<u64>(), prop::collection::vec(table, 0..4)).prop_map(|(origin, tables)| Batch {
+        origin: NodeId(origin),
+        tables,
+        ..Batch::default()
+    })
 }
 
 fn reassemble(parts: &[EncodedPart]) -> Batch {
@@ -86,6 +89,7 @@ fn integers_and_reals_keep_their_storage_class() {
                 values: vec![Value::Integer(1), Value::Real(1.0), Value::Real(-0.0), Value::Integer(i64::MIN)],
             }],
         }],
+        ..Batch::default()
     };
     let back = decode_single(&encode_batch(&b, EncodeOptions::default())[0].payload).unwrap();
     assert_eq!(back, b);
@@ -97,7 +101,7 @@ fn integers_and_reals_keep_their_storage_class() {
 
 #[test]
 fn unknown_format_version_is_detected_not_misread() {
-    let b = Batch { origin: NodeId(1), tables: vec![] };
+    let b = Batch { origin: NodeId(1), tables: vec![], ..Batch::default() };
     let mut payload = encode_batch(&b, EncodeOptions::default())[0].payload.to_vec();
     payload[2] = FORMAT_VERSION + 1;
     match decode_single(&payload) {
@@ -131,8 +135,9 @@ fn incomplete_batch_holds_back_the_safe_position_until_complete() {
                 })
                 .collect(),
         }],
+        ..Batch::default()
     };
-    let small = Batch { origin: NodeId(3), tables: vec![] };
+    let small = Batch { origin: NodeId(3), tables: vec![], ..Batch::default() };
     let parts = encode_batch(&big, EncodeOptions { compress: false, part_bytes_max: 1000 });
     assert!(parts.len() > 2);
     let other = encode_batch(&small, EncodeOptions::default());
@@ -158,6 +163,7 @@ fn a_new_batch_from_the_same_origin_abandons_the_incomplete_one() {
             pk: vec![0],
             rows: vec![RowChange { hlc: Hlc(n as u64), op: Op::Upsert, values: vec![Value::Blob(vec![n; 300])] }],
         }],
+        ..Batch::default()
     };
     let opts = EncodeOptions { compress: false, part_bytes_max: 100 };
     let first = encode_batch(&mk(1), opts);
@@ -185,8 +191,9 @@ fn a_single_part_batch_from_the_same_origin_releases_the_held_position() {
             pk: vec![0],
             rows: vec![RowChange { hlc: Hlc(1), op: Op::Upsert, values: vec![Value::Blob(vec![1; 300])] }],
         }],
+        ..Batch::default()
     };
-    let small = Batch { origin: NodeId(5), tables: vec![] };
+    let small = Batch { origin: NodeId(5), tables: vec![], ..Batch::default() };
     let parts = encode_batch(&big, EncodeOptions { compress: false, part_bytes_max: 100 });
     let mut r = Reassembler::default();
     assert!(matches!(r.feed(Position(3), &parts[0].payload), Assembled::Incomplete));
@@ -206,6 +213,7 @@ fn two_part(origin: u64, n: u8) -> (Batch, Vec<EncodedPart>) {
             pk: vec![0],
             rows: vec![RowChange { hlc: Hlc(n as u64), op: Op::Upsert, values: vec![Value::Blob(vec![n; 150])] }],
         }],
+        ..Batch::default()
     };
     let parts = encode_batch(&b, EncodeOptions { compress: false, part_bytes_max: 100 });
     assert!(parts.len() >= 2);
@@ -246,7 +254,8 @@ fn the_stored_position_never_falls_between_the_parts_of_a_batch() {
 fn a_batch_whose_origin_never_sends_the_rest_is_given_up_and_can_be_adopted_later() {
     // Issue #13, finding 7: part 0 of 2 from an origin that then stops for good.
     let (a, a_parts) = two_part(1, 1);
-    let other = encode_batch(&Batch { origin: NodeId(3), tables: vec![] }, EncodeOptions::default());
+    let other =
+        encode_batch(&Batch { origin: NodeId(3), tables: vec![], ..Batch::default() }, EncodeOptions::default());
     let mut r = Reassembler::new(3);
     assert!(matches!(r.feed(Position(1), &a_parts[0].payload), Assembled::Incomplete));
     let mut strays = Vec::new();

@@ -88,7 +88,7 @@ impl World {
             self.retired.push(engine.stats().clone());
         }
         let node = &self.nodes[i];
-        let opts = CaptureOptions { time_ms_sql: schema::TIME_SQL.to_owned() };
+        let opts = CaptureOptions { time_ms_sql: schema::TIME_SQL.to_owned(), ..CaptureOptions::default() };
         let fail = |e: Error| Failure(format!("node {i}: restore: {e}"));
         let mut db = Db::open(&node.path, NodeId(i as u64 + 1), opts).map_err(fail)?;
         block_on(self.snapshots.restore(&mut db, self.work_dir(), &manifest, &mut |_, _| {})).map_err(fail)?;

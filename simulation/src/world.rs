@@ -118,7 +118,7 @@ impl World {
     pub(crate) fn start(&mut self, i: usize) -> Result<(), Failure> {
         let node = &mut self.nodes[i];
         let id = NodeId(i as u64 + 1);
-        let opts = CaptureOptions { time_ms_sql: schema::TIME_SQL.to_owned() };
+        let opts = CaptureOptions { time_ms_sql: schema::TIME_SQL.to_owned(), ..CaptureOptions::default() };
         let open = || Db::open(&node.path, id, opts.clone()).map_err(|e| Failure(format!("node {id}: open: {e}")));
         let source = SqliteChangeSource::new(open()?);
         let db = open()?;

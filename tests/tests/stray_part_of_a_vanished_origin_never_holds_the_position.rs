@@ -29,6 +29,7 @@ fn publish_stray_part(nats_url: &str) -> i64 {
                 values: vec![Value::Integer(-1), Value::Integer(99), Value::Integer(0), Value::Text("x".repeat(400))],
             }],
         }],
+        ..Batch::default()
     };
     let parts = encode_batch(&batch, EncodeOptions { compress: false, part_bytes_max: 300 });
     assert!(parts.len() >= 2);

@@ -203,6 +203,7 @@ mod tests {
                 },
                 TableChanges { table: "other".into(), columns: vec!["k".into()], pk: vec![0], rows: vec![] },
             ],
+            ..Batch::default()
         }
     }
 

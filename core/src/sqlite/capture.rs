@@ -16,10 +16,11 @@
 use std::collections::BTreeMap;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::schema::{quote, Schema, TableInfo, PREFIX};
 use crate::error::{Result, SqlContext};
+use crate::model::Hlc;
 
 /// The physical-time expression used in production triggers: milliseconds since the epoch.
 /// Plain SQL that any SQLite since 3.0 runs (no `unixepoch('subsec')`).
@@ -31,12 +32,24 @@ pub struct CaptureOptions {
     /// An SQL expression giving the current time in milliseconds since the epoch. The
     /// simulation substitutes a deterministic clock.
     pub time_ms_sql: String,
+    /// Queue the application's schema changes for the schema log (`replicate_ddl`).
+    pub replicate_ddl: bool,
 }
 
 impl Default for CaptureOptions {
     fn default() -> Self {
-        CaptureOptions { time_ms_sql: WALL_CLOCK_MS.to_owned() }
+        CaptureOptions { time_ms_sql: WALL_CLOCK_MS.to_owned(), replicate_ddl: true }
     }
+}
+
+/// Who changed the schema an install follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Changed {
+    /// The application (or nothing): new tables' rows are logged, changes are queued.
+    Here,
+    /// The schema log, applied in the same transaction: nothing is logged or queued, the
+    /// origin sends the rows.
+    Remotely,
 }
 
 /// The `__marmot__` tables, and the `__marmot__replication` view through which an
@@ -59,6 +72,9 @@ CREATE TABLE IF NOT EXISTS __marmot__parked(
   id INTEGER PRIMARY KEY, shard INTEGER NOT NULL, position INTEGER NOT NULL,
   error TEXT NOT NULL, bytes BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS __marmot__displaced(tbl INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS __marmot__schema(
+  name TEXT PRIMARY KEY, type TEXT NOT NULL, tbl_name TEXT NOT NULL, sql TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS __marmot__ddl_out(id INTEGER PRIMARY KEY, hlc INTEGER NOT NULL, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS __marmot__state(key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 INSERT OR IGNORE INTO __marmot__state(key, value) VALUES ('published_hlc', 0), ('folded_hlc', 0);
 CREATE VIEW IF NOT EXISTS __marmot__replication AS SELECT
@@ -80,38 +96,56 @@ CREATE VIEW IF NOT EXISTS __marmot__replication AS SELECT
 pub fn install(conn: &Connection, opts: &CaptureOptions) -> Result<Schema> {
     let tx =
         Transaction::new_unchecked(conn, TransactionBehavior::Immediate).ctx(|| "starting capture install".into())?;
-    let first_install = !object_exists(&tx, "__marmot__clock")?;
+    let schema = install_in(&tx, opts, Changed::Here)?;
+    tx.commit().ctx(|| "committing capture install".into())?;
+    Ok(schema)
+}
+
+/// [`install`] inside a write transaction the caller holds.
+pub(crate) fn install_in(tx: &Connection, opts: &CaptureOptions, changed: Changed) -> Result<Schema> {
+    let first_install = !object_exists(tx, "__marmot__clock")?;
     tx.execute_batch(META_SQL).ctx(|| "creating __marmot__ tables".into())?;
-    ensure_captured_columns(&tx)?;
+    ensure_captured_columns(tx)?;
     // Right after a snapshot restore no table has triggers, and none lost a change.
     let restored = tx
         .query_row("DELETE FROM __marmot__state WHERE key = 'capture_stripped' RETURNING value", [], |_| Ok(()))
         .optional()
         .ctx(|| "reading the restore marker".into())?
         .is_some();
-    let schema = Schema::read(&tx)?;
+    let schema = Schema::read(tx)?;
     for skipped in &schema.skipped {
         warn!(table = %skipped.name, reason = %skipped.reason, "table not replicated");
     }
     let key_width = schema.tables.iter().map(|t| t.pk.len()).max().unwrap_or(0);
-    ensure_log_width(&tx, key_width)?;
-    ensure_width(&tx, "__marmot__displaced", "k", 1, key_width)?;
-    let existing = existing_triggers(&tx)?;
-    follow_renames(&tx, &existing)?;
-    let layout_1 = !first_install && get_layout(&tx)? < LOG_LAYOUT;
+    ensure_log_width(tx, key_width)?;
+    ensure_width(tx, "__marmot__displaced", "k", 1, key_width)?;
+    let existing = existing_triggers(tx)?;
+    follow_renames(tx, &existing)?;
+    let queue = opts.replicate_ddl && changed == Changed::Here;
+    let noticed = super::ddl::notice(tx, &shadow_tables(&schema), queue, clock_now(tx, &opts.time_ms_sql)?)?;
+    for c in &noticed {
+        let what = match (&c.before, &c.after) {
+            (None, _) => "created",
+            (_, None) => "dropped",
+            _ if c.renamed_from.is_some() => "renamed",
+            _ => "changed",
+        };
+        info!(object = %c.name, kind = c.kind.as_str(), what, queued = queue, "schema change noticed");
+    }
+    let layout_1 = !first_install && get_layout(tx)? < LOG_LAYOUT;
     let mut wanted = BTreeMap::new();
     for table in &schema.tables {
-        let captured = recorded_names(&tx, &table.name, "columns")?;
-        let id = table_id(&tx, &table.name)?;
+        let captured = recorded_names(tx, &table.name, "columns")?;
+        let id = table_id(tx, &table.name)?;
         let key: Vec<String> = table.pk.iter().map(|&i| table.columns[i].clone()).collect();
-        let mut key_changed = recorded_names(&tx, &table.name, "key_columns")?.is_some_and(|k| k != key);
+        let mut key_changed = recorded_names(tx, &table.name, "key_columns")?.is_some_and(|k| k != key);
         if layout_1 {
             if let Some(old) = &captured {
-                key_changed |= keys_to_layout_2(&tx, table, id, old)?;
+                key_changed |= keys_to_layout_2(tx, table, id, old)?;
             }
         }
         if let Some(old) = captured.as_ref().filter(|old| *old != &table.columns) {
-            record_dropped(&tx, table, id, old)?;
+            record_dropped(tx, table, id, old)?;
         }
         if captured.as_ref() != Some(&table.columns) || key_changed || layout_1 {
             tx.execute(
@@ -125,14 +159,18 @@ pub fn install(conn: &Connection, opts: &CaptureOptions) -> Result<Schema> {
             .ctx(|| format!("recording the columns of {:?}", table.name))?;
         }
         let has_capture = existing.values().any(|(on, _)| on == &table.name);
-        if key_changed || (!has_capture && !first_install && !restored) {
+        if key_changed {
+            tx.execute("DELETE FROM __marmot__log WHERE tbl = ?1 AND hlc > ?2", (id, published(tx)?))
+                .ctx(|| format!("dropping unpublished keys of {:?}", table.name))?;
+        }
+        // A table the schema log created or rebuilt here gets its rows from its origin,
+        // which logs them when it notices the change.
+        if changed == Changed::Here && (key_changed || (!has_capture && !first_install && !restored)) {
             if key_changed {
                 warn!(table = %table.name, "primary key columns changed: every row is sent again, and \
                     unpublished deletes of the old keys are not sent");
-                tx.execute("DELETE FROM __marmot__log WHERE tbl = ?1 AND hlc > ?2", (id, published(&tx)?))
-                    .ctx(|| format!("dropping unpublished keys of {:?}", table.name))?;
             }
-            backfill(&tx, table, id, &opts.time_ms_sql)?;
+            backfill(tx, table, id, &opts.time_ms_sql)?;
         }
         for (what, sql) in trigger_sql(table, id, &opts.time_ms_sql) {
             wanted.insert(format!("{PREFIX}{}__{what}", table.name), sql);
@@ -149,9 +187,22 @@ pub fn install(conn: &Connection, opts: &CaptureOptions) -> Result<Schema> {
             tx.execute_batch(sql).ctx(|| format!("creating trigger {name:?}"))?;
         }
     }
-    set_layout(&tx)?;
-    tx.commit().ctx(|| "committing capture install".into())?;
+    set_layout(tx)?;
     Ok(schema)
+}
+
+/// The shadow tables of virtual tables in `schema` (created by their virtual table).
+pub(crate) fn shadow_tables(schema: &Schema) -> Vec<String> {
+    schema.skipped.iter().filter(|s| s.reason.starts_with("shadow table")).map(|s| s.name.clone()).collect()
+}
+
+/// A version after every one this node produced or applied, at least the wall clock.
+fn clock_now(conn: &Connection, time_ms_sql: &str) -> Result<Hlc> {
+    let sql = format!(
+        "SELECT max(({time_ms_sql}) * 65536, (SELECT hlc FROM __marmot__clock WHERE id = 0), \
+         coalesce((SELECT max(hlc) FROM __marmot__log), 0))"
+    );
+    conn.query_row(&sql, [], |r| r.get::<_, i64>(0)).map(|v| Hlc(v as u64)).ctx(|| "reading the clock".into())
 }
 
 /// The log layout this code writes (see the module's documentation).
@@ -199,7 +250,7 @@ fn object_exists(conn: &Connection, name: &str) -> Result<bool> {
 /// installed, as JSON) and `key_columns` (its key's) to databases installed before they
 /// existed.
 fn ensure_captured_columns(conn: &Connection) -> Result<()> {
-    for column in ["columns", "key_columns", "dropped_columns"] {
+    for column in ["columns", "key_columns", "dropped_columns", "renamed_columns"] {
         let has: i64 = conn
             .query_row("SELECT count(*) FROM pragma_table_info('__marmot__tables') WHERE name = ?1", [column], |r| {
                 r.get(0)

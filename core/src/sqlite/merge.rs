@@ -102,10 +102,14 @@ impl Db {
         // has not dropped it yet): its values are left out. A column never seen here parks
         // the batch until this node has it.
         let dropped = self.dropped_columns(tid);
+        let renamed = self.renamed_columns(tid);
+        let local = |c: &String| {
+            info.column_index(c).or_else(|| renamed.and_then(|m| m.get(c)).and_then(|n| info.column_index(n)))
+        };
         let remote: Vec<Option<usize>> = tc
             .columns
             .iter()
-            .map(|c| match info.column_index(c) {
+            .map(|c| match local(c) {
                 Some(i) => Ok(Some(i)),
                 None if dropped.contains(c) => Ok(None),
                 None => Err(mismatch(format!("no column {c:?} here"))),

@@ -14,6 +14,7 @@
 //! - `positions`, `parked`, `state`, `tables` — bookkeeping.
 
 mod capture;
+mod ddl;
 mod guard;
 mod merge;
 mod reader;
@@ -65,6 +66,10 @@ pub struct Db {
     ids: BTreeMap<i64, usize>,
     /// `__marmot__tables` id → columns the table had and dropped here.
     dropped: BTreeMap<i64, Vec<String>>,
+    /// `__marmot__tables` id → former column names → current names.
+    renamed: BTreeMap<i64, BTreeMap<String, String>>,
+    /// The schema's fingerprint (see [`Db::schema_fingerprint`]).
+    fingerprint: u64,
     schema_version: i64,
     generation: u64,
     /// The WAL checkpoint a restore left running on its own connection.
@@ -95,6 +100,8 @@ impl Db {
             schema: Schema::default(),
             ids: BTreeMap::new(),
             dropped: BTreeMap::new(),
+            renamed: BTreeMap::new(),
+            fingerprint: 0,
             schema_version: -1,
             generation: 0,
             checkpoint: None,
@@ -112,6 +119,8 @@ impl Db {
             self.ids.insert(id, i);
         }
         self.dropped = capture::dropped_columns(&self.conn)?;
+        self.renamed = ddl::renamed_columns(&self.conn)?;
+        self.fingerprint = ddl::fingerprint(&ddl::current_objects(&self.conn, &capture::shadow_tables(&self.schema))?);
         guard::install(&self.conn, &self.schema, |name| self.id_of(name))?;
         self.schema_version = self.read_schema_version()?;
         for (table, rows) in self.null_key_rows()? {
@@ -131,6 +140,60 @@ impl Db {
     /// Columns table `tbl` had here and dropped (remote values for them are left out).
     pub(crate) fn dropped_columns(&self, tbl: i64) -> &[String] {
         self.dropped.get(&tbl).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Former names of table `tbl`'s columns → their current names (remote rows from
+    /// nodes that have not renamed them yet carry the former ones).
+    pub(crate) fn renamed_columns(&self, tbl: i64) -> Option<&BTreeMap<String, String>> {
+        self.renamed.get(&tbl)
+    }
+
+    /// A hash of the application's schema (every table, index, view and trigger with its
+    /// SQL, Marmot's own objects left out): equal on two nodes exactly when their schemas
+    /// are. Shown by `marmot status` and the metrics; carried by every published batch.
+    pub fn schema_fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    /// The oldest schema change waiting to be published on the schema log: its queue id
+    /// and the changes.
+    pub fn next_schema_change(&self) -> Result<Option<(i64, crate::model::SchemaChanges)>> {
+        ddl::next_queued(&self.conn)
+    }
+
+    /// Removes a schema change from the queue once it is published.
+    pub fn schema_change_published(&self, id: i64) -> Result<()> {
+        ddl::dequeue(&self.conn, id)
+    }
+
+    /// Number of schema changes waiting to be published.
+    pub fn schema_changes_queued(&self) -> Result<u64> {
+        ddl::queued(&self.conn)
+    }
+
+    /// Applies an entry of the schema log (read from `shard` at `position`, stored in the
+    /// same transaction), after noticing this node's own unpublished schema changes (so
+    /// they are queued, published later and win over this entry, as the log orders them).
+    /// Returns notes on concurrent changes it resolved.
+    pub fn apply_schema(
+        &mut self,
+        shard: Shard,
+        position: Position,
+        changes: &crate::model::SchemaChanges,
+    ) -> Result<Vec<String>> {
+        let notes = self.on_current_schema(|db| {
+            let tx = db.immediate()?;
+            db.check_schema()?;
+            let notes = ddl::apply(&tx, &capture::shadow_tables(&db.schema), changes)?;
+            capture::install_in(&tx, &db.opts, capture::Changed::Remotely)?;
+            if position.0 > 0 {
+                store_position(&tx, shard, position)?;
+            }
+            tx.commit().ctx(|| "committing a schema change".into())?;
+            Ok(notes)
+        })?;
+        self.reinstall()?;
+        Ok(notes)
     }
 
     /// Re-installs capture when the application changed the schema. Returns whether it did.

@@ -115,7 +115,12 @@ impl Db {
         if through.0 == published {
             return Ok(None);
         }
-        let batch = Batch { origin: self.node, tables: tables.into_values().collect() };
+        let batch = Batch {
+            origin: self.node,
+            tables: tables.into_values().collect(),
+            schema: None,
+            schema_fingerprint: self.fingerprint,
+        };
         Ok(Some(Pending { batch, through }))
     }
 

@@ -265,6 +265,8 @@ fn strip_capture(copy: &Path) -> Result<(Vec<(Shard, Position)>, Vec<(Shard, u64
            coalesce((SELECT max(hlc) FROM __marmot__log), 0), \
            coalesce((SELECT max(hlc) FROM __marmot__versions), 0)); \
          DELETE FROM __marmot__log; \
+         CREATE TABLE IF NOT EXISTS __marmot__ddl_out(id INTEGER PRIMARY KEY, hlc INTEGER NOT NULL, body BLOB NOT NULL); \
+         DELETE FROM __marmot__ddl_out; \
          UPDATE __marmot__state SET value = 0 WHERE key IN ('published_hlc', 'folded_hlc'); \
          INSERT OR REPLACE INTO __marmot__state(key, value) VALUES ('capture_stripped', 1);",
     )

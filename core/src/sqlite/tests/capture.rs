@@ -162,7 +162,7 @@ fn clean_published_deletes_only_published_log_rows() {
 #[test]
 fn clock_never_goes_backwards_when_published_log_rows_are_cleaned() {
     // A frozen physical clock: only the clock row and the log keep versions increasing.
-    let opts = CaptureOptions { time_ms_sql: "1000".into() };
+    let opts = CaptureOptions { time_ms_sql: "1000".into(), ..CaptureOptions::default() };
     let mut n = node_with(1, T, opts);
     n.exec("INSERT INTO t VALUES (1, 'a', 1.0); INSERT INTO t VALUES (2, 'b', 2.0);");
     let p = n.pending();
@@ -181,7 +181,7 @@ fn clock_never_goes_backwards_when_published_log_rows_are_cleaned() {
 
 #[test]
 fn local_versions_increase_even_if_the_wall_clock_is_behind_them() {
-    let opts = CaptureOptions { time_ms_sql: "5".into() };
+    let opts = CaptureOptions { time_ms_sql: "5".into(), ..CaptureOptions::default() };
     let mut n = node_with(1, T, opts);
     for i in 0..50 {
         n.exec(&format!("INSERT INTO t VALUES ({i}, 'x', 0.0)"));

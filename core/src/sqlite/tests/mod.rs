@@ -131,7 +131,7 @@ fn delete(hlc: u64, values: Vec<Value>) -> RowChange {
 
 /// A hand-built batch of one table.
 fn batch(origin: u64, table: &str, columns: &[&str], pk: &[usize], rows: Vec<RowChange>) -> Batch {
-    Batch { origin: NodeId(origin), tables: vec![changes(table, columns, pk, rows)] }
+    Batch { origin: NodeId(origin), tables: vec![changes(table, columns, pk, rows)], ..Batch::default() }
 }
 
 fn changes(table: &str, columns: &[&str], pk: &[usize], rows: Vec<RowChange>) -> TableChanges {

@@ -1,0 +1,553 @@
+//! Schema changes: noticed, queued, published on the schema log and applied in its order.
+//!
+//! SQLite has no triggers on DDL, and an application changes its schema with any client,
+//! at any time, Marmot running or not. So Marmot compares: `__marmot__schema` records the
+//! application's schema objects (tables, indexes, views, triggers, with their SQL as
+//! `sqlite_master` holds it) as Marmot last saw them, and whenever the schema version moves,
+//! [`notice`] compares `sqlite_master` with that record. What differs is queued in
+//! `__marmot__ddl_out`, in the same transaction that updates the record, and published
+//! from there on the schema log (shard 0), in order. Every node applies every entry of the
+//! schema log in the log's order ([`apply`]), so concurrent changes of one object end the
+//! same everywhere: the one later in the log wins.
+//!
+//! An entry says, per object, what it was and what it is now (its SQL). Applying brings
+//! each named object to its new SQL: a missing table is created, an existing one is
+//! changed with the `ALTER TABLE` statements that give exactly the new SQL (added, dropped
+//! and renamed columns, checked on a scratch copy first), else rebuilt (created anew, rows
+//! copied by column name, indexes and triggers put back). Objects the entry does not name
+//! are left alone, so concurrent changes of different objects all survive.
+
+use std::collections::BTreeMap;
+
+use rusqlite::{Connection, OptionalExtension};
+
+use super::schema::{quote, PREFIX};
+use crate::error::{Error, Result, SqlContext};
+use crate::model::{Hlc, ObjectChange, ObjectKind, SchemaChanges};
+
+/// One of the application's schema objects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Object {
+    pub(crate) kind: ObjectKind,
+    pub(crate) table: String,
+    pub(crate) sql: String,
+}
+
+/// The application's schema objects by name: everything in `sqlite_master` with SQL
+/// except Marmot's and SQLite's own objects and the shadow tables of virtual tables
+/// (`shadow`), which their virtual table creates.
+pub(crate) fn current_objects(conn: &Connection, shadow: &[String]) -> Result<BTreeMap<String, Object>> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT type, name, tbl_name, sql FROM sqlite_master WHERE sql IS NOT NULL \
+             AND substr(name, 1, 10) != ?1 AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'",
+        )
+        .ctx(|| "reading the schema".into())?;
+    let rows: Vec<(String, String, String, String)> = stmt
+        .query_map([PREFIX], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .and_then(|rows| rows.collect())
+        .ctx(|| "reading the schema".into())?;
+    Ok(rows
+        .into_iter()
+        .filter(|(_, name, _, _)| !shadow.contains(name))
+        .filter_map(|(kind, name, table, sql)| Some((name, Object { kind: ObjectKind::parse(&kind)?, table, sql })))
+        .collect())
+}
+
+fn recorded_objects(conn: &Connection) -> Result<BTreeMap<String, Object>> {
+    let mut stmt = conn
+        .prepare("SELECT type, name, tbl_name, sql FROM __marmot__schema")
+        .ctx(|| "reading __marmot__schema".into())?;
+    let rows: Vec<(String, String, String, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .and_then(|rows| rows.collect())
+        .ctx(|| "reading __marmot__schema".into())?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(kind, name, table, sql)| Some((name, Object { kind: ObjectKind::parse(&kind)?, table, sql })))
+        .collect())
+}
+
+fn record(conn: &Connection, objects: &BTreeMap<String, Object>) -> Result<()> {
+    conn.execute("DELETE FROM __marmot__schema", []).ctx(|| "recording the schema".into())?;
+    let mut stmt = conn
+        .prepare("INSERT INTO __marmot__schema(name, type, tbl_name, sql) VALUES (?1, ?2, ?3, ?4)")
+        .ctx(|| "recording the schema".into())?;
+    for (name, o) in objects {
+        stmt.execute((name, o.kind.as_str(), &o.table, &o.sql)).ctx(|| "recording the schema".into())?;
+    }
+    conn.execute("INSERT OR REPLACE INTO __marmot__state(key, value) VALUES ('schema_recorded', 1)", [])
+        .ctx(|| "recording the schema".into())?;
+    Ok(())
+}
+
+/// The fingerprint of a schema: equal on two nodes exactly when they hold the same
+/// objects with the same SQL.
+pub(crate) fn fingerprint(objects: &BTreeMap<String, Object>) -> u64 {
+    let mut bytes = Vec::new();
+    for (name, o) in objects {
+        for part in [o.kind.as_str(), name.as_str(), o.sql.as_str()] {
+            bytes.extend_from_slice(part.as_bytes());
+            bytes.push(0);
+        }
+    }
+    xxhash_rust::xxh3::xxh3_64(&bytes)
+}
+
+/// Compares the schema with the recorded one and records it. When `queue`, what changed
+/// is queued for publishing as one entry versioned after `clock`. The first call on a
+/// database records its schema as the starting point (nothing is queued: every node starts
+/// from the schema it has). Returns the changes noticed.
+pub(crate) fn notice(conn: &Connection, shadow: &[String], queue: bool, clock: Hlc) -> Result<Vec<ObjectChange>> {
+    let now = current_objects(conn, shadow)?;
+    let recorded: bool = conn
+        .query_row("SELECT count(*) FROM __marmot__state WHERE key = 'schema_recorded'", [], |r| r.get::<_, i64>(0))
+        .map(|n| n > 0)
+        .ctx(|| "reading the schema record".into())?;
+    if !recorded {
+        record(conn, &now)?;
+        return Ok(Vec::new());
+    }
+    let before = recorded_objects(conn)?;
+    if before == now {
+        return Ok(Vec::new());
+    }
+    let changes = diff(&before, &now)?;
+    record(conn, &now)?;
+    for c in &changes {
+        if let (ObjectKind::Table, Some(b), Some(a)) = (c.kind, &c.before, &c.after) {
+            for (old, new) in plan_table(&c.name, b, a)?.map(|p| p.renames).unwrap_or_default() {
+                record_rename(conn, &c.name, &old, &new)?;
+            }
+        }
+    }
+    if queue && !changes.is_empty() {
+        let last: i64 = conn
+            .query_row("SELECT coalesce((SELECT value FROM __marmot__state WHERE key = 'ddl_hlc'), 0)", [], |r| {
+                r.get(0)
+            })
+            .ctx(|| "reading the schema clock".into())?;
+        let hlc = Hlc(clock.0.max(last as u64) + 1);
+        let entry = SchemaChanges { hlc, objects: changes.clone() };
+        let body = crate::wire::encode_schema(&entry);
+        conn.execute("INSERT INTO __marmot__ddl_out(hlc, body) VALUES (?1, ?2)", (hlc.0 as i64, body))
+            .ctx(|| "queueing a schema change".into())?;
+        conn.execute("INSERT OR REPLACE INTO __marmot__state(key, value) VALUES ('ddl_hlc', ?1)", [hlc.0 as i64])
+            .ctx(|| "queueing a schema change".into())?;
+    }
+    Ok(changes)
+}
+
+/// The oldest queued schema change: its queue id and the change.
+pub(crate) fn next_queued(conn: &Connection) -> Result<Option<(i64, SchemaChanges)>> {
+    let row: Option<(i64, Vec<u8>)> = conn
+        .query_row("SELECT id, body FROM __marmot__ddl_out ORDER BY id LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+        .ctx(|| "reading queued schema changes".into())?;
+    match row {
+        None => Ok(None),
+        Some((id, body)) => Ok(Some((id, crate::wire::decode_schema(&body)?))),
+    }
+}
+
+/// Removes a published schema change from the queue.
+pub(crate) fn dequeue(conn: &Connection, id: i64) -> Result<()> {
+    conn.execute("DELETE FROM __marmot__ddl_out WHERE id = ?1", [id]).map(|_| ()).ctx(|| "dequeueing".into())
+}
+
+/// Number of schema changes waiting to be published.
+pub(crate) fn queued(conn: &Connection) -> Result<u64> {
+    conn.query_row("SELECT count(*) FROM __marmot__ddl_out", [], |r| r.get::<_, i64>(0))
+        .map(|n| n as u64)
+        .ctx(|| "counting queued schema changes".into())
+}
+
+fn rank(kind: ObjectKind) -> u8 {
+    match kind {
+        ObjectKind::Table => 0,
+        ObjectKind::Index => 1,
+        ObjectKind::View => 2,
+        ObjectKind::Trigger => 3,
+    }
+}
+
+/// What changed from `before` to `after`: tables first, then indexes, views, triggers. A
+/// table that disappeared while one appeared whose SQL is exactly what renaming it gives
+/// is a rename (its rows stay).
+fn diff(before: &BTreeMap<String, Object>, after: &BTreeMap<String, Object>) -> Result<Vec<ObjectChange>> {
+    let mut out = Vec::new();
+    let mut renamed_away = Vec::new();
+    for (name, a) in after.iter().filter(|(n, o)| o.kind == ObjectKind::Table && !before.contains_key(*n)) {
+        for (old, b) in before.iter().filter(|(n, o)| o.kind == ObjectKind::Table && !after.contains_key(*n)) {
+            if !renamed_away.contains(old) && renamed_table_sql(&b.sql, old, name)?.as_deref() == Some(a.sql.as_str()) {
+                renamed_away.push(old.clone());
+                out.push(ObjectChange {
+                    kind: ObjectKind::Table,
+                    name: name.clone(),
+                    table: name.clone(),
+                    renamed_from: Some(old.clone()),
+                    before: Some(b.sql.clone()),
+                    after: Some(a.sql.clone()),
+                });
+                break;
+            }
+        }
+    }
+    let names: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    for name in names {
+        let (b, a) = (before.get(name), after.get(name));
+        if b.map(|o| &o.sql) == a.map(|o| &o.sql) && b.map(|o| o.kind) == a.map(|o| o.kind) {
+            continue;
+        }
+        if renamed_away.contains(name) || out.iter().any(|c| &c.name == name) {
+            continue;
+        }
+        let o = a.or(b).expect("name from one of the maps");
+        out.push(ObjectChange {
+            kind: o.kind,
+            name: name.clone(),
+            table: o.table.clone(),
+            renamed_from: None,
+            before: b.map(|o| o.sql.clone()),
+            after: a.map(|o| o.sql.clone()),
+        });
+    }
+    // Renamed tables' old names: dropped after everything else has moved.
+    for old in renamed_away {
+        let b = &before[&old];
+        out.push(ObjectChange {
+            kind: ObjectKind::Table,
+            name: old.clone(),
+            table: old.clone(),
+            renamed_from: None,
+            before: Some(b.sql.clone()),
+            after: None,
+        });
+    }
+    out.sort_by_key(|c| (rank(c.kind), c.renamed_from.is_none() && c.after.is_none()));
+    Ok(out)
+}
+
+/// The SQL a table created with `sql` has after `ALTER TABLE old RENAME TO new`.
+fn renamed_table_sql(sql: &str, old: &str, new: &str) -> Result<Option<String>> {
+    let scratch = scratch()?;
+    if scratch.execute_batch(sql).is_err() {
+        return Ok(None);
+    }
+    let alter = format!("ALTER TABLE {} RENAME TO {}", quote(old), quote(new));
+    if scratch.execute_batch(&alter).is_err() {
+        return Ok(None);
+    }
+    table_sql(&scratch, new)
+}
+
+fn scratch() -> Result<Connection> {
+    Connection::open_in_memory().ctx(|| "opening a scratch database".into())
+}
+
+fn table_sql(conn: &Connection, name: &str) -> Result<Option<String>> {
+    conn.query_row("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?1", [name], |r| r.get(0))
+        .optional()
+        .ctx(|| format!("reading the definition of {name:?}"))
+}
+
+fn column_names(conn: &Connection, table: &str) -> Result<Vec<String>> {
+    conn.prepare(&format!("SELECT name FROM pragma_table_xinfo({}) WHERE hidden = 0", quote_literal(table)))
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .ctx(|| format!("reading the columns of {table:?}"))
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// How to change a table in place: the statements, and the columns they rename.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct TablePlan {
+    pub(crate) statements: Vec<String>,
+    pub(crate) renames: Vec<(String, String)>,
+}
+
+/// `ALTER TABLE` statements that turn table `name`, defined by `from`, into exactly `to`
+/// (added columns, dropped columns, one renamed column), checked on a scratch database;
+/// `None` when there are none (the table is rebuilt).
+pub(crate) fn plan_table(name: &str, from: &str, to: &str) -> Result<Option<TablePlan>> {
+    let source = scratch()?;
+    let target = scratch()?;
+    if source.execute_batch(from).is_err() || target.execute_batch(to).is_err() {
+        return Ok(None);
+    }
+    let (old, new) = (column_names(&source, name)?, column_names(&target, name)?);
+    let alter = format!("ALTER TABLE {}", quote(name));
+    let mut candidates: Vec<TablePlan> = Vec::new();
+    if let Some(defs) = added_columns(from, to) {
+        let statements = defs.iter().map(|d| format!("{alter} ADD COLUMN {d}")).collect();
+        candidates.push(TablePlan { statements, renames: Vec::new() });
+    }
+    let gone: Vec<&String> = old.iter().filter(|c| !new.contains(c)).collect();
+    if !gone.is_empty() && new.iter().all(|c| old.contains(c)) {
+        let statements = gone.iter().map(|c| format!("{alter} DROP COLUMN {}", quote(c))).collect();
+        candidates.push(TablePlan { statements, renames: Vec::new() });
+    }
+    if old.len() == new.len() {
+        let differing: Vec<usize> = (0..old.len()).filter(|&i| old[i] != new[i]).collect();
+        if let [i] = differing[..] {
+            for spelled in [quote(&new[i]), new[i].clone()] {
+                candidates.push(TablePlan {
+                    statements: vec![format!("{alter} RENAME COLUMN {} TO {spelled}", quote(&old[i]))],
+                    renames: vec![(old[i].clone(), new[i].clone())],
+                });
+            }
+        }
+    }
+    for plan in candidates {
+        let trial = scratch()?;
+        trial.execute_batch(from).ctx(|| "creating a scratch table".into())?;
+        let ran = plan.statements.iter().all(|s| trial.execute_batch(s).is_ok());
+        if ran && table_sql(&trial, name)?.as_deref() == Some(to) {
+            return Ok(Some(plan));
+        }
+    }
+    Ok(None)
+}
+
+/// The column definitions `ALTER TABLE ... ADD COLUMN` appended to `from` to give `to`:
+/// SQLite inserts `, <definition>` before the closing parenthesis of the column list.
+fn added_columns(from: &str, to: &str) -> Option<Vec<String>> {
+    let close = from.rfind(')')?;
+    let (head, tail) = from.split_at(close);
+    let middle = to.strip_prefix(head)?.strip_suffix(tail)?;
+    let middle = middle.strip_prefix(',')?;
+    let defs: Vec<String> = split_top_level(middle).into_iter().map(|d| d.trim().to_owned()).collect();
+    (!defs.is_empty() && defs.iter().all(|d| !d.is_empty())).then_some(defs)
+}
+
+/// Splits at commas outside parentheses and quotes.
+fn split_top_level(s: &str) -> Vec<&str> {
+    let bytes = s.as_bytes();
+    let (mut out, mut start, mut depth, mut i) = (Vec::new(), 0, 0i32, 0);
+    while i < bytes.len() {
+        match bytes[i] {
+            q @ (b'\'' | b'"' | b'`') => {
+                i += 1;
+                while i < bytes.len() {
+                    if bytes[i] == q {
+                        if bytes.get(i + 1) == Some(&q) {
+                            i += 1;
+                        } else {
+                            break;
+                        }
+                    }
+                    i += 1;
+                }
+            }
+            b'[' => {
+                while i < bytes.len() && bytes[i] != b']' {
+                    i += 1;
+                }
+            }
+            b'(' => depth += 1,
+            b')' => depth -= 1,
+            b',' if depth == 0 => {
+                out.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    out.push(&s[start..]);
+    out
+}
+
+/// Records that `table`'s column `old` is now called `new`: rows from nodes that have not
+/// renamed it yet carry their value under the old name.
+pub(crate) fn record_rename(conn: &Connection, table: &str, old: &str, new: &str) -> Result<()> {
+    let json: Option<String> = conn
+        .query_row("SELECT renamed_columns FROM __marmot__tables WHERE name = ?1", [table], |r| r.get(0))
+        .optional()
+        .ctx(|| "reading renamed columns".into())?
+        .flatten();
+    let mut map: BTreeMap<String, String> = json.and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default();
+    for target in map.values_mut().filter(|v| v.as_str() == old) {
+        *target = new.to_owned();
+    }
+    map.insert(old.to_owned(), new.to_owned());
+    map.remove(new);
+    conn.execute(
+        "UPDATE __marmot__tables SET renamed_columns = ?2 WHERE name = ?1",
+        (table, serde_json::to_string(&map).expect("names serialize")),
+    )
+    .map(|_| ())
+    .ctx(|| "recording a renamed column".into())
+}
+
+/// Per table id, its columns' former names → current names.
+pub(crate) fn renamed_columns(conn: &Connection) -> Result<BTreeMap<i64, BTreeMap<String, String>>> {
+    let mut stmt = conn
+        .prepare("SELECT id, renamed_columns FROM __marmot__tables WHERE renamed_columns IS NOT NULL")
+        .ctx(|| "reading renamed columns".into())?;
+    let rows: Vec<(i64, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .and_then(|rows| rows.collect())
+        .ctx(|| "reading renamed columns".into())?;
+    Ok(rows.into_iter().filter_map(|(id, j)| Some((id, serde_json::from_str(&j).ok()?))).collect())
+}
+
+fn conflict(what: String, e: rusqlite::Error) -> Error {
+    Error::SchemaConflict(format!("{what}: {e}"))
+}
+
+fn exec(conn: &Connection, sql: &str) -> Result<()> {
+    conn.execute_batch(sql).map_err(|e| conflict(format!("running {sql:?}"), e))
+}
+
+/// Brings the objects `changes` names to their new definitions, in a transaction the
+/// caller holds. Returns notes on what differed from the origin's starting point (a
+/// concurrent change of the same object, resolved by this entry's place in the log).
+pub(crate) fn apply(conn: &Connection, shadow: &[String], changes: &SchemaChanges) -> Result<Vec<String>> {
+    let mut notes = Vec::new();
+    let now = current_objects(conn, shadow)?;
+    for c in &changes.objects {
+        let here = now.get(&c.name).map(|o| &o.sql);
+        if here != c.before.as_ref() && here != c.after.as_ref() && c.renamed_from.is_none() {
+            notes.push(format!(
+                "{} {:?} was changed here too (concurrently); the change later in the schema log wins",
+                c.kind.as_str(),
+                c.name
+            ));
+        }
+    }
+    // 1. Indexes, views and triggers that change or go: dropped first (a column they use
+    //    may be dropped next).
+    for c in changes.objects.iter().filter(|c| c.kind != ObjectKind::Table) {
+        if let Some(o) = now.get(&c.name) {
+            if Some(&o.sql) != c.after.as_ref() {
+                exec(conn, &format!("DROP {} IF EXISTS {}", o.kind.as_str().to_uppercase(), quote(&c.name)))?;
+            }
+        }
+    }
+    // 2. Tables.
+    for c in changes.objects.iter().filter(|c| c.kind == ObjectKind::Table) {
+        let mut here = table_sql(conn, &c.name)?;
+        let Some(after) = &c.after else {
+            if here.is_some() {
+                exec(conn, &format!("DROP TABLE {}", quote(&c.name)))?;
+            }
+            continue;
+        };
+        if let (None, Some(old)) = (&here, &c.renamed_from) {
+            if table_sql(conn, old)?.is_some() {
+                exec(conn, &format!("ALTER TABLE {} RENAME TO {}", quote(old), quote(&c.name)))?;
+                here = table_sql(conn, &c.name)?;
+            }
+        }
+        match here {
+            None => exec(conn, after)?,
+            Some(sql) if &sql == after => {}
+            Some(sql) => match plan_table(&c.name, &sql, after)? {
+                Some(plan) => {
+                    for s in &plan.statements {
+                        exec(conn, s)?;
+                    }
+                    for (old, new) in &plan.renames {
+                        record_rename(conn, &c.name, old, new)?;
+                    }
+                }
+                None => rebuild(conn, &c.name, after, &changes.objects, &mut notes)?,
+            },
+        }
+    }
+    // 3. Indexes, views and triggers that are new or changed.
+    let now = current_objects(conn, shadow)?;
+    for c in changes.objects.iter().filter(|c| c.kind != ObjectKind::Table) {
+        if let Some(after) = &c.after {
+            if now.get(&c.name).map(|o| &o.sql) != Some(after) {
+                if now.contains_key(&c.name) {
+                    exec(conn, &format!("DROP {} IF EXISTS {}", c.kind.as_str().to_uppercase(), quote(&c.name)))?;
+                }
+                exec(conn, after)?;
+            }
+        }
+    }
+    Ok(notes)
+}
+
+/// Rebuilds table `name` as `after`: the old table is renamed away, the new one created
+/// with exactly the origin's SQL, the columns both have copied by name, the old one
+/// dropped, and its indexes and triggers created again (unless the entry changes them).
+fn rebuild(conn: &Connection, name: &str, after: &str, entry: &[ObjectChange], notes: &mut Vec<String>) -> Result<()> {
+    let parked = format!("{PREFIX}rebuild");
+    let saved: Vec<(String, String)> = conn
+        .prepare(
+            "SELECT name, sql FROM sqlite_master WHERE tbl_name = ?1 AND type IN ('index', 'trigger') \
+             AND sql IS NOT NULL AND substr(name, 1, 10) != ?2",
+        )
+        .and_then(|mut s| s.query_map((name, PREFIX), |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+        .ctx(|| format!("reading the indexes and triggers of {name:?}"))?;
+    let old_columns = column_names(conn, name)?;
+    // Legacy renaming leaves views and triggers that name the table as they are: they name
+    // the new table once it exists.
+    exec(conn, "PRAGMA legacy_alter_table = ON")?;
+    let moved = exec(conn, &format!("ALTER TABLE {} RENAME TO {}", quote(name), quote(&parked)));
+    exec(conn, "PRAGMA legacy_alter_table = OFF")?;
+    moved?;
+    exec(conn, after)?;
+    let new_columns = column_names(conn, name)?;
+    let common: Vec<String> = new_columns.iter().filter(|c| old_columns.contains(c)).map(|c| quote(c)).collect();
+    if !common.is_empty() {
+        let list = common.join(", ");
+        exec(conn, &format!("INSERT INTO {} ({list}) SELECT {list} FROM {}", quote(name), quote(&parked)))?;
+    }
+    exec(conn, &format!("DROP TABLE {}", quote(&parked)))?;
+    for (object, sql) in saved {
+        if entry.iter().any(|c| c.name == object) {
+            continue;
+        }
+        if let Err(e) = conn.execute_batch(&sql) {
+            notes.push(format!("{object:?} of rebuilt table {name:?} could not be created again: {e}"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn added_columns_are_read_back_from_the_definition() {
+        let from = "CREATE TABLE t (id INTEGER PRIMARY KEY, a TEXT)";
+        let to = "CREATE TABLE t (id INTEGER PRIMARY KEY, a TEXT, b INT DEFAULT (1, 2), c CHECK (c > 0))";
+        assert_eq!(added_columns(from, to), Some(vec!["b INT DEFAULT (1, 2)".into(), "c CHECK (c > 0)".into()]));
+        assert_eq!(added_columns(from, from), None);
+    }
+
+    #[test]
+    fn plans_reproduce_the_exact_definition_or_there_is_none() {
+        let plan = |from: &str, to: &str| plan_table("t", from, to).unwrap().map(|p| p.statements);
+        let base = "CREATE TABLE t (id INTEGER PRIMARY KEY, a TEXT, b BLOB)";
+        let added = "CREATE TABLE t (id INTEGER PRIMARY KEY, a TEXT, b BLOB, c INTEGER DEFAULT 5)";
+        assert_eq!(plan(base, added), Some(vec!["ALTER TABLE \"t\" ADD COLUMN c INTEGER DEFAULT 5".into()]));
+        let dropped = "CREATE TABLE t (id INTEGER PRIMARY KEY, a TEXT)";
+        assert_eq!(plan(base, dropped), Some(vec!["ALTER TABLE \"t\" DROP COLUMN \"b\"".into()]));
+        let renamed = "CREATE TABLE t (id INTEGER PRIMARY KEY, \"x\" TEXT, b BLOB)";
+        let p = plan_table("t", base, renamed).unwrap().expect("a rename");
+        assert_eq!(p.renames, vec![("a".into(), "x".into())]);
+        let retyped = "CREATE TABLE t (id INTEGER PRIMARY KEY, a INTEGER, b BLOB)";
+        assert_eq!(plan(base, retyped), None);
+    }
+
+    #[test]
+    fn a_renamed_table_is_one_change_not_a_drop_and_a_create() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE a (id INTEGER PRIMARY KEY, v); CREATE INDEX a_v ON a (v);").unwrap();
+        let before = current_objects(&conn, &[]).unwrap();
+        conn.execute_batch("ALTER TABLE a RENAME TO b").unwrap();
+        let after = current_objects(&conn, &[]).unwrap();
+        let changes = diff(&before, &after).unwrap();
+        let kinds: Vec<(&str, Option<&str>, bool)> =
+            changes.iter().map(|c| (c.name.as_str(), c.renamed_from.as_deref(), c.after.is_some())).collect();
+        assert_eq!(kinds, vec![("b", Some("a"), true), ("a", None, false), ("a_v", None, true)]);
+    }
+}
