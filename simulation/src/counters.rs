@@ -64,8 +64,17 @@ counters! {
     strays_parked,
     /// Parked incomplete batches completed because their other parts arrived.
     strays_adopted,
-    /// Migrations run during the chaos phase (the rest run when healing).
+    /// Migrations run during the chaos phase (one more may run when healing).
     migrations,
+    /// Migrations a node ran while another node had run the same one already (concurrent
+    /// schema changes of the same objects).
+    migrations_concurrent,
+    /// The last migration, a table rebuild, ran.
+    table_rebuilds,
+    /// Schema changes published on the schema log.
+    schema_changes_published,
+    /// Entries of the schema log applied (each node applies every entry, its own too).
+    schema_changes_applied,
     /// Rows set aside by a unique conflict (`users.email`).
     set_aside_rows,
     /// Statements rolled back to their savepoint by a local constraint violation.

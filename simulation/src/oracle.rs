@@ -83,6 +83,37 @@ pub fn check_convergence<'a>(writes: &[Write], apps: impl IntoIterator<Item = &'
     Ok(())
 }
 
+/// After quiescence every node has the same schema; when no migration ran twice (no
+/// concurrent duplicates to resolve), it is the schema after every migration that ran.
+pub fn check_schemas<'a>(runs: &[u32], apps: impl IntoIterator<Item = &'a Connection>) -> Result<(), Failure> {
+    let ran = runs.iter().take_while(|&&n| n > 0).count();
+    let linear = runs.iter().all(|&n| n <= 1) && runs[ran..].iter().all(|&n| n == 0);
+    let mut first: Option<crate::schema::SchemaObjects> = None;
+    for (i, app) in apps.into_iter().enumerate() {
+        let got = crate::schema::objects(app).map_err(|e| Failure(format!("node {i}: reading the schema: {e}")))?;
+        if linear && got != crate::schema::expected_objects(ran) {
+            let want = crate::schema::expected_objects(ran);
+            let missing: Vec<_> = want.difference(&got).collect();
+            let extra: Vec<_> = got.difference(&want).collect();
+            return Err(Failure(format!(
+                "node {i}'s schema is not the one after migrations 0..{ran}: missing {missing:?}, unexpected {extra:?}"
+            )));
+        }
+        match &first {
+            None => first = Some(got),
+            Some(node0) if *node0 != got => {
+                let missing: Vec<_> = node0.difference(&got).collect();
+                let extra: Vec<_> = got.difference(node0).collect();
+                return Err(Failure(format!(
+                    "node {i}'s schema differs from node 0's: missing {missing:?}, unexpected {extra:?}"
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
 /// The canonical dump of the user tables: rows sorted by primary key, values exact.
 pub fn dump(conn: &Connection) -> rusqlite::Result<Dump> {
     let mut out = Dump::new();

@@ -48,11 +48,59 @@ CREATE TABLE __marmot__simtime (ms INTEGER NOT NULL);
 INSERT INTO __marmot__simtime VALUES (1700000000000);
 "#;
 
-/// The migration nodes run at different times: a column added and a table created while
-/// writes go on. The oracle's [`Table::width`] excludes the column; `late` is written only
-/// by nodes that ran it.
-pub const MIGRATION: &str = "ALTER TABLE items ADD COLUMN extra TEXT DEFAULT 'd'; \
-                             CREATE TABLE late (id INTEGER PRIMARY KEY, v TEXT);";
+/// The application's migrations, in order, each run in one transaction on one node while
+/// writes go on everywhere; the schema log carries them to the other nodes. A node runs
+/// the next migration its own schema lacks (see [`schema_step`]), so two nodes may run the
+/// same one concurrently. What they cover: a column added with a default and a table
+/// created; an index and a table created; a column added and another renamed; a column
+/// and a table dropped; a table rebuilt the way migration tools change a column's
+/// definition (create, copy, drop, rename). The oracle's [`Table::width`] excludes the
+/// columns migrations add; `late` is written only by nodes that have it.
+pub const MIGRATIONS: &[&str] = &[
+    "ALTER TABLE items ADD COLUMN extra TEXT DEFAULT 'd'; CREATE TABLE late (id INTEGER PRIMARY KEY, v TEXT);",
+    "CREATE INDEX items_qty ON items (qty); CREATE TABLE scratch (id INTEGER PRIMARY KEY, note TEXT);",
+    "ALTER TABLE nk ADD COLUMN extra2 BLOB; ALTER TABLE names RENAME COLUMN v TO value;",
+    "ALTER TABLE nk DROP COLUMN extra2; DROP TABLE scratch;",
+    "CREATE TABLE late_new (id INTEGER PRIMARY KEY, v TEXT, n INTEGER NOT NULL DEFAULT 0); \
+     INSERT INTO late_new (id, v) SELECT id, v FROM late; DROP TABLE late; ALTER TABLE late_new RENAME TO late;",
+];
+
+/// A schema as the oracle compares it: every object in `sqlite_master` except Marmot's
+/// and the simulated clock, as (type, name, SQL).
+pub type SchemaObjects = std::collections::BTreeSet<(String, String, Option<String>)>;
+
+/// The schema objects of `conn`.
+pub fn objects(conn: &rusqlite::Connection) -> rusqlite::Result<SchemaObjects> {
+    let mut stmt = conn.prepare(
+        "SELECT type, name, sql FROM sqlite_master \
+         WHERE substr(name, 1, 10) != '__marmot__' AND substr(tbl_name, 1, 10) != '__marmot__'",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect();
+    rows
+}
+
+/// The schema after the first `k` migrations, built on a scratch database.
+pub fn expected_objects(k: usize) -> SchemaObjects {
+    static EXPECTED: std::sync::OnceLock<Vec<SchemaObjects>> = std::sync::OnceLock::new();
+    let all = EXPECTED.get_or_init(|| {
+        let conn = rusqlite::Connection::open_in_memory().expect("scratch database");
+        conn.execute_batch(SCHEMA).expect("the schema runs");
+        let mut out = vec![objects(&conn).expect("schema objects")];
+        for m in MIGRATIONS {
+            conn.execute_batch(m).expect("the migrations run in order");
+            out.push(objects(&conn).expect("schema objects"));
+        }
+        out
+    });
+    all[k].clone()
+}
+
+/// How many migrations the schema of `conn` reflects; `None` when it is none of the
+/// expected schemas (a schema change half propagated, or concurrent ones resolved).
+pub fn schema_step(conn: &rusqlite::Connection) -> rusqlite::Result<Option<usize>> {
+    let now = objects(conn)?;
+    Ok((0..=MIGRATIONS.len()).rev().find(|&k| expected_objects(k) == now))
+}
 
 /// How a table compares the text of its key and unique columns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,7 +127,7 @@ pub struct Table {
     pub width: usize,
     /// How the key and the unique columns compare text.
     pub fold: Fold,
-    /// Whether the table exists only after [`MIGRATION`].
+    /// Whether the table exists only after the first of [`MIGRATIONS`].
     pub late: bool,
 }
 

@@ -10,11 +10,39 @@ use crate::scenario::WriteOp;
 use crate::schema;
 use crate::world::Failure;
 
-/// Runs one statement; `migrated` says whether [`schema::MIGRATION`] ran on this node.
-/// Returns the number of rows changed.
-pub fn run_op(app: &Connection, op: &WriteOp, migrated: bool) -> rusqlite::Result<usize> {
+/// What the application sees of its schema, which migrations change: whether `items` has
+/// `extra`, whether `late` exists, what `names`' value column is called.
+#[derive(Clone, Copy, Debug)]
+pub struct SchemaView {
+    /// `items.extra` exists.
+    pub extra: bool,
+    /// `late` exists.
+    pub late: bool,
+    /// The name of `names`' second column (`v`, or `value` once renamed).
+    pub names_value: &'static str,
+}
+
+impl SchemaView {
+    /// Reads the view from the application's connection.
+    pub fn read(app: &Connection) -> rusqlite::Result<SchemaView> {
+        let has = |sql: &str| app.query_row(sql, [], |r| r.get::<_, i64>(0)).map(|n| n > 0);
+        Ok(SchemaView {
+            extra: has("SELECT count(*) FROM pragma_table_info('items') WHERE name = 'extra'")?,
+            late: has("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'late'")?,
+            names_value: if has("SELECT count(*) FROM pragma_table_info('names') WHERE name = 'value'")? {
+                "value"
+            } else {
+                "v"
+            },
+        })
+    }
+}
+
+/// Runs one statement against the schema the application sees (`view`). Returns the
+/// number of rows changed.
+pub fn run_op(app: &Connection, op: &WriteOp, view: SchemaView) -> rusqlite::Result<usize> {
     match op {
-        WriteOp::UpsertItem { id, name, qty, price, data, val } if migrated => app.execute(
+        WriteOp::UpsertItem { id, name, qty, price, data, val } if view.extra => app.execute(
             "INSERT INTO items(id, name, qty, price, data, val, extra) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?2 || '+') \
              ON CONFLICT(id) DO UPDATE SET name = excluded.name, qty = excluded.qty, price = excluded.price, data = excluded.data, val = excluded.val, extra = excluded.extra",
             params![id, name, qty, price, data, val],
@@ -48,7 +76,10 @@ pub fn run_op(app: &Connection, op: &WriteOp, migrated: bool) -> rusqlite::Resul
             app.execute("INSERT OR IGNORE INTO users(id, email) VALUES (?1, ?2)", params![id, email])
         }
         WriteOp::UpsertName { k, v } => app.execute(
-            "INSERT INTO names(k, v) VALUES (?1, ?2) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+            &format!(
+                "INSERT INTO names(k, {c}) VALUES (?1, ?2) ON CONFLICT(k) DO UPDATE SET {c} = excluded.{c}",
+                c = view.names_value
+            ),
             params![k, v],
         ),
         WriteOp::RenameName { from, to } => app.execute("UPDATE names SET k = ?2 WHERE k = ?1", params![from, to]),
@@ -65,7 +96,7 @@ pub fn run_op(app: &Connection, op: &WriteOp, migrated: bool) -> rusqlite::Resul
         ),
         WriteOp::UpdateNk { v } => app.execute("UPDATE nk SET v = ?1", [v]),
         WriteOp::NullNk { k } => app.execute("UPDATE nk SET k = NULL WHERE k = ?1", [k]),
-        WriteOp::UpsertLate { .. } if !migrated => Ok(0),
+        WriteOp::UpsertLate { .. } if !view.late => Ok(0),
         WriteOp::UpsertLate { id, v } => app.execute(
             "INSERT INTO late(id, v) VALUES (?1, ?2) ON CONFLICT(id) DO UPDATE SET v = excluded.v",
             params![id, v],
@@ -121,19 +152,15 @@ fn users_expected_after(app: &Connection, op: &WriteOp) -> rusqlite::Result<Opti
 /// Commits `ops` as one transaction, as an application would: a statement that violates a
 /// local constraint is rolled back to its savepoint and the rest commits. Returns how many
 /// statements took effect.
-pub fn transaction(
-    app: &Connection,
-    ops: &[WriteOp],
-    migrated: bool,
-    counters: &mut Counters,
-) -> Result<usize, Failure> {
+pub fn transaction(app: &Connection, ops: &[WriteOp], counters: &mut Counters) -> Result<usize, Failure> {
     let sql = |what: &'static str| move |e: rusqlite::Error| Failure(format!("{what}: {e}"));
     app.execute_batch("BEGIN IMMEDIATE").map_err(sql("begin"))?;
+    let view = SchemaView::read(app).map_err(sql("reading the schema"))?;
     let mut done = 0;
     for op in ops {
         app.execute_batch("SAVEPOINT op").map_err(sql("savepoint"))?;
         let users_before = users_expected_after(app, op).map_err(sql("counting users"))?;
-        match run_op(app, op, migrated) {
+        match run_op(app, op, view) {
             Ok(rows) => {
                 done += 1;
                 count_op(counters, op, rows);

@@ -36,7 +36,6 @@ pub(crate) struct Node {
     pub(crate) engine: Option<Engine<SqliteChangeSource>>,
     pub(crate) log_seen: u64,
     next_gid: i64,
-    pub(crate) migrated: bool,
     /// Rows set aside when last looked at (new ones are counted).
     aside: u64,
 }
@@ -61,6 +60,8 @@ pub struct World {
     pub(crate) retired: Vec<EngineStats>,
     /// The snapshot store every node saves to and restores from.
     pub(crate) snapshots: marmot_core::snapshots::Snapshots,
+    /// How many times each migration ran (on any node).
+    pub(crate) migrations_run: Vec<u32>,
 }
 
 fn engine_config(s: &Scenario) -> EngineConfig {
@@ -92,7 +93,6 @@ impl World {
                 engine: None,
                 log_seen: 0,
                 next_gid: (i as i64 + 1) << 32,
-                migrated: false,
                 aside: 0,
             });
         }
@@ -107,6 +107,7 @@ impl World {
             counters: Counters::default(),
             retired: Vec::new(),
             snapshots: crate::snapshots::snapshots(),
+            migrations_run: vec![0; schema::MIGRATIONS.len()],
         };
         for i in 0..world.nodes.len() {
             world.start(i)?;
@@ -165,6 +166,7 @@ impl World {
         self.heal()?;
         self.check_atomicity_everywhere()?;
         self.quiesce()?;
+        oracle::check_schemas(&self.migrations_run, self.nodes.iter().map(|n| &n.app))?;
         oracle::check_convergence(&self.writes, self.nodes.iter().map(|n| &n.app))
     }
 
@@ -220,15 +222,20 @@ impl World {
         }
     }
 
-    /// Runs the migration on node `i` unless it already has; returns whether it ran.
+    /// The application on node `i` runs the next migration its schema lacks, in one
+    /// transaction; returns whether it ran one (none when its schema is up to date or in
+    /// between expected schemas).
     pub(crate) fn migrate(&mut self, i: usize) -> Result<bool, Failure> {
         let node = &mut self.nodes[i];
-        if node.migrated {
+        let fail = |e: rusqlite::Error| Failure(format!("node {i}: migration: {e}"));
+        let Some(k) = schema::schema_step(&node.app).map_err(fail)?.filter(|&k| k < schema::MIGRATIONS.len()) else {
             return Ok(false);
-        }
-        node.app.execute_batch(schema::MIGRATION).map_err(|e| Failure(format!("node {i}: migration: {e}")))?;
-        node.migrated = true;
-        self.trace.push(format!("node {i}: migrated"));
+        };
+        node.app.execute_batch(&format!("BEGIN IMMEDIATE; {} COMMIT;", schema::MIGRATIONS[k])).map_err(fail)?;
+        self.counters.migrations_concurrent += u64::from(self.migrations_run[k] > 0);
+        self.counters.table_rebuilds += u64::from(k + 1 == schema::MIGRATIONS.len());
+        self.migrations_run[k] += 1;
+        self.trace.push(format!("node {i}: ran migration {k}"));
         Ok(true)
     }
 
@@ -277,7 +284,7 @@ impl World {
 
     fn write(&mut self, i: usize, ops: &[WriteOp]) -> Result<(), Failure> {
         let node = &self.nodes[i];
-        let done = workload::transaction(&node.app, ops, node.migrated, &mut self.counters)
+        let done = workload::transaction(&node.app, ops, &mut self.counters)
             .map_err(|Failure(m)| Failure(format!("node {i}: {m}")))?;
         self.trace.push(format!("node {i}: wrote {done}/{} ops", ops.len()));
         self.record_writes(i)
@@ -377,6 +384,8 @@ impl World {
             c.strays_parked += stats.strays_parked;
             c.strays_adopted += stats.strays_adopted;
             c.streams_restarted += stats.streams_restarted;
+            c.schema_changes_published += stats.schema_changes_published;
+            c.schema_changes_applied += stats.schema_changes_applied;
         }
         c
     }

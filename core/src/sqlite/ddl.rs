@@ -363,6 +363,7 @@ fn split_top_level(s: &str) -> Vec<&str> {
 /// Records that `table`'s column `old` is now called `new`: rows from nodes that have not
 /// renamed it yet carry their value under the old name.
 pub(crate) fn record_rename(conn: &Connection, table: &str, old: &str, new: &str) -> Result<()> {
+    super::capture::table_id(conn, table)?;
     let json: Option<String> = conn
         .query_row("SELECT renamed_columns FROM __marmot__tables WHERE name = ?1", [table], |r| r.get(0))
         .optional()
@@ -394,6 +395,36 @@ pub(crate) fn renamed_columns(conn: &Connection) -> Result<BTreeMap<i64, BTreeMa
     Ok(rows.into_iter().filter_map(|(id, j)| Some((id, serde_json::from_str(&j).ok()?))).collect())
 }
 
+/// Records the columns renamed and dropped from `before` to `after` of table `table`.
+fn note_columns(conn: &Connection, table: &str, before: &str, after: &str) -> Result<()> {
+    let renames = plan_table(table, before, after)?.map(|p| p.renames).unwrap_or_default();
+    for (old, new) in &renames {
+        record_rename(conn, table, old, new)?;
+    }
+    let (source, target) = (scratch()?, scratch()?);
+    if source.execute_batch(before).is_err() || target.execute_batch(after).is_err() {
+        return Ok(());
+    }
+    let (old, new) = (column_names(&source, table)?, column_names(&target, table)?);
+    super::capture::table_id(conn, table)?;
+    let json: Option<String> = conn
+        .query_row("SELECT dropped_columns FROM __marmot__tables WHERE name = ?1", [table], |r| r.get(0))
+        .ctx(|| "reading dropped columns".into())?;
+    let mut dropped: Vec<String> = json.and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default();
+    for c in old.iter().filter(|c| !new.contains(c) && !renames.iter().any(|(o, _)| o == *c)) {
+        if !dropped.contains(c) {
+            dropped.push(c.clone());
+        }
+    }
+    dropped.retain(|c| !new.contains(c));
+    conn.execute(
+        "UPDATE __marmot__tables SET dropped_columns = ?2 WHERE name = ?1",
+        (table, serde_json::to_string(&dropped).expect("names serialize")),
+    )
+    .map(|_| ())
+    .ctx(|| "recording dropped columns".into())
+}
+
 fn conflict(what: String, e: rusqlite::Error) -> Error {
     Error::SchemaConflict(format!("{what}: {e}"))
 }
@@ -416,6 +447,14 @@ pub(crate) fn apply(conn: &Connection, shadow: &[String], changes: &SchemaChange
                 c.kind.as_str(),
                 c.name
             ));
+        }
+    }
+    // What the entry says about columns is kept whatever this node's table is now (a node
+    // after `-cleanup` re-reads entries its schema already reflects): rows in flight from
+    // nodes that have not applied it carry former or dropped columns.
+    for c in changes.objects.iter().filter(|c| c.kind == ObjectKind::Table) {
+        if let (Some(before), Some(after)) = (&c.before, &c.after) {
+            note_columns(conn, &c.name, before, after)?;
         }
     }
     // 1. Indexes, views and triggers that change or go: dropped first (a column they use

@@ -33,6 +33,9 @@ pub(super) fn install(conn: &Connection, schema: &Schema, id_of: impl Fn(&str) -
     for name in old {
         sql.push_str(&format!("DROP TRIGGER IF EXISTS temp.{};\n", quote(&name)));
     }
+    conn.execute_batch(&sql).ctx(|| "removing the apply guard".into())?;
+    remove_orphans(conn)?;
+    let mut sql = String::new();
     let width = schema.tables.iter().map(|t| t.pk.len()).max().unwrap_or(0);
     let keys: String = (0..width).map(|n| format!(", k{n}")).collect();
     sql.push_str(&format!(
@@ -69,4 +72,26 @@ pub(super) fn install(conn: &Connection, schema: &Schema, id_of: impl Fn(&str) -
         ));
     }
     conn.execute_batch(&sql).ctx(|| "installing the apply guard".into())
+}
+
+/// Removes guard triggers `DROP TRIGGER` left behind: a TEMP trigger whose table another
+/// connection dropped (the application rebuilding a table) stays in `temp.sqlite_master`
+/// though SQLite no longer finds it to drop, and would come back on the next schema load.
+fn remove_orphans(conn: &Connection) -> Result<()> {
+    let left: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM temp.sqlite_master WHERE type = 'trigger' AND substr(name, 1, 10) = ?1",
+            [PREFIX],
+            |r| r.get(0),
+        )
+        .ctx(|| "listing guard triggers".into())?;
+    if left == 0 {
+        return Ok(());
+    }
+    conn.execute_batch(&format!(
+        "PRAGMA writable_schema = ON; \
+         DELETE FROM temp.sqlite_master WHERE type = 'trigger' AND substr(name, 1, 10) = '{PREFIX}'; \
+         PRAGMA writable_schema = OFF;"
+    ))
+    .ctx(|| "removing orphaned guard triggers".into())
 }

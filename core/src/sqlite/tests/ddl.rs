@@ -1,0 +1,157 @@
+//! Schema changes through the schema log: noticed on one node, applied on another.
+
+use super::*;
+use crate::model::SchemaChanges;
+
+/// Takes what `from` queued for the schema log and applies it on `to`.
+fn ship(from: &mut Node, to: &mut Node) -> Vec<SchemaChanges> {
+    from.db.refresh_if_schema_changed().expect("refresh");
+    let mut shipped = Vec::new();
+    while let Some((id, changes)) = from.db.next_schema_change().expect("queued") {
+        to.db.apply_schema(Shard(0), Position(0), &changes).expect("apply the schema change");
+        from.db.schema_change_published(id).expect("dequeue");
+        shipped.push(changes);
+    }
+    shipped
+}
+
+fn objects(conn: &Connection) -> Vec<(String, String, Option<String>)> {
+    conn.prepare(
+        "SELECT type, name, sql FROM sqlite_master WHERE substr(name, 1, 10) != '__marmot__' \
+         AND substr(tbl_name, 1, 10) != '__marmot__' ORDER BY type, name",
+    )
+    .unwrap()
+    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+    .unwrap()
+    .collect::<rusqlite::Result<_>>()
+    .unwrap()
+}
+
+const BASE: &str = "CREATE TABLE t (id INTEGER PRIMARY KEY, a TEXT, b BLOB); CREATE INDEX t_a ON t (a);";
+
+#[test]
+fn the_first_install_queues_nothing_and_a_change_is_queued_once() {
+    let mut a = node(1, BASE);
+    assert_eq!(a.db.next_schema_change().unwrap(), None, "the starting schema is not a change");
+    a.exec("ALTER TABLE t ADD COLUMN c INTEGER DEFAULT 5");
+    a.db.refresh_if_schema_changed().unwrap();
+    let (id, changes) = a.db.next_schema_change().unwrap().expect("queued");
+    assert_eq!(changes.objects.len(), 1);
+    assert_eq!(changes.objects[0].name, "t");
+    a.db.schema_change_published(id).unwrap();
+    a.db.reinstall().unwrap();
+    assert_eq!(a.db.next_schema_change().unwrap(), None, "noticed once");
+}
+
+#[test]
+fn every_kind_of_change_ends_with_the_same_schema_and_rows() {
+    let mut a = node(1, BASE);
+    let mut b = node(2, BASE);
+    a.exec("INSERT INTO t VALUES (1, 'x', x'01')");
+    b.exec("INSERT INTO t VALUES (1, 'x', x'01')");
+    let steps = [
+        "ALTER TABLE t ADD COLUMN c INTEGER DEFAULT 5",
+        "CREATE TABLE u (k TEXT PRIMARY KEY, v) WITHOUT ROWID; CREATE UNIQUE INDEX u_v ON u (v)",
+        "CREATE VIEW tv AS SELECT id, a FROM t; CREATE TRIGGER t_stamp AFTER UPDATE OF a ON t BEGIN UPDATE t SET c = c + 1 WHERE id = NEW.id; END",
+        "ALTER TABLE t RENAME COLUMN a TO title",
+        "DROP INDEX t_a; ALTER TABLE t DROP COLUMN b",
+        "ALTER TABLE u RENAME TO w",
+        // As Django rebuilds a table on SQLite: legacy renaming leaves the view alone.
+        "PRAGMA legacy_alter_table = ON; BEGIN; \
+         CREATE TABLE t_new (id INTEGER PRIMARY KEY, title TEXT NOT NULL DEFAULT '', c REAL); \
+         INSERT INTO t_new (id, title, c) SELECT id, title, c FROM t; DROP TABLE t; \
+         ALTER TABLE t_new RENAME TO t; COMMIT; PRAGMA legacy_alter_table = OFF",
+        "DROP VIEW tv; DROP TABLE w",
+    ];
+    for step in steps {
+        a.exec(step);
+        let shipped = ship(&mut a, &mut b);
+        assert!(!shipped.is_empty(), "{step}: nothing was queued");
+        assert_eq!(objects(&b.app), objects(&a.app), "after {step}");
+        assert_eq!(b.db.schema_fingerprint(), a.db.schema_fingerprint(), "after {step}");
+    }
+    assert_eq!(b.dump("t"), a.dump("t"));
+    assert_eq!(b.dump("t"), vec![vec![int(1), text("x"), real(5.0)]]);
+}
+
+#[test]
+fn rows_in_flight_under_a_former_column_name_land_in_the_renamed_column() {
+    let mut a = node(1, BASE);
+    let mut b = node(2, BASE);
+    b.exec("INSERT INTO t VALUES (7, 'before', NULL)");
+    let old = b.acknowledge_all().batch;
+    a.exec("ALTER TABLE t RENAME COLUMN a TO title");
+    ship(&mut a, &mut b);
+    a.apply(&old);
+    assert_eq!(a.dump("t"), vec![vec![int(7), text("before"), Value::Null]]);
+}
+
+#[test]
+fn a_rebuild_by_the_application_then_applying_keeps_the_guard_working() {
+    let mut a = node(
+        1,
+        "CREATE TABLE late (id INTEGER PRIMARY KEY, v TEXT); CREATE TABLE other (k PRIMARY KEY, n);\
+                         CREATE TRIGGER late_t AFTER INSERT ON late BEGIN INSERT INTO other VALUES (NEW.id, 1); END;",
+    );
+    let mut b = node(
+        2,
+        "CREATE TABLE late (id INTEGER PRIMARY KEY, v TEXT); CREATE TABLE other (k PRIMARY KEY, n);\
+                         CREATE TRIGGER late_t AFTER INSERT ON late BEGIN INSERT INTO other VALUES (NEW.id, 1); END;",
+    );
+    a.exec("INSERT INTO late VALUES (1, 'one')");
+    let first = a.acknowledge_all().batch;
+    b.apply(&first);
+    a.exec(
+        "BEGIN; CREATE TABLE late_new (id INTEGER PRIMARY KEY, v TEXT, n INTEGER NOT NULL DEFAULT 0); \
+         INSERT INTO late_new (id, v) SELECT id, v FROM late; DROP TABLE late; ALTER TABLE late_new RENAME TO late; \
+         CREATE TRIGGER late_t AFTER INSERT ON late BEGIN INSERT INTO other VALUES (NEW.id, 1); END; COMMIT",
+    );
+    ship(&mut a, &mut b);
+    assert_eq!(objects(&b.app), objects(&a.app));
+    // The rebuilt table's rows are sent again by its origin, in the new layout.
+    let resent = a.acknowledge_all().batch;
+    assert_eq!(rows_of(&resent, "late").len(), 1);
+    b.apply(&resent);
+    a.exec("INSERT INTO late (id, v) VALUES (2, 'two')");
+    let next = a.acknowledge_all().batch;
+    b.apply(&next);
+    assert_eq!(b.dump("late"), a.dump("late"));
+    assert_eq!(b.dump("other"), a.dump("other"), "the application trigger ran once per row on each node");
+}
+
+#[test]
+fn concurrent_changes_of_one_table_end_as_the_later_entry_says_on_both_nodes() {
+    let mut a = node(1, BASE);
+    let mut b = node(2, BASE);
+    a.exec("ALTER TABLE t ADD COLUMN c TEXT");
+    b.exec("ALTER TABLE t ADD COLUMN c INTEGER");
+    a.db.refresh_if_schema_changed().unwrap();
+    b.db.refresh_if_schema_changed().unwrap();
+    let (_, from_a) = a.db.next_schema_change().unwrap().unwrap();
+    let (_, from_b) = b.db.next_schema_change().unwrap().unwrap();
+    // The log holds a's entry, then b's: each node applies both in that order.
+    for n in [&mut a, &mut b] {
+        n.db.apply_schema(Shard(0), Position(0), &from_a).unwrap();
+        n.db.apply_schema(Shard(0), Position(0), &from_b).unwrap();
+    }
+    assert_eq!(objects(&a.app), objects(&b.app));
+    assert!(objects(&a.app).iter().any(|o| o.2.as_deref().is_some_and(|s| s.contains("c INTEGER"))));
+}
+
+#[test]
+fn a_table_the_application_dropped_can_be_created_again_by_the_schema_log() {
+    let mut a = node(1, BASE);
+    let mut b = node(2, BASE);
+    // b's Marmot guards `t` with TEMP triggers; b's application drops it on its own
+    // connection, and a's entry creates it again through b's Marmot connection.
+    b.exec("DROP TABLE t");
+    a.exec("ALTER TABLE t ADD COLUMN c");
+    ship(&mut a, &mut b);
+    b.db.reinstall().expect("the guard installs again");
+    let table = |n: &Node| objects(&n.app).into_iter().find(|o| o.1 == "t");
+    assert_eq!(table(&b), table(&a));
+    a.exec("INSERT INTO t (id, a) VALUES (1, 'x')");
+    let batch = a.acknowledge_all().batch;
+    b.apply(&batch);
+    assert_eq!(b.dump("t"), a.dump("t"));
+}
