@@ -44,6 +44,10 @@ pub struct Config {
     pub publish: bool,
     /// Apply other nodes' changes from the log.
     pub replicate: bool,
+    /// Replicate schema changes (`CREATE`, `ALTER`, `DROP` of tables, indexes, views,
+    /// triggers) through the schema log. Not a v1 key; `false` keeps v1's way (change the
+    /// schema on every node by hand).
+    pub replicate_ddl: bool,
     /// Most change rows read per scan of the change tables.
     pub scan_max_changes: u64,
     /// How often published change rows are removed, in milliseconds.
@@ -79,6 +83,7 @@ impl Default for Config {
             seq_map_path: None,
             publish: true,
             replicate: true,
+            replicate_ddl: true,
             scan_max_changes: 512,
             cleanup_interval_ms: 5000,
             sleep_timeout_ms: 0,
@@ -94,6 +99,11 @@ impl Default for Config {
 }
 
 impl Config {
+    /// How capture is installed on this node's database.
+    pub fn capture_options(&self) -> marmot_core::sqlite::CaptureOptions {
+        marmot_core::sqlite::CaptureOptions { replicate_ddl: self.replicate_ddl, ..Default::default() }
+    }
+
     /// `cleanup_interval` as a duration.
     pub fn cleanup_interval(&self) -> Duration {
         Duration::from_millis(self.cleanup_interval_ms)

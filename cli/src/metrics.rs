@@ -124,6 +124,9 @@ struct State {
     null_key_rows: u64,
     clock_ahead_ms: u64,
     positions: BTreeMap<u32, u64>,
+    schema_fingerprint: u64,
+    schema_pending: u64,
+    schema_differing_nodes: u64,
     stream_first: BTreeMap<u32, u64>,
     stream_last: BTreeMap<u32, u64>,
     nats_connected: Option<bool>,
@@ -252,6 +255,8 @@ impl Metrics {
         let due = {
             let mut s = self.state();
             self.take_stats(&mut s, engine.stats(), now_ms());
+            s.schema_fingerprint = engine.db().schema_fingerprint();
+            s.schema_differing_nodes = engine.differing_schemas().len() as u64;
             !matches!(s.last_db_sample, Some(t) if t.elapsed() < DB_SAMPLE_EVERY)
         };
         if due {
@@ -264,6 +269,7 @@ impl Metrics {
                     s.null_key_rows = sample.null_keys;
                     s.clock_ahead_ms = sample.clock_ahead_ms;
                     s.positions = sample.positions;
+                    s.schema_pending = sample.schema_pending;
                     s.last_db_sample = Some(Instant::now());
                 }
                 Err(e) => {
@@ -386,6 +392,38 @@ impl Metrics {
             "Remote batches versioned more than max_clock_skew ahead of this node's clock.",
             st.skewed_batches,
         );
+        let fingerprint = format!("{:016x}", s.schema_fingerprint);
+        out.one(
+            "schema_info",
+            "gauge",
+            "Always 1; the fingerprint label identifies this node's schema (equal on nodes with equal schemas).",
+            &[("fingerprint", &fingerprint)],
+            1.0,
+        );
+        out.scalar(
+            "schema_changes_published_total",
+            "counter",
+            "Schema changes of this node published on the schema log.",
+            st.schema_changes_published,
+        );
+        out.scalar(
+            "schema_changes_applied_total",
+            "counter",
+            "Entries of the schema log applied here (this node's own included).",
+            st.schema_changes_applied,
+        );
+        out.scalar(
+            "schema_changes_pending",
+            "gauge",
+            "Schema changes of this node waiting to be published.",
+            s.schema_pending,
+        );
+        out.scalar(
+            "schema_differing_nodes",
+            "gauge",
+            "Other nodes whose latest batch carried a schema fingerprint unlike this node's.",
+            s.schema_differing_nodes,
+        );
         out.histogram(
             "replication_lag_seconds",
             "Origin commit to apply here, sampled once per receive step from the newest batch applied.",
@@ -443,6 +481,7 @@ struct DbSample {
     null_keys: u64,
     clock_ahead_ms: u64,
     positions: BTreeMap<u32, u64>,
+    schema_pending: u64,
 }
 
 fn sample_db(engine: &Engine<SqliteChangeSource>) -> marmot_core::Result<DbSample> {
@@ -463,6 +502,7 @@ fn sample_db(engine: &Engine<SqliteChangeSource>) -> marmot_core::Result<DbSampl
         null_keys: db.null_key_rows()?.iter().map(|(_, n)| n).sum(),
         clock_ahead_ms: db.clock_ahead_ms()?,
         positions: db.positions()?.into_iter().map(|(s, p)| (s.0, p.0)).collect(),
+        schema_pending: db.schema_changes_queued()?,
     })
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use marmot_core::engine::{Engine, EngineConfig};
 use marmot_core::snapshots::Snapshots;
-use marmot_core::sqlite::{CaptureOptions, Db, SqliteChangeSource};
+use marmot_core::sqlite::{Db, SqliteChangeSource};
 use marmot_core::wire::EncodeOptions;
 use marmot_core::{Error, LogTransport, NodeId, Shard};
 use marmot_transports::{EmbeddedOptions, EmbeddedServer, NatsOptions, NatsTransport};
@@ -368,7 +368,7 @@ async fn restore_if_behind(
     stop: &Stop,
 ) -> Result<(), RunError> {
     let node = NodeId(config.node_id);
-    let db = Db::open(&config.db_path, node, CaptureOptions::default())?;
+    let db = Db::open(&config.db_path, node, config.capture_options())?;
     if snapshot::needs_restore(&db, transport.as_ref()).await?.is_none() {
         return Ok(());
     }
@@ -388,7 +388,7 @@ async fn restore_if_behind(
         let restored = snapshot::restore(config, transport.as_ref(), snapshots).await;
         match restored {
             Ok(manifest) => {
-                let db = Db::open(&config.db_path, node, CaptureOptions::default())?;
+                let db = Db::open(&config.db_path, node, config.capture_options())?;
                 for s in 0..transport.shard_count() {
                     let last = transport.bounds(Shard(s)).await?.last;
                     db.set_own_replay_through(Shard(s), last)?;
@@ -469,7 +469,7 @@ impl WaitForSnapshot {
 /// Publishes every local change not yet published. With `force`, changes that cannot be
 /// published are discarded instead (the user asked to restore over them).
 async fn publish_before_restore(config: &Config, transport: &Arc<NatsTransport>, force: bool) -> Result<(), RunError> {
-    let db = Db::open(&config.db_path, NodeId(config.node_id), CaptureOptions::default())?;
+    let db = Db::open(&config.db_path, NodeId(config.node_id), config.capture_options())?;
     let pending = db.pending_count()?;
     if pending == 0 {
         return Ok(());
@@ -499,8 +499,8 @@ async fn publish_before_restore(config: &Config, transport: &Arc<NatsTransport>,
 
 fn open_engine(config: &Config, transport: Arc<dyn LogTransport>) -> Result<Engine<SqliteChangeSource>, RunError> {
     let node = NodeId(config.node_id);
-    let source = SqliteChangeSource::new(Db::open(&config.db_path, node, CaptureOptions::default())?);
-    let db = Db::open(&config.db_path, node, CaptureOptions::default())?;
+    let source = SqliteChangeSource::new(Db::open(&config.db_path, node, config.capture_options())?);
+    let db = Db::open(&config.db_path, node, config.capture_options())?;
     for t in &db.schema().tables {
         debug!(table = %t.name, "replicating table");
     }
@@ -515,6 +515,7 @@ fn open_engine(config: &Config, transport: Arc<dyn LogTransport>) -> Result<Engi
         encode: EncodeOptions { compress: config.replication_log.compress, ..EncodeOptions::default() },
         publish: config.publish,
         replicate: config.replicate,
+        replicate_ddl: config.replicate_ddl,
         clock_skew_ms_max: config.max_clock_skew_ms,
         // A quarter of what one shard's stream keeps: an incomplete batch is parked well
         // before the stream drops the entries its hold would force a restart to re-read.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use marmot_core::snapshots::{Manifest, Snapshots};
-use marmot_core::sqlite::{CaptureOptions, Db};
+use marmot_core::sqlite::Db;
 use marmot_core::{LogTransport, NodeId, Position, Shard, SnapshotStore};
 use marmot_storage::{S3Options, SftpOptions, StoreOptions};
 use marmot_transports::nats::lease;
@@ -103,7 +103,7 @@ pub async fn save(
     transport: &NatsTransport,
     snapshots: &Snapshots,
 ) -> Result<Result<Manifest, NotSaved>, RunError> {
-    let positions = Db::open(&config.db_path, NodeId(config.node_id), CaptureOptions::default())?.positions()?;
+    let positions = Db::open(&config.db_path, NodeId(config.node_id), config.capture_options())?.positions()?;
     if let Some(reason) = behind(&positions, transport, save_slack(config)).await? {
         return Ok(Err(NotSaved::Behind(reason)));
     }
@@ -167,8 +167,9 @@ pub async fn save_when_free(
 async fn save_held(config: &Config, snapshots: &Snapshots) -> Result<Manifest, RunError> {
     // Temporary files go next to the database (same file system).
     let (path, dir, node, now) = (config.db_path.clone(), config.data_dir(), NodeId(config.node_id), now_ms());
+    let opts = config.capture_options();
     let saved = tokio::task::spawn_blocking(move || {
-        let db = Db::open(&path, node, CaptureOptions::default())?;
+        let db = Db::open(&path, node, opts)?;
         Snapshots::write_file(&db, &dir, now)
     })
     .await??;
@@ -210,7 +211,7 @@ pub async fn restore(
     }
     let shards = transport.shard_count();
     let usable = move |m: &Manifest| m.usable_with(shards, |s| bounds[s.0 as usize]);
-    let mut db = Db::open(&config.db_path, NodeId(config.node_id), CaptureOptions::default())?;
+    let mut db = Db::open(&config.db_path, NodeId(config.node_id), config.capture_options())?;
     let mut progress = ProgressReporter::new("restoring snapshot");
     let manifest = snapshots
         .restore_best(&mut db, &config.data_dir(), &usable, &mut |done, total| progress.report(done, total))

@@ -565,7 +565,7 @@ impl<S: ChangeSource> Engine<S> {
             self.deferred_positions.insert(shard, safe);
             return Ok(());
         }
-        match self.db.apply_schema(shard, safe, changes) {
+        match self.db.apply_schema(shard, safe, origin, changes) {
             Ok(notes) => {
                 self.stats.schema_changes_applied += 1;
                 for note in notes {

@@ -71,6 +71,8 @@ counters! {
     migrations_concurrent,
     /// The last migration, a table rebuild, ran.
     table_rebuilds,
+    /// Snapshot saves that waited for the saver to notice its application's schema change.
+    snapshot_saves_after_schema_change,
     /// Schema changes published on the schema log.
     schema_changes_published,
     /// Entries of the schema log applied (each node applies every entry, its own too).

@@ -55,8 +55,18 @@ impl World {
             return Err(Failure(format!("node {i}: checking stream epochs: {e}")));
         }
         let db = self.nodes[i].engine.as_ref().expect("engine running").db();
-        let manifest = block_on(self.snapshots.save(db, self.work_dir(), self.now_ms(i)))
-            .map_err(|e| Failure(format!("node {i}: saving a snapshot: {e}")))?;
+        let mut saved = block_on(self.snapshots.save(db, self.work_dir(), self.now_ms(i)));
+        if let Err(Error::SchemaChanged) = saved {
+            // The application changed the schema since this node last looked: the save
+            // waits until it noticed (its next maintenance, done here).
+            self.trace.push(format!("node {i}: snapshot waits for a schema change to be noticed"));
+            self.counters.snapshot_saves_after_schema_change += 1;
+            let engine = self.nodes[i].engine.as_mut().expect("engine running");
+            block_on(engine.maintain()).map_err(|e| Failure(format!("node {i}: maintain: {e}")))?;
+            let db = self.nodes[i].engine.as_ref().expect("engine running").db();
+            saved = block_on(self.snapshots.save(db, self.work_dir(), self.now_ms(i)));
+        }
+        let manifest = saved.map_err(|e| Failure(format!("node {i}: saving a snapshot: {e}")))?;
         self.counters.snapshots_saved += 1;
         self.trace.push(format!("node {i}: saved snapshot {:?} epochs {:?}", manifest.positions, manifest.epochs));
         Ok(manifest)

@@ -36,6 +36,10 @@ pub struct Status {
     pub tables: Vec<String>,
     /// Tables not replicated, and why.
     pub skipped: Vec<Skipped>,
+    /// The fingerprint of the application's schema: equal on nodes whose schemas are.
+    pub schema_fingerprint: String,
+    /// Schema changes of this node waiting to be published on the schema log.
+    pub schema_changes_pending: u64,
     /// Captured local changes not yet durably published.
     pub pending_changes: u64,
     /// The highest local version captured (published or not).
@@ -154,6 +158,11 @@ pub fn read_database(config: &Config) -> Result<Status, String> {
         capture_installed: installed,
         tables: schema.tables.iter().map(|t| t.name.clone()).collect(),
         skipped: schema.skipped.iter().map(|s| Skipped { name: s.name.clone(), reason: s.reason.clone() }).collect(),
+        schema_fingerprint: format!(
+            "{:016x}",
+            marmot_core::sqlite::schema_fingerprint(&conn).map_err(|e| format!("reading the schema: {e}"))?
+        ),
+        schema_changes_pending: 0,
         pending_changes: 0,
         last_local_hlc: 0,
         published_hlc: 0,
@@ -215,6 +224,10 @@ fn read_bookkeeping(conn: &Connection, status: &mut Status) -> Result<std::colle
         .map(|n| n as u64)
         .map_err(|e| sql_err("__marmot__log", e))?;
     status.parked_batches = count("SELECT count(*) FROM __marmot__parked", "__marmot__parked")?;
+    // Databases installed by an earlier version have no schema queue until marmot runs.
+    if count("SELECT count(*) FROM sqlite_master WHERE name = '__marmot__ddl_out'", "sqlite_master")? > 0 {
+        status.schema_changes_pending = count("SELECT count(*) FROM __marmot__ddl_out", "__marmot__ddl_out")?;
+    }
     let clock = count(
         "SELECT max(hlc, coalesce((SELECT max(hlc) FROM __marmot__log), 0)) FROM __marmot__clock WHERE id = 0",
         "__marmot__clock",
@@ -310,6 +323,11 @@ pub fn render(s: &Status) -> String {
     for t in &s.skipped {
         let _ = writeln!(o, "table skipped: {} ({})", t.name, t.reason);
     }
+    let _ = writeln!(
+        o,
+        "schema: fingerprint {} (equal on nodes with equal schemas), {} change(s) waiting to be published",
+        s.schema_fingerprint, s.schema_changes_pending
+    );
     let _ = writeln!(
         o,
         "local changes pending publication: {}  (last local version {}, published through {})",

@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use super::schema::{quote, Schema, TableInfo, PREFIX};
 use crate::error::{Result, SqlContext};
-use crate::model::Hlc;
+use crate::model::{Hlc, NodeId, Version};
 
 /// The physical-time expression used in production triggers: milliseconds since the epoch.
 /// Plain SQL that any SQLite since 3.0 runs (no `unixepoch('subsec')`).
@@ -47,9 +47,9 @@ impl Default for CaptureOptions {
 pub(crate) enum Changed {
     /// The application (or nothing): new tables' rows are logged, changes are queued.
     Here,
-    /// The schema log, applied in the same transaction: nothing is logged or queued, the
-    /// origin sends the rows.
-    Remotely,
+    /// The schema log's entry of this version, applied in the same transaction: nothing is
+    /// logged or queued (the origin sends the rows); what changed takes its version.
+    Remotely(Version),
 }
 
 /// The `__marmot__` tables, and the `__marmot__replication` view through which an
@@ -73,7 +73,8 @@ CREATE TABLE IF NOT EXISTS __marmot__parked(
   error TEXT NOT NULL, bytes BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS __marmot__displaced(tbl INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS __marmot__schema(
-  name TEXT PRIMARY KEY, type TEXT NOT NULL, tbl_name TEXT NOT NULL, sql TEXT NOT NULL) WITHOUT ROWID;
+  name TEXT PRIMARY KEY, type TEXT NOT NULL, tbl_name TEXT NOT NULL, sql TEXT,
+  hlc INTEGER NOT NULL, node INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS __marmot__ddl_out(id INTEGER PRIMARY KEY, hlc INTEGER NOT NULL, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS __marmot__state(key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 INSERT OR IGNORE INTO __marmot__state(key, value) VALUES ('published_hlc', 0), ('folded_hlc', 0);
@@ -93,16 +94,16 @@ CREATE VIEW IF NOT EXISTS __marmot__replication AS SELECT
 /// in turn, forever. The transaction is `IMMEDIATE` because the install writes: a
 /// deferred one that read first gets `SQLITE_BUSY` at once (no busy wait) when the
 /// application commits in between.
-pub fn install(conn: &Connection, opts: &CaptureOptions) -> Result<Schema> {
+pub fn install(conn: &Connection, node: NodeId, opts: &CaptureOptions) -> Result<Schema> {
     let tx =
         Transaction::new_unchecked(conn, TransactionBehavior::Immediate).ctx(|| "starting capture install".into())?;
-    let schema = install_in(&tx, opts, Changed::Here)?;
+    let schema = install_in(&tx, node, opts, Changed::Here)?;
     tx.commit().ctx(|| "committing capture install".into())?;
     Ok(schema)
 }
 
 /// [`install`] inside a write transaction the caller holds.
-pub(crate) fn install_in(tx: &Connection, opts: &CaptureOptions, changed: Changed) -> Result<Schema> {
+pub(crate) fn install_in(tx: &Connection, node: NodeId, opts: &CaptureOptions, changed: Changed) -> Result<Schema> {
     let first_install = !object_exists(tx, "__marmot__clock")?;
     tx.execute_batch(META_SQL).ctx(|| "creating __marmot__ tables".into())?;
     ensure_captured_columns(tx)?;
@@ -122,7 +123,11 @@ pub(crate) fn install_in(tx: &Connection, opts: &CaptureOptions, changed: Change
     let existing = existing_triggers(tx)?;
     follow_renames(tx, &existing)?;
     let queue = opts.replicate_ddl && changed == Changed::Here;
-    let noticed = super::ddl::notice(tx, &shadow_tables(&schema), queue, clock_now(tx, &opts.time_ms_sql)?)?;
+    let version = match changed {
+        Changed::Here => Version { hlc: clock_now(tx, &opts.time_ms_sql)?, node },
+        Changed::Remotely(v) => v,
+    };
+    let noticed = super::ddl::notice(tx, &shadow_tables(&schema), queue, version)?;
     for c in &noticed {
         let what = match (&c.before, &c.after) {
             (None, _) => "created",
@@ -576,13 +581,13 @@ mod install_tests {
         let conn = Connection::open_in_memory().unwrap();
         conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v)").unwrap();
         let opts = CaptureOptions::default();
-        install(&conn, &opts).unwrap();
+        install(&conn, NodeId(1), &opts).unwrap();
         let before = schema_version(&conn);
-        install(&conn, &opts).unwrap();
+        install(&conn, NodeId(1), &opts).unwrap();
         assert_eq!(schema_version(&conn), before, "a no-op re-install must not look like a schema change");
 
         conn.execute_batch("ALTER TABLE t ADD COLUMN w").unwrap();
-        install(&conn, &opts).unwrap();
+        install(&conn, NodeId(1), &opts).unwrap();
         let sql: String = conn
             .query_row("SELECT sql FROM sqlite_master WHERE name = '__marmot__t__insert'", [], |r| r.get(0))
             .unwrap();

@@ -23,7 +23,7 @@ use rusqlite::{Connection, OptionalExtension};
 
 use super::schema::{quote, PREFIX};
 use crate::error::{Error, Result, SqlContext};
-use crate::model::{Hlc, ObjectChange, ObjectKind, SchemaChanges};
+use crate::model::{Hlc, NodeId, ObjectChange, ObjectKind, SchemaChanges, Version};
 
 /// One of the application's schema objects.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,7 +56,7 @@ pub(crate) fn current_objects(conn: &Connection, shadow: &[String]) -> Result<BT
 
 fn recorded_objects(conn: &Connection) -> Result<BTreeMap<String, Object>> {
     let mut stmt = conn
-        .prepare("SELECT type, name, tbl_name, sql FROM __marmot__schema")
+        .prepare("SELECT type, name, tbl_name, sql FROM __marmot__schema WHERE sql IS NOT NULL")
         .ctx(|| "reading __marmot__schema".into())?;
     let rows: Vec<(String, String, String, String)> = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
@@ -68,17 +68,43 @@ fn recorded_objects(conn: &Connection) -> Result<BTreeMap<String, Object>> {
         .collect())
 }
 
-fn record(conn: &Connection, objects: &BTreeMap<String, Object>) -> Result<()> {
-    conn.execute("DELETE FROM __marmot__schema", []).ctx(|| "recording the schema".into())?;
-    let mut stmt = conn
-        .prepare("INSERT INTO __marmot__schema(name, type, tbl_name, sql) VALUES (?1, ?2, ?3, ?4)")
-        .ctx(|| "recording the schema".into())?;
-    for (name, o) in objects {
-        stmt.execute((name, o.kind.as_str(), &o.table, &o.sql)).ctx(|| "recording the schema".into())?;
-    }
-    conn.execute("INSERT OR REPLACE INTO __marmot__state(key, value) VALUES ('schema_recorded', 1)", [])
-        .ctx(|| "recording the schema".into())?;
-    Ok(())
+/// The version of the change that last set each object (dropped ones included): a
+/// change from the schema log applies to an object only when it is newer.
+fn recorded_versions(conn: &Connection) -> Result<BTreeMap<String, Version>> {
+    let mut stmt =
+        conn.prepare("SELECT name, hlc, node FROM __marmot__schema").ctx(|| "reading __marmot__schema".into())?;
+    let rows: Vec<(String, i64, i64)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .and_then(|rows| rows.collect())
+        .ctx(|| "reading __marmot__schema".into())?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, hlc, node)| (name, Version { hlc: Hlc(hlc as u64), node: NodeId(node as u64) }))
+        .collect())
+}
+
+/// Records `name` as changed by `version`: its definition now (`None`: dropped).
+fn record(
+    conn: &Connection,
+    name: &str,
+    kind: ObjectKind,
+    table: &str,
+    sql: Option<&str>,
+    version: Version,
+) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO __marmot__schema(name, type, tbl_name, sql, hlc, node) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .and_then(|mut s| s.execute((name, kind.as_str(), table, sql, version.hlc.0 as i64, version.node.0 as i64)))
+    .map(|_| ())
+    .ctx(|| "recording the schema".into())
+}
+
+/// Raises the clock to `hlc`: later local versions (rows and schema changes) follow it.
+fn raise_clock(conn: &Connection, hlc: Hlc) -> Result<()> {
+    conn.execute("UPDATE __marmot__clock SET hlc = max(hlc, ?1) WHERE id = 0", [hlc.0 as i64])
+        .map(|_| ())
+        .ctx(|| "raising the clock".into())
 }
 
 /// The fingerprint of a schema: equal on two nodes exactly when they hold the same
@@ -94,18 +120,23 @@ pub(crate) fn fingerprint(objects: &BTreeMap<String, Object>) -> u64 {
     xxhash_rust::xxh3::xxh3_64(&bytes)
 }
 
-/// Compares the schema with the recorded one and records it. When `queue`, what changed
-/// is queued for publishing as one entry versioned after `clock`. The first call on a
-/// database records its schema as the starting point (nothing is queued: every node starts
-/// from the schema it has). Returns the changes noticed.
-pub(crate) fn notice(conn: &Connection, shadow: &[String], queue: bool, clock: Hlc) -> Result<Vec<ObjectChange>> {
+/// Compares the schema with the recorded one and records what changed as changed by
+/// `version`. When `queue` (a change made here), it is queued for publishing as one entry,
+/// versioned after `version.hlc` and every earlier entry, and the clock is raised to it.
+/// The first call on a database records its schema as the starting point (version 0,
+/// nothing queued: every node starts from the schema it has). Returns the changes noticed.
+pub(crate) fn notice(conn: &Connection, shadow: &[String], queue: bool, version: Version) -> Result<Vec<ObjectChange>> {
     let now = current_objects(conn, shadow)?;
     let recorded: bool = conn
         .query_row("SELECT count(*) FROM __marmot__state WHERE key = 'schema_recorded'", [], |r| r.get::<_, i64>(0))
         .map(|n| n > 0)
         .ctx(|| "reading the schema record".into())?;
     if !recorded {
-        record(conn, &now)?;
+        for (name, o) in &now {
+            record(conn, name, o.kind, &o.table, Some(&o.sql), Version::default())?;
+        }
+        conn.execute("INSERT OR REPLACE INTO __marmot__state(key, value) VALUES ('schema_recorded', 1)", [])
+            .ctx(|| "recording the schema".into())?;
         return Ok(Vec::new());
     }
     let before = recorded_objects(conn)?;
@@ -113,7 +144,19 @@ pub(crate) fn notice(conn: &Connection, shadow: &[String], queue: bool, clock: H
         return Ok(Vec::new());
     }
     let changes = diff(&before, &now)?;
-    record(conn, &now)?;
+    let version = if queue {
+        let last: i64 = conn
+            .query_row("SELECT coalesce((SELECT value FROM __marmot__state WHERE key = 'ddl_hlc'), 0)", [], |r| {
+                r.get(0)
+            })
+            .ctx(|| "reading the schema clock".into())?;
+        Version { hlc: Hlc(version.hlc.0.max(last as u64) + 1), ..version }
+    } else {
+        version
+    };
+    for c in &changes {
+        record(conn, &c.name, c.kind, &c.table, c.after.as_deref(), version)?;
+    }
     for c in &changes {
         if let (ObjectKind::Table, Some(b), Some(a)) = (c.kind, &c.before, &c.after) {
             for (old, new) in plan_table(&c.name, b, a)?.map(|p| p.renames).unwrap_or_default() {
@@ -122,12 +165,8 @@ pub(crate) fn notice(conn: &Connection, shadow: &[String], queue: bool, clock: H
         }
     }
     if queue && !changes.is_empty() {
-        let last: i64 = conn
-            .query_row("SELECT coalesce((SELECT value FROM __marmot__state WHERE key = 'ddl_hlc'), 0)", [], |r| {
-                r.get(0)
-            })
-            .ctx(|| "reading the schema clock".into())?;
-        let hlc = Hlc(clock.0.max(last as u64) + 1);
+        let hlc = version.hlc;
+        raise_clock(conn, hlc)?;
         let entry = SchemaChanges { hlc, objects: changes.clone() };
         let body = crate::wire::encode_schema(&entry);
         conn.execute("INSERT INTO __marmot__ddl_out(hlc, body) VALUES (?1, ?2)", (hlc.0 as i64, body))
@@ -136,6 +175,18 @@ pub(crate) fn notice(conn: &Connection, shadow: &[String], queue: bool, clock: H
             .ctx(|| "queueing a schema change".into())?;
     }
     Ok(changes)
+}
+
+/// Whether the schema differs from the one recorded (a change not noticed yet).
+pub(crate) fn unnoticed(conn: &Connection) -> Result<bool> {
+    let recorded: i64 = conn
+        .query_row("SELECT count(*) FROM __marmot__state WHERE key = 'schema_recorded'", [], |r| r.get(0))
+        .ctx(|| "reading the schema record".into())?;
+    if recorded == 0 {
+        return Ok(false);
+    }
+    let shadow = super::capture::shadow_tables(&super::Schema::read(conn)?);
+    Ok(current_objects(conn, &shadow)? != recorded_objects(conn)?)
 }
 
 /// The oldest queued schema change: its queue id and the change.
@@ -396,27 +447,35 @@ pub(crate) fn renamed_columns(conn: &Connection) -> Result<BTreeMap<i64, BTreeMa
 }
 
 /// Records the columns renamed and dropped from `before` to `after` of table `table`.
-fn note_columns(conn: &Connection, table: &str, before: &str, after: &str) -> Result<()> {
-    let renames = plan_table(table, before, after)?.map(|p| p.renames).unwrap_or_default();
+fn note_columns(conn: &Connection, table: &str, before: Option<&str>, after: Option<&str>) -> Result<()> {
+    let Some(here) = table_sql(conn, table)?.map(|_| column_names(conn, table)).transpose()? else {
+        return Ok(());
+    };
+    let renames = match (before, after) {
+        (Some(b), Some(a)) => plan_table(table, b, a)?.map(|p| p.renames).unwrap_or_default(),
+        _ => Vec::new(),
+    };
     for (old, new) in &renames {
         record_rename(conn, table, old, new)?;
     }
-    let (source, target) = (scratch()?, scratch()?);
-    if source.execute_batch(before).is_err() || target.execute_batch(after).is_err() {
-        return Ok(());
+    let mut known = Vec::new();
+    for sql in [before, after].into_iter().flatten() {
+        let scratch = scratch()?;
+        if scratch.execute_batch(sql).is_ok() {
+            known.extend(column_names(&scratch, table)?);
+        }
     }
-    let (old, new) = (column_names(&source, table)?, column_names(&target, table)?);
     super::capture::table_id(conn, table)?;
     let json: Option<String> = conn
         .query_row("SELECT dropped_columns FROM __marmot__tables WHERE name = ?1", [table], |r| r.get(0))
         .ctx(|| "reading dropped columns".into())?;
     let mut dropped: Vec<String> = json.and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default();
-    for c in old.iter().filter(|c| !new.contains(c) && !renames.iter().any(|(o, _)| o == *c)) {
-        if !dropped.contains(c) {
-            dropped.push(c.clone());
+    for c in known {
+        if !here.contains(&c) && !renames.iter().any(|(o, _)| *o == c) && !dropped.contains(&c) {
+            dropped.push(c);
         }
     }
-    dropped.retain(|c| !new.contains(c));
+    dropped.retain(|c| !here.contains(c));
     conn.execute(
         "UPDATE __marmot__tables SET dropped_columns = ?2 WHERE name = ?1",
         (table, serde_json::to_string(&dropped).expect("names serialize")),
@@ -433,11 +492,31 @@ fn exec(conn: &Connection, sql: &str) -> Result<()> {
     conn.execute_batch(sql).map_err(|e| conflict(format!("running {sql:?}"), e))
 }
 
-/// Brings the objects `changes` names to their new definitions, in a transaction the
-/// caller holds. Returns notes on what differed from the origin's starting point (a
-/// concurrent change of the same object, resolved by this entry's place in the log).
-pub(crate) fn apply(conn: &Connection, shadow: &[String], changes: &SchemaChanges) -> Result<Vec<String>> {
+/// Brings the objects `changes` (of `version`) names to their new definitions, in a
+/// transaction the caller holds — each object only when `version` is newer than the
+/// change that last set it here, so concurrent changes of one object end as the newest
+/// says, in any order. Returns notes on concurrent changes it resolved.
+pub(crate) fn apply(
+    conn: &Connection,
+    shadow: &[String],
+    changes: &SchemaChanges,
+    version: Version,
+) -> Result<Vec<String>> {
     let mut notes = Vec::new();
+    let versions = recorded_versions(conn)?;
+    raise_clock(conn, changes.hlc)?;
+    let here = |c: &ObjectChange| versions.get(&c.name).copied().unwrap_or_default();
+    let newer: Vec<ObjectChange> = changes.objects.iter().filter(|c| here(c) < version).cloned().collect();
+    // An equal version is this very change, applied already (an own entry coming back).
+    for c in changes.objects.iter().filter(|c| here(c) > version) {
+        notes.push(format!(
+            "{} {:?}: this node holds a newer change of it; this one is passed over",
+            c.kind.as_str(),
+            c.name
+        ));
+    }
+    let all = changes;
+    let changes = SchemaChanges { hlc: changes.hlc, objects: newer };
     let now = current_objects(conn, shadow)?;
     for c in &changes.objects {
         let here = now.get(&c.name).map(|o| &o.sql);
@@ -447,14 +526,6 @@ pub(crate) fn apply(conn: &Connection, shadow: &[String], changes: &SchemaChange
                 c.kind.as_str(),
                 c.name
             ));
-        }
-    }
-    // What the entry says about columns is kept whatever this node's table is now (a node
-    // after `-cleanup` re-reads entries its schema already reflects): rows in flight from
-    // nodes that have not applied it carry former or dropped columns.
-    for c in changes.objects.iter().filter(|c| c.kind == ObjectKind::Table) {
-        if let (Some(before), Some(after)) = (&c.before, &c.after) {
-            note_columns(conn, &c.name, before, after)?;
         }
     }
     // 1. Indexes, views and triggers that change or go: dropped first (a column they use
@@ -508,6 +579,16 @@ pub(crate) fn apply(conn: &Connection, shadow: &[String], changes: &SchemaChange
                 exec(conn, after)?;
             }
         }
+    }
+    for c in &changes.objects {
+        record(conn, &c.name, c.kind, &c.table, c.after.as_deref(), version)?;
+    }
+    // Every column the entry names and the table here lacks is one rows in flight may
+    // still carry (from nodes that have not applied this or a later change): their values
+    // are left out instead of parking those rows for ever. This holds for entries passed
+    // over as older, and for a node after `-cleanup` re-reading entries it reflects.
+    for c in all.objects.iter().filter(|c| c.kind == ObjectKind::Table) {
+        note_columns(conn, &c.name, c.before.as_deref(), c.after.as_deref())?;
     }
     Ok(notes)
 }

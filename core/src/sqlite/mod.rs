@@ -112,7 +112,7 @@ impl Db {
 
     /// Re-installs capture and re-reads the schema.
     pub fn reinstall(&mut self) -> Result<()> {
-        self.schema = install(&self.conn, &self.opts)?;
+        self.schema = install(&self.conn, self.node, &self.opts)?;
         self.ids.clear();
         for (i, t) in self.schema.tables.iter().enumerate() {
             let id = table_id(&self.conn, &t.name)?;
@@ -179,13 +179,15 @@ impl Db {
         &mut self,
         shard: Shard,
         position: Position,
+        origin: NodeId,
         changes: &crate::model::SchemaChanges,
     ) -> Result<Vec<String>> {
         let notes = self.on_current_schema(|db| {
             let tx = db.immediate()?;
             db.check_schema()?;
-            let notes = ddl::apply(&tx, &capture::shadow_tables(&db.schema), changes)?;
-            capture::install_in(&tx, &db.opts, capture::Changed::Remotely)?;
+            let version = Version { hlc: changes.hlc, node: origin };
+            let notes = ddl::apply(&tx, &capture::shadow_tables(&db.schema), changes, version)?;
+            capture::install_in(&tx, db.node, &db.opts, capture::Changed::Remotely(version))?;
             if position.0 > 0 {
                 store_position(&tx, shard, position)?;
             }
@@ -416,6 +418,12 @@ impl Db {
         let info = self.table_by_id(id).expect("id maps to a table");
         version_of(&self.conn, id, &info.key(pk))
     }
+}
+
+/// The fingerprint of the application's schema in `conn` (see [`Db::schema_fingerprint`]).
+pub fn schema_fingerprint(conn: &Connection) -> Result<u64> {
+    let schema = Schema::read(conn)?;
+    Ok(ddl::fingerprint(&ddl::current_objects(conn, &capture::shadow_tables(&schema))?))
 }
 
 /// Per table of `schema` whose key may hold NULL, the number of rows in `conn` whose key

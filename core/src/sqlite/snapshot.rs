@@ -97,6 +97,16 @@ impl Db {
     fn save_via(&self, copy: &Path, out: &Path) -> Result<SnapshotFile> {
         let target = copy.to_str().ok_or_else(|| Error::Database("work dir is not UTF-8".into()))?;
         self.conn.execute("VACUUM INTO ?1", [target]).ctx(|| "copying the database (VACUUM INTO)".into())?;
+        // A schema change this node has not noticed yet would reach nodes restored from
+        // the copy without ever being published (and stay there if the application undid
+        // it before this node noticed): save once it is noticed.
+        let unnoticed = {
+            let conn = Connection::open(copy).ctx(|| "opening the copy".into())?;
+            super::ddl::unnoticed(&conn)?
+        };
+        if unnoticed {
+            return Err(Error::SchemaChanged);
+        }
         self.fold_copy(copy)?;
         let (positions, epochs) = strip_capture(copy)?;
         let db_bytes = std::fs::metadata(copy).map_err(io("sizing the copy"))?.len();

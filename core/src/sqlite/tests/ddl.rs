@@ -8,7 +8,7 @@ fn ship(from: &mut Node, to: &mut Node) -> Vec<SchemaChanges> {
     from.db.refresh_if_schema_changed().expect("refresh");
     let mut shipped = Vec::new();
     while let Some((id, changes)) = from.db.next_schema_change().expect("queued") {
-        to.db.apply_schema(Shard(0), Position(0), &changes).expect("apply the schema change");
+        to.db.apply_schema(Shard(0), Position(0), from.db.node(), &changes).expect("apply the schema change");
         from.db.schema_change_published(id).expect("dequeue");
         shipped.push(changes);
     }
@@ -131,8 +131,8 @@ fn concurrent_changes_of_one_table_end_as_the_later_entry_says_on_both_nodes() {
     let (_, from_b) = b.db.next_schema_change().unwrap().unwrap();
     // The log holds a's entry, then b's: each node applies both in that order.
     for n in [&mut a, &mut b] {
-        n.db.apply_schema(Shard(0), Position(0), &from_a).unwrap();
-        n.db.apply_schema(Shard(0), Position(0), &from_b).unwrap();
+        n.db.apply_schema(Shard(0), Position(0), NodeId(1), &from_a).unwrap();
+        n.db.apply_schema(Shard(0), Position(0), NodeId(2), &from_b).unwrap();
     }
     assert_eq!(objects(&a.app), objects(&b.app));
     assert!(objects(&a.app).iter().any(|o| o.2.as_deref().is_some_and(|s| s.contains("c INTEGER"))));
@@ -143,15 +143,39 @@ fn a_table_the_application_dropped_can_be_created_again_by_the_schema_log() {
     let mut a = node(1, BASE);
     let mut b = node(2, BASE);
     // b's Marmot guards `t` with TEMP triggers; b's application drops it on its own
-    // connection, and a's entry creates it again through b's Marmot connection.
+    // connection, and a newer change from a (a's clock ahead) creates it again through
+    // b's Marmot connection.
     b.exec("DROP TABLE t");
     a.exec("ALTER TABLE t ADD COLUMN c");
-    ship(&mut a, &mut b);
-    b.db.reinstall().expect("the guard installs again");
+    a.db.refresh_if_schema_changed().unwrap();
+    let (_, mut changes) = a.db.next_schema_change().unwrap().unwrap();
+    changes.hlc = Hlc(changes.hlc.0 + (60_000 << 16));
+    b.db.apply_schema(Shard(0), Position(0), NodeId(1), &changes).expect("the guard installs again");
     let table = |n: &Node| objects(&n.app).into_iter().find(|o| o.1 == "t");
     assert_eq!(table(&b), table(&a));
     a.exec("INSERT INTO t (id, a) VALUES (1, 'x')");
     let batch = a.acknowledge_all().batch;
     b.apply(&batch);
     assert_eq!(b.dump("t"), a.dump("t"));
+}
+
+#[test]
+fn an_older_change_published_late_does_not_undo_a_newer_one() {
+    let mut a = node(1, BASE);
+    let mut b = node(2, BASE);
+    a.exec("CREATE TABLE scratch (id INTEGER PRIMARY KEY)");
+    a.db.refresh_if_schema_changed().unwrap();
+    let (_, create) = a.db.next_schema_change().unwrap().unwrap();
+    // b learns of `scratch` (as from a snapshot of a) and drops it, later.
+    b.db.apply_schema(Shard(0), Position(0), NodeId(1), &create).unwrap();
+    b.exec("DROP TABLE scratch");
+    b.db.refresh_if_schema_changed().unwrap();
+    let (_, drop) = b.db.next_schema_change().unwrap().unwrap();
+    assert!(drop.hlc > create.hlc, "the drop is versioned after what b had seen");
+    // The log holds the drop first, then a's create, published late: both end without it.
+    for (n, _) in [(&mut a, 0), (&mut b, 1)] {
+        n.db.apply_schema(Shard(0), Position(0), NodeId(2), &drop).unwrap();
+        n.db.apply_schema(Shard(0), Position(0), NodeId(1), &create).unwrap();
+        assert!(!objects(&n.app).iter().any(|o| o.1 == "scratch"), "scratch came back");
+    }
 }
