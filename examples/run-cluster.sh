@@ -15,8 +15,8 @@ command -v nats-server >/dev/null 2>&1 || {
   exit 1
 }
 
-echo "building marmot (release)..."
-cargo build --release --quiet -p marmot
+echo "building marmot (release; the first build takes several minutes)..."
+cargo build --release -p marmot
 MARMOT="$PWD/target/release/marmot"
 
 create_db() {

@@ -213,7 +213,15 @@ async fn run_node(config: Config, flags: Flags) -> Result<(), RunError> {
         }
         check_retention(&config, &transport).await;
         let dirty = Arc::new(AtomicBool::new(true));
-        let _watcher = watch_database(&config.db_path, dirty.clone());
+        // `polling_interval` > 0: look for local changes on that timer only (file-system
+        // notifications may be unavailable or unreliable, e.g. on network file systems).
+        let _watcher = match config.polling_interval() {
+            None => watch_database(&config.db_path, dirty.clone()),
+            Some(every) => {
+                info!(every_ms = every.as_millis() as u64, "polling the database for local changes (polling_interval)");
+                None
+            }
+        };
         let snap = SnapshotContext {
             config: Arc::new(config.clone()),
             transport: transport.clone(),
