@@ -65,6 +65,8 @@ pub struct Config {
     pub max_clock_skew_ms: u64,
     /// `[snapshot]`.
     pub snapshot: SnapshotConfig,
+    /// `[replication]`: which tables replicate. Not a v1 section.
+    pub replication: ReplicationConfig,
     /// `[replication_log]`.
     pub replication_log: ReplicationLogConfig,
     /// `[nats]`.
@@ -90,6 +92,7 @@ impl Default for Config {
             polling_interval_ms: 0,
             max_clock_skew_ms: marmot_core::engine::CLOCK_SKEW_MS_MAX_DEFAULT,
             snapshot: SnapshotConfig::default(),
+            replication: ReplicationConfig::default(),
             replication_log: ReplicationLogConfig::default(),
             nats: NatsConfig::default(),
             logging: LoggingConfig::default(),
@@ -101,7 +104,11 @@ impl Default for Config {
 impl Config {
     /// How capture is installed on this node's database.
     pub fn capture_options(&self) -> marmot_core::sqlite::CaptureOptions {
-        marmot_core::sqlite::CaptureOptions { replicate_ddl: self.replicate_ddl, ..Default::default() }
+        marmot_core::sqlite::CaptureOptions {
+            replicate_ddl: self.replicate_ddl,
+            selection: self.replication.selection(),
+            ..Default::default()
+        }
     }
 
     /// `cleanup_interval` as a duration.
@@ -297,6 +304,25 @@ pub struct SnapshotSftpConfig {
     /// Required: an unknown host key is never accepted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host_key: Option<String>,
+}
+
+/// `[replication]`: which tables this node replicates. Glob patterns (`*`, `?`) matched
+/// against whole table names; empty `include` means every table with a primary key;
+/// `exclude` wins. Excluded tables get no triggers and are never written by the merge.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationConfig {
+    /// Tables to replicate (empty: all).
+    pub include: Vec<String>,
+    /// Tables not to replicate.
+    pub exclude: Vec<String>,
+}
+
+impl ReplicationConfig {
+    /// The selection capture and the merge follow.
+    pub fn selection(&self) -> marmot_core::sqlite::TableSelection {
+        marmot_core::sqlite::TableSelection { include: self.include.clone(), exclude: self.exclude.clone() }
+    }
 }
 
 /// `[replication_log]`: the JetStream streams that carry changes.

@@ -356,6 +356,12 @@ impl Metrics {
             st.rows_skipped,
         );
         out.scalar(
+            "excluded_rows_total",
+            "counter",
+            "Remote row changes passed over because their table is not replicated here ([replication]).",
+            st.rows_excluded,
+        );
+        out.scalar(
             "parked_total",
             "counter",
             "Entries parked since start (undecodable or naming a missing table or column).",

@@ -105,6 +105,8 @@ pub struct EngineStats {
     pub rows_applied: u64,
     /// Remote row changes skipped as older than the stored version.
     pub rows_skipped: u64,
+    /// Remote row changes passed over because their table is not replicated here.
+    pub rows_excluded: u64,
     /// Entries parked (undecodable, or naming a missing table or column).
     pub batches_parked: u64,
     /// Publish attempts that failed (and will be retried).
@@ -483,6 +485,7 @@ impl<S: ChangeSource> Engine<S> {
                             self.stats.batches_applied += 1;
                             self.stats.rows_applied += out.applied;
                             self.stats.rows_skipped += out.skipped;
+                            self.stats.rows_excluded += out.excluded;
                             self.stats.last_applied_hlc = batch.max_hlc().unwrap_or_default();
                             self.note_schema(batch.origin, batch.schema_fingerprint)?;
                             self.note_skew(batch.origin, out.remote_ahead_ms);

@@ -40,6 +40,8 @@ pub struct Status {
     pub schema_fingerprint: String,
     /// Schema changes of this node waiting to be published on the schema log.
     pub schema_changes_pending: u64,
+    /// Remote row changes passed over because their table is not replicated here.
+    pub excluded_rows: u64,
     /// Captured local changes not yet durably published.
     pub pending_changes: u64,
     /// The highest local version captured (published or not).
@@ -150,7 +152,8 @@ pub async fn run(config: &Config, json: bool, timeout: Duration) -> Result<(), S
 /// Everything the database says, without touching NATS.
 pub fn read_database(config: &Config) -> Result<Status, String> {
     let conn = open_readonly(&config.db_path)?;
-    let schema = Schema::read(&conn).map_err(|e| format!("reading the schema: {e}"))?;
+    let mut schema = Schema::read(&conn).map_err(|e| format!("reading the schema: {e}"))?;
+    schema.select(&config.replication.selection());
     let installed = capture_installed(&conn)?;
     let mut status = Status {
         node_id: config.node_id,
@@ -163,6 +166,7 @@ pub fn read_database(config: &Config) -> Result<Status, String> {
             marmot_core::sqlite::schema_fingerprint(&conn).map_err(|e| format!("reading the schema: {e}"))?
         ),
         schema_changes_pending: 0,
+        excluded_rows: 0,
         pending_changes: 0,
         last_local_hlc: 0,
         published_hlc: 0,
@@ -224,6 +228,10 @@ fn read_bookkeeping(conn: &Connection, status: &mut Status) -> Result<std::colle
         .map(|n| n as u64)
         .map_err(|e| sql_err("__marmot__log", e))?;
     status.parked_batches = count("SELECT count(*) FROM __marmot__parked", "__marmot__parked")?;
+    status.excluded_rows = count(
+        "SELECT coalesce((SELECT value FROM __marmot__state WHERE key = 'rows_excluded'), 0)",
+        "__marmot__state",
+    )?;
     // Databases installed by an earlier version have no schema queue until marmot runs.
     if count("SELECT count(*) FROM sqlite_master WHERE name = '__marmot__ddl_out'", "sqlite_master")? > 0 {
         status.schema_changes_pending = count("SELECT count(*) FROM __marmot__ddl_out", "__marmot__ddl_out")?;
@@ -322,6 +330,9 @@ pub fn render(s: &Status) -> String {
     let _ = writeln!(o, "tables replicated: {}", list(&s.tables));
     for t in &s.skipped {
         let _ = writeln!(o, "table skipped: {} ({})", t.name, t.reason);
+    }
+    if s.excluded_rows > 0 {
+        let _ = writeln!(o, "rows from other nodes in tables not replicated here, passed over: {}", s.excluded_rows);
     }
     let _ = writeln!(
         o,

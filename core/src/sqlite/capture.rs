@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
 use tracing::{info, warn};
 
-use super::schema::{quote, Schema, TableInfo, PREFIX};
+use super::schema::{quote, Schema, TableInfo, TableSelection, PREFIX};
 use crate::error::{Result, SqlContext};
 use crate::model::{Hlc, NodeId, Version};
 
@@ -34,11 +34,17 @@ pub struct CaptureOptions {
     pub time_ms_sql: String,
     /// Queue the application's schema changes for the schema log (`replicate_ddl`).
     pub replicate_ddl: bool,
+    /// Which tables replicate (`[replication]`).
+    pub selection: TableSelection,
 }
 
 impl Default for CaptureOptions {
     fn default() -> Self {
-        CaptureOptions { time_ms_sql: WALL_CLOCK_MS.to_owned(), replicate_ddl: true }
+        CaptureOptions {
+            time_ms_sql: WALL_CLOCK_MS.to_owned(),
+            replicate_ddl: true,
+            selection: TableSelection::default(),
+        }
     }
 }
 
@@ -113,7 +119,8 @@ pub(crate) fn install_in(tx: &Connection, node: NodeId, opts: &CaptureOptions, c
         .optional()
         .ctx(|| "reading the restore marker".into())?
         .is_some();
-    let schema = Schema::read(tx)?;
+    let mut schema = Schema::read(tx)?;
+    schema.select(&opts.selection);
     for skipped in &schema.skipped {
         warn!(table = %skipped.name, reason = %skipped.reason, "table not replicated");
     }

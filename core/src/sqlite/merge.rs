@@ -22,6 +22,8 @@ pub struct ApplyOutcome {
     pub skipped: u64,
     /// Row changes skipped because their primary key holds NULL (not replicated).
     pub null_keys: u64,
+    /// Row changes passed over because their table is not replicated here.
+    pub excluded: u64,
     /// How far the batch's newest version is ahead of this node's wall clock, in
     /// milliseconds (0 when behind): the origin's clock skew plus the transit time.
     pub remote_ahead_ms: u64,
@@ -70,6 +72,14 @@ impl Db {
             for tc in &batch.tables {
                 self.apply_table(&tx, batch, tc, &mut out, crash_after_rows)?;
             }
+            if out.excluded > 0 {
+                tx.execute(
+                    "INSERT INTO __marmot__state(key, value) VALUES ('rows_excluded', ?1) \
+                     ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+                    [out.excluded as i64],
+                )
+                .ctx(|| "counting excluded rows".into())?;
+            }
             if let Some(max) = batch.max_hlc() {
                 tx.execute("UPDATE __marmot__clock SET hlc = max(hlc, ?1) WHERE id = 0", [max.0 as i64])
                     .ctx(|| "raising the clock".into())?;
@@ -96,6 +106,10 @@ impl Db {
         crash_after_rows: Option<u64>,
     ) -> Result<()> {
         let mismatch = |detail: String| Error::SchemaMismatch { table: tc.table.clone(), detail };
+        if !self.opts.selection.selects(&tc.table) {
+            out.excluded += tc.rows.len() as u64;
+            return Ok(());
+        }
         let tid = self.id_of(&tc.table).ok_or_else(|| mismatch("no such table here".into()))?;
         let info = self.table_by_id(tid).expect("id maps to a table");
         // Remote column i → local column; None for a column this node dropped (its origin

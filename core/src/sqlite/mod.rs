@@ -30,7 +30,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 pub use capture::{cleanup, install, table_id, CaptureOptions, WALL_CLOCK_MS};
 pub use merge::ApplyOutcome;
 pub use reader::SqliteChangeSource;
-pub use schema::{pk_key, quote, Collation, Schema, SkippedTable, TableInfo, UniqueIndex, PREFIX};
+pub use schema::{
+    pk_key, quote, Collation, Schema, SkippedTable, TableInfo, TableSelection, UniqueIndex, EXCLUDED_REASON, PREFIX,
+};
 pub use snapshot::{checksum_file, Progress, SnapshotFile};
 
 use crate::error::{Error, Result, SqlContext};
@@ -337,6 +339,12 @@ impl Db {
         .ctx(|| "parking a batch".into())?;
         store_position(&tx, shard, position)?;
         tx.commit().ctx(|| "committing a parked batch".into())
+    }
+
+    /// Remote row changes passed over because their table is not replicated here
+    /// (`[replication]`), since the database was created.
+    pub fn excluded_rows(&self) -> Result<u64> {
+        get_state(&self.conn, "rows_excluded")
     }
 
     /// Number of parked batches.

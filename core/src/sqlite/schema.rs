@@ -124,6 +124,51 @@ pub fn pk_key(values: &[Value]) -> Vec<u8> {
     out
 }
 
+/// Which tables a node replicates (`[replication] include` / `exclude`): glob patterns
+/// (`*` any run of characters, `?` one character) matched against the whole table name.
+/// Empty `include` means every table; `exclude` wins over `include`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TableSelection {
+    /// Patterns of tables to replicate (empty: all).
+    pub include: Vec<String>,
+    /// Patterns of tables not to replicate.
+    pub exclude: Vec<String>,
+}
+
+/// Why a table the selection leaves out is not replicated.
+pub const EXCLUDED_REASON: &str = "excluded by [replication] include/exclude";
+
+impl TableSelection {
+    /// Whether table `name` is replicated.
+    pub fn selects(&self, name: &str) -> bool {
+        (self.include.is_empty() || self.include.iter().any(|p| glob(p, name)))
+            && !self.exclude.iter().any(|p| glob(p, name))
+    }
+}
+
+/// Whether `text` matches the glob `pattern` as a whole (`*`, `?`; no escapes).
+fn glob(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
 /// A table that is not replicated, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SkippedTable {
@@ -179,6 +224,15 @@ impl Schema {
             }
         }
         Ok(schema)
+    }
+
+    /// Moves the tables `selection` leaves out to `skipped`.
+    pub fn select(&mut self, selection: &TableSelection) {
+        let (kept, out): (Vec<TableInfo>, Vec<TableInfo>) =
+            std::mem::take(&mut self.tables).into_iter().partition(|t| selection.selects(&t.name));
+        self.tables = kept;
+        self.skipped.extend(out.into_iter().map(|t| SkippedTable { name: t.name, reason: EXCLUDED_REASON.into() }));
+        self.skipped.sort_by(|a, b| a.name.cmp(&b.name));
     }
 
     /// The replicated table called `name`.

@@ -59,3 +59,28 @@ fn cleanup_removes_every_marmot_object_and_leaves_user_data() {
     app.execute_batch("INSERT INTO t VALUES (2, 'b', 2.0)").unwrap();
     assert_eq!(dump(&app, "audit").len(), 2, "writes still work and the app trigger still fires");
 }
+
+#[test]
+fn a_selection_leaves_tables_out_of_capture_and_the_merge_passes_their_rows_over() {
+    let selection =
+        crate::sqlite::TableSelection { include: vec!["a*".into(), "b?".into()], exclude: vec!["*_local".into()] };
+    for (name, selected) in [("a", true), ("abc", true), ("a_local", false), ("b1", true), ("b12", false), ("c", false)]
+    {
+        assert_eq!(selection.selects(name), selected, "{name}");
+    }
+    let opts = CaptureOptions { selection, ..CaptureOptions::default() };
+    let mut n =
+        node_with(2, "CREATE TABLE abc (id INTEGER PRIMARY KEY, v); CREATE TABLE c (id INTEGER PRIMARY KEY, v);", opts);
+    let names: Vec<&str> = n.db.schema().tables.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["abc"]);
+    assert_eq!(n.db.schema().skipped[0].reason, crate::sqlite::EXCLUDED_REASON);
+    n.exec("INSERT INTO c VALUES (1, 'local')");
+    assert!(n.db.read_pending().unwrap().is_none(), "an excluded table's writes are not captured");
+    let mut both = batch(1, "abc", &["id", "v"], &[0], vec![upsert(5, vec![int(1), text("x")])]);
+    both.tables.push(changes("c", &["id", "v"], &[0], vec![upsert(5, vec![int(2), text("remote")])]));
+    let out = n.apply(&both);
+    assert_eq!((out.applied, out.excluded), (1, 1));
+    assert_eq!(n.dump("c"), vec![vec![int(1), text("local")]], "the merge never writes an excluded table");
+    assert_eq!(n.db.excluded_rows().unwrap(), 1);
+    assert_eq!(n.db.parked_count().unwrap(), 0);
+}
