@@ -165,6 +165,8 @@ pub struct Engine<S: ChangeSource> {
     holding_since: Option<std::time::Instant>,
     /// Other nodes whose last batch carried a schema fingerprint unlike this node's.
     peer_schemas: BTreeMap<NodeId, PeerSchema>,
+    /// Whether schema changes are parked here (`None`: not looked yet).
+    parked_schema: Option<bool>,
 }
 
 /// Another node's schema, as its batches report it, when it differs from this node's.
@@ -208,6 +210,7 @@ impl<S: ChangeSource> Engine<S> {
             read_at: BTreeMap::new(),
             holding_since: None,
             peer_schemas: BTreeMap::new(),
+            parked_schema: None,
         }
     }
 
@@ -488,6 +491,9 @@ impl<S: ChangeSource> Engine<S> {
                             self.stats.rows_excluded += out.excluded;
                             self.stats.last_applied_hlc = batch.max_hlc().unwrap_or_default();
                             self.note_schema(batch.origin, batch.schema_fingerprint)?;
+                            if self.parked_schema != Some(false) {
+                                self.retry_parked_schema()?;
+                            }
                             self.note_skew(batch.origin, out.remote_ahead_ms);
                             debug!(shard = %shard, position = %position, origin = %batch.origin,
                                 applied = out.applied, skipped = out.skipped, "applied batch");
@@ -587,6 +593,7 @@ impl<S: ChangeSource> Engine<S> {
                 let batch = Batch { origin, schema: Some(changes.clone()), ..Batch::default() };
                 let opts = EncodeOptions { compress: true, part_bytes_max: usize::MAX };
                 let bytes = wire::encode_batch(&batch, opts).remove(0).payload;
+                self.parked_schema = Some(true);
                 self.park(shard, safe, &error, &bytes)
             }
             Err(e) => Err(e),
@@ -670,14 +677,38 @@ impl<S: ChangeSource> Engine<S> {
         Ok(())
     }
 
+    /// Applies parked schema changes that now apply: one that failed on rows its
+    /// origin changed in the same transaction (a constraint the migration satisfied) goes
+    /// through once those rows arrived. Safe at any time: per object, a newer change
+    /// applied since wins. Returns how many were applied.
+    pub fn retry_parked_schema(&mut self) -> Result<u64> {
+        let (mut applied, mut left) = (0, false);
+        for (id, _, bytes) in self.db.parked()? {
+            let Ok(Batch { schema: Some(changes), origin, .. }) = wire::decode_single(&bytes) else { continue };
+            match self.db.apply_schema(Shard(0), Position(0), origin, &changes) {
+                Ok(notes) => {
+                    self.db.unpark(id)?;
+                    applied += 1;
+                    self.stats.schema_changes_applied += 1;
+                    for note in notes {
+                        warn!(origin = %origin, "{note}");
+                    }
+                    info!(parked_id = id, origin = %origin, "applied a parked schema change");
+                }
+                Err(e) if e.is_data_error() => left = true,
+                Err(e) => return Err(e),
+            }
+        }
+        self.parked_schema = Some(left);
+        Ok(applied)
+    }
+
     /// Applies parked batches that now fit the local schema. Returns how many were applied.
     pub fn retry_parked(&mut self) -> Result<u64> {
-        let mut applied = 0;
+        let mut applied = self.retry_parked_schema()?;
         for (id, _, bytes) in self.db.parked()? {
             let Ok(batch) = wire::decode_single(&bytes) else { continue };
             if batch.schema.is_some() {
-                // A schema change that failed here stays parked: applied later it would
-                // undo whatever the schema log did since.
                 continue;
             }
             match self.db.apply_batch(Shard(0), Position(0), &batch, None) {

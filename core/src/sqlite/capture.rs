@@ -53,6 +53,11 @@ impl Default for CaptureOptions {
 pub(crate) enum Changed {
     /// The application (or nothing): new tables' rows are logged, changes are queued.
     Here,
+    /// The application, while no Marmot watched (this is the first install of a process):
+    /// as `Here`, but when the changes were made is unknown, so they are versioned right
+    /// after the last change this node knew of each object — never above a change made
+    /// elsewhere meanwhile, which this node had no way to see.
+    Offline,
     /// The schema log's entry of this version, applied in the same transaction: nothing is
     /// logged or queued (the origin sends the rows); what changed takes its version.
     Remotely(Version),
@@ -101,9 +106,14 @@ CREATE VIEW IF NOT EXISTS __marmot__replication AS SELECT
 /// deferred one that read first gets `SQLITE_BUSY` at once (no busy wait) when the
 /// application commits in between.
 pub fn install(conn: &Connection, node: NodeId, opts: &CaptureOptions) -> Result<Schema> {
+    install_as(conn, node, opts, Changed::Here)
+}
+
+/// [`install`] following a change made `changed`.
+pub(crate) fn install_as(conn: &Connection, node: NodeId, opts: &CaptureOptions, changed: Changed) -> Result<Schema> {
     let tx =
         Transaction::new_unchecked(conn, TransactionBehavior::Immediate).ctx(|| "starting capture install".into())?;
-    let schema = install_in(&tx, node, opts, Changed::Here)?;
+    let schema = install_in(&tx, node, opts, changed)?;
     tx.commit().ctx(|| "committing capture install".into())?;
     Ok(schema)
 }
@@ -129,12 +139,13 @@ pub(crate) fn install_in(tx: &Connection, node: NodeId, opts: &CaptureOptions, c
     ensure_width(tx, "__marmot__displaced", "k", 1, key_width)?;
     let existing = existing_triggers(tx)?;
     follow_renames(tx, &existing)?;
-    let queue = opts.replicate_ddl && changed == Changed::Here;
+    let here = matches!(changed, Changed::Here | Changed::Offline);
+    let queue = opts.replicate_ddl && here;
     let version = match changed {
-        Changed::Here => Version { hlc: clock_now(tx, &opts.time_ms_sql)?, node },
+        Changed::Here | Changed::Offline => Version { hlc: clock_now(tx, &opts.time_ms_sql)?, node },
         Changed::Remotely(v) => v,
     };
-    let noticed = super::ddl::notice(tx, &shadow_tables(&schema), queue, version)?;
+    let noticed = super::ddl::notice(tx, &shadow_tables(&schema), queue, version, changed == Changed::Offline)?;
     for c in &noticed {
         let what = match (&c.before, &c.after) {
             (None, _) => "created",
@@ -177,7 +188,7 @@ pub(crate) fn install_in(tx: &Connection, node: NodeId, opts: &CaptureOptions, c
         }
         // A table the schema log created or rebuilt here gets its rows from its origin,
         // which logs them when it notices the change.
-        if changed == Changed::Here && (key_changed || (!has_capture && !first_install && !restored)) {
+        if here && (key_changed || (!has_capture && !first_install && !restored)) {
             if key_changed {
                 warn!(table = %table.name, "primary key columns changed: every row is sent again, and \
                     unpublished deletes of the old keys are not sent");

@@ -125,7 +125,13 @@ pub(crate) fn fingerprint(objects: &BTreeMap<String, Object>) -> u64 {
 /// versioned after `version.hlc` and every earlier entry, and the clock is raised to it.
 /// The first call on a database records its schema as the starting point (version 0,
 /// nothing queued: every node starts from the schema it has). Returns the changes noticed.
-pub(crate) fn notice(conn: &Connection, shadow: &[String], queue: bool, version: Version) -> Result<Vec<ObjectChange>> {
+pub(crate) fn notice(
+    conn: &Connection,
+    shadow: &[String],
+    queue: bool,
+    version: Version,
+    offline: bool,
+) -> Result<Vec<ObjectChange>> {
     let now = current_objects(conn, shadow)?;
     let recorded: bool = conn
         .query_row("SELECT count(*) FROM __marmot__state WHERE key = 'schema_recorded'", [], |r| r.get::<_, i64>(0))
@@ -144,7 +150,18 @@ pub(crate) fn notice(conn: &Connection, shadow: &[String], queue: bool, version:
         return Ok(Vec::new());
     }
     let changes = diff(&before, &now)?;
-    let version = if queue {
+    let version = if queue && offline {
+        // Made while no Marmot watched: right after what this node last knew of these
+        // objects (and after its own last change), not "now".
+        let known = recorded_versions(conn)?;
+        let last: i64 = conn
+            .query_row("SELECT coalesce((SELECT value FROM __marmot__state WHERE key = 'ddl_hlc'), 0)", [], |r| {
+                r.get(0)
+            })
+            .ctx(|| "reading the schema clock".into())?;
+        let base = changes.iter().filter_map(|c| known.get(&c.name)).map(|v| v.hlc.0).max().unwrap_or(0);
+        Version { hlc: Hlc(base.max(last as u64) + 1), ..version }
+    } else if queue {
         let last: i64 = conn
             .query_row("SELECT coalesce((SELECT value FROM __marmot__state WHERE key = 'ddl_hlc'), 0)", [], |r| {
                 r.get(0)
@@ -296,10 +313,35 @@ fn scratch() -> Result<Connection> {
     Connection::open_in_memory().ctx(|| "opening a scratch database".into())
 }
 
+/// The definition of table `name` (SQLite compares names without ASCII case).
 fn table_sql(conn: &Connection, name: &str) -> Result<Option<String>> {
-    conn.query_row("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?1", [name], |r| r.get(0))
-        .optional()
-        .ctx(|| format!("reading the definition of {name:?}"))
+    conn.query_row("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?1 COLLATE NOCASE", [name], |r| {
+        r.get(0)
+    })
+    .optional()
+    .ctx(|| format!("reading the definition of {name:?}"))
+}
+
+/// The object called `name`, whatever its kind.
+fn object_named(conn: &Connection, name: &str) -> Result<Option<Object>> {
+    conn.query_row(
+        "SELECT type, tbl_name, sql FROM sqlite_master WHERE name = ?1 COLLATE NOCASE AND sql IS NOT NULL",
+        [name],
+        |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)),
+    )
+    .optional()
+    .map(|o| o.and_then(|(kind, table, sql)| Some(Object { kind: ObjectKind::parse(&kind)?, table, sql })))
+    .ctx(|| format!("reading {name:?}"))
+}
+
+/// `ALTER TABLE old RENAME TO new` the legacy way: views and triggers that name the table
+/// are left as they are (the origin's own rename rewrote them or not; the entry carries
+/// their new text when it did), and a view naming a table that is gone does not stop it.
+fn rename_table(conn: &Connection, old: &str, new: &str) -> Result<()> {
+    exec(conn, "PRAGMA legacy_alter_table = ON")?;
+    let renamed = exec(conn, &format!("ALTER TABLE {} RENAME TO {}", quote(old), quote(new)));
+    exec(conn, "PRAGMA legacy_alter_table = OFF")?;
+    renamed
 }
 
 fn column_names(conn: &Connection, table: &str) -> Result<Vec<String>> {
@@ -365,12 +407,28 @@ pub(crate) fn plan_table(name: &str, from: &str, to: &str) -> Result<Option<Tabl
 /// The column definitions `ALTER TABLE ... ADD COLUMN` appended to `from` to give `to`:
 /// SQLite inserts `, <definition>` before the closing parenthesis of the column list.
 fn added_columns(from: &str, to: &str) -> Option<Vec<String>> {
-    let close = from.rfind(')')?;
-    let (head, tail) = from.split_at(close);
-    let middle = to.strip_prefix(head)?.strip_suffix(tail)?;
-    let middle = middle.strip_prefix(',')?;
-    let defs: Vec<String> = split_top_level(middle).into_iter().map(|d| d.trim().to_owned()).collect();
-    (!defs.is_empty() && defs.iter().all(|d| !d.is_empty())).then_some(defs)
+    // `to` is `from` with one piece of text inserted: `, <definition>` after the last
+    // column definition (before table constraints, if any). Find it, then slide it left
+    // until it starts with the comma.
+    let grown = to.len().checked_sub(from.len()).filter(|&n| n > 0)?;
+    let prefix = from.bytes().zip(to.bytes()).take_while(|(a, b)| a == b).count();
+    let mut at = prefix.min(from.len());
+    if to.get(..at)? != from.get(..at)? || to.get(at + grown..)? != from.get(at..)? {
+        return None;
+    }
+    loop {
+        let inserted = to.get(at..at + grown)?;
+        if let Some(rest) = inserted.strip_prefix(',') {
+            let defs: Vec<String> = split_top_level(rest).into_iter().map(|d| d.trim().to_owned()).collect();
+            return (!defs.is_empty() && defs.iter().all(|d| !d.is_empty())).then_some(defs);
+        }
+        // Sliding left keeps `to` = `from[..at] + inserted + from[at..]` while the byte
+        // leaving `from`'s head equals the one leaving the inserted text's tail.
+        if at == 0 || from.as_bytes()[at - 1] != to.as_bytes()[at - 1 + grown] {
+            return None;
+        }
+        at -= 1;
+    }
 }
 
 /// Splits at commas outside parentheses and quotes.
@@ -506,7 +564,20 @@ pub(crate) fn apply(
     let versions = recorded_versions(conn)?;
     raise_clock(conn, changes.hlc)?;
     let here = |c: &ObjectChange| versions.get(&c.name).copied().unwrap_or_default();
-    let newer: Vec<ObjectChange> = changes.objects.iter().filter(|c| here(c) < version).cloned().collect();
+    // An index or trigger comes with its table's change: when that is passed over, so is it
+    // (it may name a column the table does not get).
+    let passed: Vec<&str> = changes
+        .objects
+        .iter()
+        .filter(|c| c.kind == ObjectKind::Table && here(c) >= version)
+        .map(|c| c.name.as_str())
+        .collect();
+    let newer: Vec<ObjectChange> = changes
+        .objects
+        .iter()
+        .filter(|c| here(c) < version && (c.kind == ObjectKind::Table || !passed.contains(&c.table.as_str())))
+        .cloned()
+        .collect();
     // An equal version is this very change, applied already (an own entry coming back).
     for c in changes.objects.iter().filter(|c| here(c) > version) {
         notes.push(format!(
@@ -529,15 +600,24 @@ pub(crate) fn apply(
         }
     }
     // 1. Indexes, views and triggers that change or go: dropped first (a column they use
-    //    may be dropped next).
-    for c in changes.objects.iter().filter(|c| c.kind != ObjectKind::Table) {
-        if let Some(o) = now.get(&c.name) {
-            if Some(&o.sql) != c.after.as_ref() {
+    //    may be dropped next). So is an object of another kind holding a table's name.
+    for c in &changes.objects {
+        if let Some(o) = object_named(conn, &c.name)? {
+            let other_kind = c.kind == ObjectKind::Table && o.kind != ObjectKind::Table;
+            if (c.kind != ObjectKind::Table && Some(&o.sql) != c.after.as_ref()) || other_kind {
                 exec(conn, &format!("DROP {} IF EXISTS {}", o.kind.as_str().to_uppercase(), quote(&c.name)))?;
             }
         }
     }
-    // 2. Tables.
+    // 2. Tables: those that go first (so a name can be taken again, in any case), except
+    //    those a renamed table moves away from; then renamed, created and changed ones.
+    let sources: Vec<String> =
+        changes.objects.iter().filter_map(|c| c.renamed_from.as_ref().map(|s| s.to_lowercase())).collect();
+    for c in changes.objects.iter().filter(|c| c.kind == ObjectKind::Table && c.after.is_none()) {
+        if !sources.contains(&c.name.to_lowercase()) && table_sql(conn, &c.name)?.is_some() {
+            exec(conn, &format!("DROP TABLE {}", quote(&c.name)))?;
+        }
+    }
     for c in changes.objects.iter().filter(|c| c.kind == ObjectKind::Table) {
         let mut here = table_sql(conn, &c.name)?;
         let Some(after) = &c.after else {
@@ -548,7 +628,9 @@ pub(crate) fn apply(
         };
         if let (None, Some(old)) = (&here, &c.renamed_from) {
             if table_sql(conn, old)?.is_some() {
-                exec(conn, &format!("ALTER TABLE {} RENAME TO {}", quote(old), quote(&c.name)))?;
+                // As the origin may have: views and triggers keep their text; the entry
+                // carries those the origin's rename rewrote.
+                rename_table(conn, old, &c.name)?;
                 here = table_sql(conn, &c.name)?;
             }
         }
@@ -608,16 +690,30 @@ fn rebuild(conn: &Connection, name: &str, after: &str, entry: &[ObjectChange], n
     let old_columns = column_names(conn, name)?;
     // Legacy renaming leaves views and triggers that name the table as they are: they name
     // the new table once it exists.
-    exec(conn, "PRAGMA legacy_alter_table = ON")?;
-    let moved = exec(conn, &format!("ALTER TABLE {} RENAME TO {}", quote(name), quote(&parked)));
-    exec(conn, "PRAGMA legacy_alter_table = OFF")?;
-    moved?;
+    rename_table(conn, name, &parked)?;
     exec(conn, after)?;
     let new_columns = column_names(conn, name)?;
     let common: Vec<String> = new_columns.iter().filter(|c| old_columns.contains(c)).map(|c| quote(c)).collect();
     if !common.is_empty() {
+        // Rows that break the new definition here (a constraint the origin's migration
+        // satisfied by changing rows in the same transaction, whose changes may not have
+        // arrived yet) are left out: the origin sends every row of the rebuilt table.
         let list = common.join(", ");
-        exec(conn, &format!("INSERT INTO {} ({list}) SELECT {list} FROM {}", quote(name), quote(&parked)))?;
+        let copied = conn
+            .execute(
+                &format!("INSERT OR IGNORE INTO {} ({list}) SELECT {list} FROM {}", quote(name), quote(&parked)),
+                [],
+            )
+            .map_err(|e| conflict(format!("copying the rows of {name:?}"), e))?;
+        let had: i64 = conn
+            .query_row(&format!("SELECT count(*) FROM {}", quote(&parked)), [], |r| r.get(0))
+            .ctx(|| format!("counting the rows of {name:?}"))?;
+        if (copied as i64) < had {
+            notes.push(format!(
+                "{} row(s) of {name:?} do not fit its new definition here and were left out; its origin sends its rows",
+                had - copied as i64
+            ));
+        }
     }
     exec(conn, &format!("DROP TABLE {}", quote(&parked)))?;
     for (object, sql) in saved {
@@ -641,6 +737,10 @@ mod tests {
         let to = "CREATE TABLE t (id INTEGER PRIMARY KEY, a TEXT, b INT DEFAULT (1, 2), c CHECK (c > 0))";
         assert_eq!(added_columns(from, to), Some(vec!["b INT DEFAULT (1, 2)".into(), "c CHECK (c > 0)".into()]));
         assert_eq!(added_columns(from, from), None);
+        // After the last column, before table constraints.
+        let from = "CREATE TABLE t (a, b, PRIMARY KEY (a, b))";
+        let to = "CREATE TABLE t (a, b, c TEXT, PRIMARY KEY (a, b))";
+        assert_eq!(added_columns(from, to), Some(vec!["c TEXT".into()]));
     }
 
     #[test]

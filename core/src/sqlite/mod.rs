@@ -114,7 +114,9 @@ impl Db {
 
     /// Re-installs capture and re-reads the schema.
     pub fn reinstall(&mut self) -> Result<()> {
-        self.schema = install(&self.conn, self.node, &self.opts)?;
+        // The first install of this connection notices what changed while no Marmot ran.
+        let changed = if self.generation == 0 { capture::Changed::Offline } else { capture::Changed::Here };
+        self.schema = capture::install_as(&self.conn, self.node, &self.opts, changed)?;
         self.ids.clear();
         for (i, t) in self.schema.tables.iter().enumerate() {
             let id = table_id(&self.conn, &t.name)?;

@@ -179,3 +179,44 @@ fn an_older_change_published_late_does_not_undo_a_newer_one() {
         assert!(!objects(&n.app).iter().any(|o| o.1 == "scratch"), "scratch came back");
     }
 }
+
+#[test]
+fn a_change_made_while_marmot_was_stopped_does_not_beat_one_made_elsewhere_meanwhile() {
+    let mut a = node(1, BASE);
+    let mut b = node(2, BASE);
+    // a's Marmot is stopped; its application adds a column. Meanwhile b adds another one.
+    a.exec("ALTER TABLE t ADD COLUMN x INT");
+    b.exec("ALTER TABLE t ADD COLUMN y TEXT");
+    b.db.refresh_if_schema_changed().unwrap();
+    let (_, from_b) = b.db.next_schema_change().unwrap().unwrap();
+    // a's Marmot starts: the change it finds is not stamped "now".
+    a.db = Db::open(&a.path, NodeId(1), CaptureOptions::default()).unwrap();
+    let (_, from_a) = a.db.next_schema_change().unwrap().unwrap();
+    assert!(from_a.hlc < from_b.hlc, "{:?} !< {:?}", from_a.hlc, from_b.hlc);
+    for n in [&mut a, &mut b] {
+        n.db.apply_schema(Shard(0), Position(0), NodeId(1), &from_a).unwrap();
+        n.db.apply_schema(Shard(0), Position(0), NodeId(2), &from_b).unwrap();
+    }
+    assert_eq!(objects(&a.app), objects(&b.app));
+    assert!(objects(&a.app).iter().any(|o| o.2.as_deref().is_some_and(|s| s.contains("y TEXT"))));
+}
+
+#[test]
+fn a_rebuild_that_tightens_a_constraint_waits_for_the_rows_its_transaction_fixed() {
+    let mut a = node(1, "CREATE TABLE u (id INTEGER PRIMARY KEY, nick TEXT)");
+    let mut b = node(2, "CREATE TABLE u (id INTEGER PRIMARY KEY, nick TEXT)");
+    a.exec("INSERT INTO u VALUES (1, NULL), (2, 'bo')");
+    let rows = a.acknowledge_all().batch;
+    b.apply(&rows);
+    a.exec(
+        "BEGIN; UPDATE u SET nick = 'anon' WHERE nick IS NULL; \
+         CREATE TABLE u_new (id INTEGER PRIMARY KEY, nick TEXT NOT NULL); INSERT INTO u_new SELECT * FROM u; \
+         DROP TABLE u; ALTER TABLE u_new RENAME TO u; COMMIT;",
+    );
+    // The schema change arrives first (another stream): row 1 does not fit yet.
+    ship(&mut a, &mut b);
+    assert_eq!(objects(&b.app), objects(&a.app));
+    let resent = a.acknowledge_all().batch;
+    b.apply(&resent);
+    assert_eq!(b.dump("u"), a.dump("u"));
+}
