@@ -260,6 +260,9 @@ pub struct ObjectChange {
     pub table: String,
     /// A table renamed into this one: its former name.
     pub renamed_from: Option<String>,
+    /// A table dropped and created again under the same name (or replaced by one that was
+    /// never replicated): nodes drop theirs and create it anew; its origin sends its rows.
+    pub replaced: bool,
     /// Its definition before the change.
     pub before: Option<String>,
     /// Its definition after the change.

@@ -135,8 +135,8 @@ struct WireSchema {
     objects: Vec<WireObject>,
 }
 
-/// (kind, name, table, renamed from, before, after)
-type WireObject = (String, String, String, Option<String>, Option<String>, Option<String>);
+/// (kind, name, table, renamed from, before, after, replaced)
+type WireObject = (String, String, String, Option<String>, Option<String>, Option<String>, bool);
 
 #[derive(Serialize, Deserialize)]
 struct WireTable {
@@ -197,7 +197,8 @@ fn to_wire_schema(c: &SchemaChanges) -> WireSchema {
             .iter()
             .map(|o| {
                 let kind = o.kind.as_str().to_owned();
-                (kind, o.name.clone(), o.table.clone(), o.renamed_from.clone(), o.before.clone(), o.after.clone())
+                let (name, table, from) = (o.name.clone(), o.table.clone(), o.renamed_from.clone());
+                (kind, name, table, from, o.before.clone(), o.after.clone(), o.replaced)
             })
             .collect(),
     }
@@ -205,9 +206,9 @@ fn to_wire_schema(c: &SchemaChanges) -> WireSchema {
 
 fn from_wire_schema(w: WireSchema) -> Result<SchemaChanges> {
     let mut objects = Vec::with_capacity(w.objects.len());
-    for (kind, name, table, renamed_from, before, after) in w.objects {
+    for (kind, name, table, renamed_from, before, after, replaced) in w.objects {
         let kind = ObjectKind::parse(&kind).ok_or_else(|| Error::Corrupt(format!("unknown schema object {kind:?}")))?;
-        objects.push(ObjectChange { kind, name, table, renamed_from, before, after });
+        objects.push(ObjectChange { kind, name, table, renamed_from, before, after, replaced });
     }
     Ok(SchemaChanges { hlc: Hlc(w.hlc), objects })
 }

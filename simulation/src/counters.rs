@@ -69,7 +69,9 @@ counters! {
     /// Migrations a node ran while another node had run the same one already (concurrent
     /// schema changes of the same objects).
     migrations_concurrent,
-    /// The last migration, a table rebuild, ran.
+    /// The migration that drops `nums` and creates it again ran.
+    tables_recreated,
+    /// The migration that rebuilds `late` ran.
     table_rebuilds,
     /// Snapshot saves that waited for the saver to notice its application's schema change.
     snapshot_saves_after_schema_change,

@@ -54,7 +54,8 @@ INSERT INTO __marmot__simtime VALUES (1700000000000);
 /// same one concurrently. What they cover: a column added with a default and a table
 /// created; an index and a table created; a column added and another renamed; a column
 /// and a table dropped; a table rebuilt the way migration tools change a column's
-/// definition (create, copy, drop, rename). The oracle's [`Table::width`] excludes the
+/// definition (create, copy, drop, rename); a table dropped and created again in one
+/// transaction (its old rows gone everywhere, its new ones sent). The oracle's [`Table::width`] excludes the
 /// columns migrations add; `late` is written only by nodes that have it.
 pub const MIGRATIONS: &[&str] = &[
     "ALTER TABLE items ADD COLUMN extra TEXT DEFAULT 'd'; CREATE TABLE late (id INTEGER PRIMARY KEY, v TEXT);",
@@ -63,6 +64,8 @@ pub const MIGRATIONS: &[&str] = &[
     "ALTER TABLE nk DROP COLUMN extra2; DROP TABLE scratch;",
     "CREATE TABLE late_new (id INTEGER PRIMARY KEY, v TEXT, n INTEGER NOT NULL DEFAULT 0); \
      INSERT INTO late_new (id, v) SELECT id, v FROM late; DROP TABLE late; ALTER TABLE late_new RENAME TO late;",
+    "DROP TABLE nums; CREATE TABLE nums (k PRIMARY KEY, v) WITHOUT ROWID; CREATE INDEX nums_v ON nums (v); \
+     INSERT INTO nums VALUES ('fresh', 1);",
 ];
 
 /// A schema as the oracle compares it: every object in `sqlite_master` except Marmot's

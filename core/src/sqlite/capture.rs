@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use super::schema::{quote, Schema, TableInfo, TableSelection, PREFIX};
 use crate::error::{Result, SqlContext};
-use crate::model::{Hlc, NodeId, Version};
+use crate::model::{Hlc, NodeId, Value, Version};
 
 /// The physical-time expression used in production triggers: milliseconds since the epoch.
 /// Plain SQL that any SQLite since 3.0 runs (no `unixepoch('subsec')`).
@@ -145,12 +145,25 @@ pub(crate) fn install_in(tx: &Connection, node: NodeId, opts: &CaptureOptions, c
         Changed::Here | Changed::Offline => Version { hlc: clock_now(tx, &opts.time_ms_sql)?, node },
         Changed::Remotely(v) => v,
     };
-    let noticed = super::ddl::notice(tx, &shadow_tables(&schema), queue, version, changed == Changed::Offline)?;
+    let mut ids = super::ddl::Identities::default();
+    if here {
+        for (trigger, (on, _)) in &existing {
+            if let Some(old) = trigger.strip_prefix(PREFIX).and_then(|t| t.strip_suffix("__insert")) {
+                ids.came_from.insert(on.clone(), old.to_owned());
+            }
+        }
+        if !first_install && !restored {
+            let captured: Vec<&String> = existing.values().map(|(on, _)| on).collect();
+            ids.uncaptured = schema.tables.iter().map(|t| &t.name).filter(|n| !captured.contains(n)).cloned().collect();
+        }
+    }
+    let noticed = super::ddl::notice(tx, &shadow_tables(&schema), queue, version, changed == Changed::Offline, &ids)?;
     for c in &noticed {
         let what = match (&c.before, &c.after) {
             (None, _) => "created",
             (_, None) => "dropped",
             _ if c.renamed_from.is_some() => "renamed",
+            _ if c.replaced => "replaced",
             _ => "changed",
         };
         info!(object = %c.name, kind = c.kind.as_str(), what, queued = queue, "schema change noticed");
@@ -194,6 +207,9 @@ pub(crate) fn install_in(tx: &Connection, node: NodeId, opts: &CaptureOptions, c
                     unpublished deletes of the old keys are not sent");
             }
             backfill(tx, table, id, &opts.time_ms_sql)?;
+            if !key_changed {
+                log_vanished(tx, table, id, &opts.time_ms_sql)?;
+            }
         }
         for (what, sql) in trigger_sql(table, id, &opts.time_ms_sql) {
             wanted.insert(format!("{PREFIX}{}__{what}", table.name), sql);
@@ -362,6 +378,64 @@ fn backfill(conn: &Connection, t: &TableInfo, id: i64, time_ms_sql: &str) -> Res
     if n > 0 {
         tracing::info!(table = %t.name, rows = n, "logged rows written before capture was installed");
     }
+    Ok(())
+}
+
+/// Logs the deletion of every row the table held here (a live version in
+/// `__marmot__versions`, or a key in the log) that it does not hold now: a table dropped
+/// and created again, or replaced by another (a rebuild that left rows out), lost them
+/// without a trigger firing.
+fn log_vanished(conn: &Connection, t: &TableInfo, id: i64, time_ms_sql: &str) -> Result<()> {
+    let keys: Vec<Vec<u8>> = conn
+        .prepare("SELECT pk FROM __marmot__versions WHERE tbl = ?1 AND deleted = 0")
+        .and_then(|mut s| s.query_map([id], |r| r.get(0))?.collect())
+        .ctx(|| format!("reading the versions of {:?}", t.name))?;
+    let mut candidates: Vec<Vec<Value>> = keys
+        .iter()
+        .filter_map(|k| ciborium::from_reader::<Vec<Value>, _>(k.as_slice()).ok())
+        .filter(|v| v.len() == t.pk.len())
+        .collect();
+    // Rows written here and not folded into the versions yet are in the log.
+    let cols: Vec<String> = (0..t.pk.len()).map(|n| format!("c{n}")).collect();
+    let logged: Vec<Vec<Value>> = conn
+        .prepare(&format!("SELECT DISTINCT {} FROM __marmot__log WHERE tbl = ?1", cols.join(", ")))
+        .and_then(|mut s| {
+            s.query_map([id], |r| (0..cols.len()).map(|n| r.get_ref(n).map(Value::from)).collect())?.collect()
+        })
+        .ctx(|| format!("reading the log of {:?}", t.name))?;
+    candidates.extend(logged);
+    let cond: Vec<String> =
+        t.pk.iter().enumerate().map(|(n, &i)| format!("{} = ?{}", quote(&t.columns[i]), n + 1)).collect();
+    let exists = format!("SELECT EXISTS (SELECT 1 FROM {} WHERE {})", quote(&t.name), cond.join(" AND "));
+    let mut gone: Vec<Vec<Value>> = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for values in candidates {
+        if values.iter().any(Value::is_null) || !seen.insert(t.key(&values)) {
+            continue;
+        }
+        let here: bool = conn
+            .query_row(&exists, rusqlite::params_from_iter(values.iter()), |r| r.get(0))
+            .ctx(|| format!("looking for a row of {:?}", t.name))?;
+        if !here {
+            gone.push(values);
+        }
+    }
+    if gone.is_empty() {
+        return Ok(());
+    }
+    let base: i64 = conn
+        .query_row(&format!("SELECT {}", next_hlc_sql(time_ms_sql)), [], |r| r.get(0))
+        .ctx(|| "reading the clock".into())?;
+    let cols: String = (0..t.pk.len()).map(|n| format!(", c{n}")).collect();
+    let params: String = (0..t.pk.len()).map(|n| format!(", ?{}", n + 2)).collect();
+    let sql = format!("INSERT INTO __marmot__log(hlc, tbl, op{cols}) VALUES (?1, {id}, 1{params})");
+    for (i, values) in gone.iter().enumerate() {
+        let hlc = base + i as i64;
+        let mut args: Vec<&dyn rusqlite::ToSql> = vec![&hlc];
+        args.extend(values.iter().map(|v| v as &dyn rusqlite::ToSql));
+        conn.execute(&sql, args.as_slice()).ctx(|| format!("logging a vanished row of {:?}", t.name))?;
+    }
+    tracing::info!(table = %t.name, rows = gone.len(), "logged the deletion of rows the table lost without triggers");
     Ok(())
 }
 

@@ -131,6 +131,7 @@ pub(crate) fn notice(
     queue: bool,
     version: Version,
     offline: bool,
+    ids: &Identities,
 ) -> Result<Vec<ObjectChange>> {
     let now = current_objects(conn, shadow)?;
     let recorded: bool = conn
@@ -149,7 +150,7 @@ pub(crate) fn notice(
     if before == now {
         return Ok(Vec::new());
     }
-    let changes = diff(&before, &now)?;
+    let changes = diff(&before, &now, ids)?;
     let version = if queue && offline {
         // Made while no Marmot watched: right after what this node last knew of these
         // objects (and after its own last change), not "now".
@@ -239,24 +240,59 @@ fn rank(kind: ObjectKind) -> u8 {
     }
 }
 
-/// What changed from `before` to `after`: tables first, then indexes, views, triggers. A
-/// table that disappeared while one appeared whose SQL is exactly what renaming it gives
-/// is a rename (its rows stay).
-fn diff(before: &BTreeMap<String, Object>, after: &BTreeMap<String, Object>) -> Result<Vec<ObjectChange>> {
+/// What the install knows of each table's identity (from the capture triggers, which
+/// move with a renamed table and go with a dropped one).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Identities {
+    /// Table now → the table its capture triggers were installed for.
+    pub(crate) came_from: BTreeMap<String, String>,
+    /// Replicated tables without capture triggers that had them (dropped and created again
+    /// since the last install, or replaced by a table that had none).
+    pub(crate) uncaptured: Vec<String>,
+}
+
+/// What changed from `before` to `after`: tables first, then indexes, views, triggers.
+/// A table whose capture triggers were installed for another name is that table renamed;
+/// so is (for tables without capture) one whose SQL is exactly what renaming gives. A
+/// table that lost its capture triggers but kept its name was replaced.
+fn diff(
+    before: &BTreeMap<String, Object>,
+    after: &BTreeMap<String, Object>,
+    ids: &Identities,
+) -> Result<Vec<ObjectChange>> {
     let mut out = Vec::new();
     let mut renamed_away = Vec::new();
+    let table = |m: &BTreeMap<String, Object>, n: &str| m.get(n).filter(|o| o.kind == ObjectKind::Table).cloned();
+    fn rename(out: &mut Vec<ObjectChange>, away: &mut Vec<String>, name: &str, old: &str, b: &Object, a: &Object) {
+        away.push(old.to_owned());
+        out.push(ObjectChange {
+            kind: ObjectKind::Table,
+            name: name.to_owned(),
+            table: name.to_owned(),
+            renamed_from: Some(old.to_owned()),
+            replaced: false,
+            before: Some(b.sql.clone()),
+            after: Some(a.sql.clone()),
+        });
+    }
+    for (name, old) in &ids.came_from {
+        if name != old {
+            if let (Some(b), Some(a)) = (table(before, old), table(after, name)) {
+                rename(&mut out, &mut renamed_away, name, old, &b, &a);
+            }
+        }
+    }
     for (name, a) in after.iter().filter(|(n, o)| o.kind == ObjectKind::Table && !before.contains_key(*n)) {
-        for (old, b) in before.iter().filter(|(n, o)| o.kind == ObjectKind::Table && !after.contains_key(*n)) {
-            if !renamed_away.contains(old) && renamed_table_sql(&b.sql, old, name)?.as_deref() == Some(a.sql.as_str()) {
-                renamed_away.push(old.clone());
-                out.push(ObjectChange {
-                    kind: ObjectKind::Table,
-                    name: name.clone(),
-                    table: name.clone(),
-                    renamed_from: Some(old.clone()),
-                    before: Some(b.sql.clone()),
-                    after: Some(a.sql.clone()),
-                });
+        if out.iter().any(|c| &c.name == name) || ids.came_from.contains_key(name) {
+            continue;
+        }
+        let gone: Vec<(&String, &Object)> = before
+            .iter()
+            .filter(|(n, o)| o.kind == ObjectKind::Table && !after.contains_key(*n) && !renamed_away.contains(n))
+            .collect();
+        for (old, b) in gone {
+            if renamed_table_sql(&b.sql, old, name)?.as_deref() == Some(a.sql.as_str()) {
+                rename(&mut out, &mut renamed_away, name, old, b, a);
                 break;
             }
         }
@@ -264,10 +300,16 @@ fn diff(before: &BTreeMap<String, Object>, after: &BTreeMap<String, Object>) -> 
     let names: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
     for name in names {
         let (b, a) = (before.get(name), after.get(name));
-        if b.map(|o| &o.sql) == a.map(|o| &o.sql) && b.map(|o| o.kind) == a.map(|o| o.kind) {
+        let replaced = ids.uncaptured.contains(name)
+            && b.is_some_and(|o| o.kind == ObjectKind::Table)
+            && a.is_some_and(|o| o.kind == ObjectKind::Table);
+        if !replaced && b.map(|o| &o.sql) == a.map(|o| &o.sql) && b.map(|o| o.kind) == a.map(|o| o.kind) {
             continue;
         }
-        if renamed_away.contains(name) || out.iter().any(|c| &c.name == name) {
+        if out.iter().any(|c| &c.name == name) {
+            continue;
+        }
+        if renamed_away.contains(name) && a.is_none_or(|o| o.kind == ObjectKind::Table) {
             continue;
         }
         let o = a.or(b).expect("name from one of the maps");
@@ -276,18 +318,36 @@ fn diff(before: &BTreeMap<String, Object>, after: &BTreeMap<String, Object>) -> 
             name: name.clone(),
             table: o.table.clone(),
             renamed_from: None,
+            replaced,
             before: b.map(|o| o.sql.clone()),
             after: a.map(|o| o.sql.clone()),
         });
     }
-    // Renamed tables' old names: dropped after everything else has moved.
-    for old in renamed_away {
-        let b = &before[&old];
+    // A replaced table's indexes and triggers go with it on the other nodes: they come
+    // back from the entry, changed or not.
+    let replaced: Vec<String> = out.iter().filter(|c| c.replaced).map(|c| c.name.clone()).collect();
+    for (name, o) in after.iter().filter(|(_, o)| o.kind != ObjectKind::Table && replaced.contains(&o.table)) {
+        if !out.iter().any(|c| &c.name == name) {
+            out.push(ObjectChange {
+                kind: o.kind,
+                name: name.clone(),
+                table: o.table.clone(),
+                renamed_from: None,
+                replaced: false,
+                before: Some(o.sql.clone()),
+                after: Some(o.sql.clone()),
+            });
+        }
+    }
+    // Renamed tables' old names, unless something else took them: gone.
+    for old in renamed_away.iter().filter(|n| !after.contains_key(*n)) {
+        let b = &before[old];
         out.push(ObjectChange {
             kind: ObjectKind::Table,
             name: old.clone(),
             table: old.clone(),
             renamed_from: None,
+            replaced: false,
             before: Some(b.sql.clone()),
             after: None,
         });
@@ -564,20 +624,7 @@ pub(crate) fn apply(
     let versions = recorded_versions(conn)?;
     raise_clock(conn, changes.hlc)?;
     let here = |c: &ObjectChange| versions.get(&c.name).copied().unwrap_or_default();
-    // An index or trigger comes with its table's change: when that is passed over, so is it
-    // (it may name a column the table does not get).
-    let passed: Vec<&str> = changes
-        .objects
-        .iter()
-        .filter(|c| c.kind == ObjectKind::Table && here(c) >= version)
-        .map(|c| c.name.as_str())
-        .collect();
-    let newer: Vec<ObjectChange> = changes
-        .objects
-        .iter()
-        .filter(|c| here(c) < version && (c.kind == ObjectKind::Table || !passed.contains(&c.table.as_str())))
-        .cloned()
-        .collect();
+    let newer: Vec<ObjectChange> = changes.objects.iter().filter(|c| here(c) < version).cloned().collect();
     // An equal version is this very change, applied already (an own entry coming back).
     for c in changes.objects.iter().filter(|c| here(c) > version) {
         notes.push(format!(
@@ -599,42 +646,53 @@ pub(crate) fn apply(
             ));
         }
     }
+    // Tables moved away under another name (renamed, swapped) keep their rows.
+    let sources: Vec<String> =
+        changes.objects.iter().filter_map(|c| c.renamed_from.as_ref().map(|s| s.to_lowercase())).collect();
+    let is_source = |name: &str| sources.contains(&name.to_lowercase());
     // 1. Indexes, views and triggers that change or go: dropped first (a column they use
-    //    may be dropped next). So is an object of another kind holding a table's name.
+    //    may be dropped next). So is an object of another kind holding a table's name, and
+    //    a table another kind of object takes the name of, unless it moves away.
     for c in &changes.objects {
         if let Some(o) = object_named(conn, &c.name)? {
-            let other_kind = c.kind == ObjectKind::Table && o.kind != ObjectKind::Table;
-            if (c.kind != ObjectKind::Table && Some(&o.sql) != c.after.as_ref()) || other_kind {
+            let other_kind = (c.kind == ObjectKind::Table) != (o.kind == ObjectKind::Table);
+            let changed = c.kind != ObjectKind::Table && Some(&o.sql) != c.after.as_ref();
+            if (changed || other_kind) && !(o.kind == ObjectKind::Table && is_source(&c.name)) {
                 exec(conn, &format!("DROP {} IF EXISTS {}", o.kind.as_str().to_uppercase(), quote(&c.name)))?;
             }
         }
     }
-    // 2. Tables: those that go first (so a name can be taken again, in any case), except
-    //    those a renamed table moves away from; then renamed, created and changed ones.
-    let sources: Vec<String> =
-        changes.objects.iter().filter_map(|c| c.renamed_from.as_ref().map(|s| s.to_lowercase())).collect();
+    // 2. Tables: those that go or are replaced first (so a name can be taken again, in any
+    //    letter case), except those that move away; then the renames, all at once through
+    //    temporary names (a swap); then created and changed ones.
     for c in changes.objects.iter().filter(|c| c.kind == ObjectKind::Table && c.after.is_none()) {
-        if !sources.contains(&c.name.to_lowercase()) && table_sql(conn, &c.name)?.is_some() {
+        if !is_source(&c.name) && table_sql(conn, &c.name)?.is_some() {
             exec(conn, &format!("DROP TABLE {}", quote(&c.name)))?;
         }
     }
+    let mut moves = Vec::new();
     for c in changes.objects.iter().filter(|c| c.kind == ObjectKind::Table) {
-        let mut here = table_sql(conn, &c.name)?;
+        let Some(old) = &c.renamed_from else { continue };
+        let target_free = table_sql(conn, &c.name)?.is_none() || is_source(&c.name);
+        if table_sql(conn, old)?.is_some() && target_free {
+            let temp = format!("{PREFIX}move_{}", moves.len());
+            rename_table(conn, old, &temp)?;
+            moves.push((temp, c.name.clone()));
+        }
+    }
+    for (temp, name) in &moves {
+        // As the origin may have: views and triggers keep their text; the entry carries
+        // those the origin's rename rewrote.
+        rename_table(conn, temp, name)?;
+    }
+    for c in changes.objects.iter().filter(|c| c.kind == ObjectKind::Table) {
         let Some(after) = &c.after else {
-            if here.is_some() {
+            if !is_source(&c.name) && table_sql(conn, &c.name)?.is_some() {
                 exec(conn, &format!("DROP TABLE {}", quote(&c.name)))?;
             }
             continue;
         };
-        if let (None, Some(old)) = (&here, &c.renamed_from) {
-            if table_sql(conn, old)?.is_some() {
-                // As the origin may have: views and triggers keep their text; the entry
-                // carries those the origin's rename rewrote.
-                rename_table(conn, old, &c.name)?;
-                here = table_sql(conn, &c.name)?;
-            }
-        }
-        match here {
+        match table_sql(conn, &c.name)? {
             None => exec(conn, after)?,
             Some(sql) if &sql == after => {}
             Some(sql) => match plan_table(&c.name, &sql, after)? {
@@ -765,7 +823,7 @@ mod tests {
         let before = current_objects(&conn, &[]).unwrap();
         conn.execute_batch("ALTER TABLE a RENAME TO b").unwrap();
         let after = current_objects(&conn, &[]).unwrap();
-        let changes = diff(&before, &after).unwrap();
+        let changes = diff(&before, &after, &Identities::default()).unwrap();
         let kinds: Vec<(&str, Option<&str>, bool)> =
             changes.iter().map(|c| (c.name.as_str(), c.renamed_from.as_deref(), c.after.is_some())).collect();
         assert_eq!(kinds, vec![("b", Some("a"), true), ("a", None, false), ("a_v", None, true)]);
