@@ -430,7 +430,8 @@ pub(crate) fn plan_table(name: &str, from: &str, to: &str) -> Result<Option<Tabl
     if source.execute_batch(from).is_err() || target.execute_batch(to).is_err() {
         return Ok(None);
     }
-    let (old, new) = (column_names(&source, name)?, column_names(&target, name)?);
+    // Not two tables (a view that became a table), or not readable on their own.
+    let (Ok(old), Ok(new)) = (column_names(&source, name), column_names(&target, name)) else { return Ok(None) };
     let alter = format!("ALTER TABLE {}", quote(name));
     let mut candidates: Vec<TablePlan> = Vec::new();
     if let Some(defs) = added_columns(from, to) {
@@ -580,7 +581,7 @@ fn note_columns(conn: &Connection, table: &str, before: Option<&str>, after: Opt
     for sql in [before, after].into_iter().flatten() {
         let scratch = scratch()?;
         if scratch.execute_batch(sql).is_ok() {
-            known.extend(column_names(&scratch, table)?);
+            known.extend(column_names(&scratch, table).unwrap_or_default());
         }
     }
     super::capture::table_id(conn, table)?;

@@ -279,3 +279,17 @@ fn tables_that_change_identity_under_one_name_keep_their_rows_everywhere() {
     );
     assert_eq!(b.dump("t"), vec![vec![int(5), text("n")]]);
 }
+
+#[test]
+fn a_view_that_becomes_a_table_and_back() {
+    let schema = "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT); CREATE VIEW vw AS SELECT id FROM t;";
+    let (mut a, mut b) = two_nodes(schema, "INSERT INTO t VALUES (1, 'x');");
+    migrate_and_compare(
+        &mut a,
+        &mut b,
+        "BEGIN; DROP VIEW vw; CREATE TABLE vw (id INTEGER PRIMARY KEY); INSERT INTO vw VALUES (7); COMMIT;",
+        &["vw", "t"],
+    );
+    assert_eq!(b.dump("vw"), vec![vec![int(7)]]);
+    migrate_and_compare(&mut a, &mut b, "BEGIN; DROP TABLE vw; CREATE VIEW vw AS SELECT id FROM t; COMMIT;", &["t"]);
+}
