@@ -171,17 +171,17 @@ pub(crate) fn install_in(tx: &Connection, node: NodeId, opts: &CaptureOptions, c
     let layout_1 = !first_install && get_layout(tx)? < LOG_LAYOUT;
     let mut wanted = BTreeMap::new();
     for table in &schema.tables {
-        let captured = recorded_names(tx, &table.name, "columns")?;
+        let captured = recorded::<Vec<String>>(tx, &table.name, "columns")?;
         let id = table_id(tx, &table.name)?;
         let key: Vec<String> = table.pk.iter().map(|&i| table.columns[i].clone()).collect();
-        let mut key_changed = recorded_names(tx, &table.name, "key_columns")?.is_some_and(|k| k != key);
+        let mut key_changed = recorded::<Vec<String>>(tx, &table.name, "key_columns")?.is_some_and(|k| k != key);
         if layout_1 {
             if let Some(old) = &captured {
                 key_changed |= keys_to_layout_2(tx, table, id, old)?;
             }
         }
         if let Some(old) = captured.as_ref().filter(|old| *old != &table.columns) {
-            record_dropped(tx, table, id, old)?;
+            record_dropped(tx, table, old)?;
         }
         if captured.as_ref() != Some(&table.columns) || key_changed || layout_1 {
             tx.execute(
@@ -305,41 +305,69 @@ fn ensure_captured_columns(conn: &Connection) -> Result<()> {
 
 /// Adds the columns of `old` that table `t` lacks now to its dropped columns, and takes
 /// those it has again out.
-fn record_dropped(conn: &Connection, t: &TableInfo, id: i64, old: &[String]) -> Result<()> {
-    let now = &t.columns;
-    let mut dropped = recorded_names(conn, &t.name, "dropped_columns")?.unwrap_or_default();
-    dropped.extend(old.iter().filter(|c| !now.contains(c) && !dropped.contains(c)).cloned().collect::<Vec<_>>());
+fn record_dropped(conn: &Connection, t: &TableInfo, old: &[String]) -> Result<()> {
+    add_dropped(conn, &t.name, old.iter().cloned(), &t.columns)
+}
+
+/// Adds the columns of `gone` that table `table` lacks (`now` are its columns) to its
+/// dropped columns, and takes those it has out: rows from nodes that still have them are
+/// applied without them.
+pub(crate) fn add_dropped(
+    conn: &Connection,
+    table: &str,
+    gone: impl IntoIterator<Item = String>,
+    now: &[String],
+) -> Result<()> {
+    let mut dropped: Vec<String> = recorded(conn, table, "dropped_columns")?.unwrap_or_default();
+    for c in gone {
+        if !now.contains(&c) && !dropped.contains(&c) {
+            dropped.push(c);
+        }
+    }
     dropped.retain(|c| !now.contains(c));
-    conn.execute(
-        "UPDATE __marmot__tables SET dropped_columns = ?2 WHERE id = ?1",
-        (id, serde_json::to_string(&dropped).expect("names serialize")),
-    )
-    .map(|_| ())
-    .ctx(|| "recording dropped columns".into())
+    record(conn, table, "dropped_columns", &dropped)
 }
 
 /// Per table id, the columns the table had and dropped.
 pub(crate) fn dropped_columns(conn: &Connection) -> Result<BTreeMap<i64, Vec<String>>> {
-    let mut stmt = conn
-        .prepare("SELECT id, dropped_columns FROM __marmot__tables WHERE dropped_columns IS NOT NULL")
-        .ctx(|| "reading dropped columns".into())?;
-    let rows: Vec<(i64, String)> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .and_then(|rows| rows.collect())
-        .ctx(|| "reading dropped columns".into())?;
-    Ok(rows.into_iter().filter_map(|(id, j)| Some((id, serde_json::from_str(&j).ok()?))).collect())
+    recorded_all(conn, "dropped_columns")
 }
 
-/// The names recorded in `__marmot__tables.<column>` (`columns`: the table's columns when
-/// capture was last installed; `key_columns`: the key its log rows hold;
-/// `dropped_columns`), when recorded.
-fn recorded_names(conn: &Connection, table: &str, column: &str) -> Result<Option<Vec<String>>> {
+/// What `__marmot__tables.<column>` records for `table`, as JSON (`columns`: the table's
+/// columns when capture was last installed; `key_columns`: the key its log rows hold;
+/// `dropped_columns`; `renamed_columns`), when recorded.
+pub(crate) fn recorded<T: serde::de::DeserializeOwned>(
+    conn: &Connection,
+    table: &str,
+    column: &str,
+) -> Result<Option<T>> {
     let json: Option<String> = conn
         .query_row(&format!("SELECT {column} FROM __marmot__tables WHERE name = ?1"), [table], |r| r.get(0))
         .optional()
         .ctx(|| format!("reading the recorded {column} of {table:?}"))?
         .flatten();
     Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+}
+
+/// Records `value` as JSON in `__marmot__tables.<column>` for `table`.
+pub(crate) fn record<T: serde::Serialize>(conn: &Connection, table: &str, column: &str, value: &T) -> Result<()> {
+    table_id(conn, table)?;
+    let json = serde_json::to_string(value).expect("names serialize");
+    conn.execute(&format!("UPDATE __marmot__tables SET {column} = ?2 WHERE name = ?1"), (table, json))
+        .map(|_| ())
+        .ctx(|| format!("recording the {column} of {table:?}"))
+}
+
+/// Per table id, what `__marmot__tables.<column>` records, where it records something.
+pub(crate) fn recorded_all<T: serde::de::DeserializeOwned>(
+    conn: &Connection,
+    column: &str,
+) -> Result<BTreeMap<i64, T>> {
+    let rows: Vec<(i64, String)> = conn
+        .prepare(&format!("SELECT id, {column} FROM __marmot__tables WHERE {column} IS NOT NULL"))
+        .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+        .ctx(|| format!("reading the recorded {column}"))?;
+    Ok(rows.into_iter().filter_map(|(id, j)| Some((id, serde_json::from_str(&j).ok()?))).collect())
 }
 
 /// A renamed table keeps its triggers (SQLite moves them), which keep logging under the

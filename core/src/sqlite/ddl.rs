@@ -21,6 +21,7 @@ use std::collections::BTreeMap;
 
 use rusqlite::{Connection, OptionalExtension};
 
+use super::capture::{add_dropped, record as record_json, recorded, recorded_all};
 use super::schema::{quote, PREFIX};
 use crate::error::{Error, Result, SqlContext};
 use crate::model::{Hlc, NodeId, ObjectChange, ObjectKind, SchemaChanges, Version};
@@ -151,24 +152,21 @@ pub(crate) fn notice(
         return Ok(Vec::new());
     }
     let changes = diff(&before, &now, ids)?;
-    let version = if queue && offline {
-        // Made while no Marmot watched: right after what this node last knew of these
-        // objects (and after its own last change), not "now".
-        let known = recorded_versions(conn)?;
+    let version = if queue {
+        // After this node's own last change; for a change made while no Marmot watched,
+        // right after what this node last knew of these objects, not "now".
         let last: i64 = conn
             .query_row("SELECT coalesce((SELECT value FROM __marmot__state WHERE key = 'ddl_hlc'), 0)", [], |r| {
                 r.get(0)
             })
             .ctx(|| "reading the schema clock".into())?;
-        let base = changes.iter().filter_map(|c| known.get(&c.name)).map(|v| v.hlc.0).max().unwrap_or(0);
+        let base = if offline {
+            let known = recorded_versions(conn)?;
+            changes.iter().filter_map(|c| known.get(&c.name)).map(|v| v.hlc.0).max().unwrap_or(0)
+        } else {
+            version.hlc.0
+        };
         Version { hlc: Hlc(base.max(last as u64) + 1), ..version }
-    } else if queue {
-        let last: i64 = conn
-            .query_row("SELECT coalesce((SELECT value FROM __marmot__state WHERE key = 'ddl_hlc'), 0)", [], |r| {
-                r.get(0)
-            })
-            .ctx(|| "reading the schema clock".into())?;
-        Version { hlc: Hlc(version.hlc.0.max(last as u64) + 1), ..version }
     } else {
         version
     };
@@ -533,36 +531,18 @@ fn split_top_level(s: &str) -> Vec<&str> {
 /// Records that `table`'s column `old` is now called `new`: rows from nodes that have not
 /// renamed it yet carry their value under the old name.
 pub(crate) fn record_rename(conn: &Connection, table: &str, old: &str, new: &str) -> Result<()> {
-    super::capture::table_id(conn, table)?;
-    let json: Option<String> = conn
-        .query_row("SELECT renamed_columns FROM __marmot__tables WHERE name = ?1", [table], |r| r.get(0))
-        .optional()
-        .ctx(|| "reading renamed columns".into())?
-        .flatten();
-    let mut map: BTreeMap<String, String> = json.and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default();
+    let mut map: BTreeMap<String, String> = recorded(conn, table, "renamed_columns")?.unwrap_or_default();
     for target in map.values_mut().filter(|v| v.as_str() == old) {
         *target = new.to_owned();
     }
     map.insert(old.to_owned(), new.to_owned());
     map.remove(new);
-    conn.execute(
-        "UPDATE __marmot__tables SET renamed_columns = ?2 WHERE name = ?1",
-        (table, serde_json::to_string(&map).expect("names serialize")),
-    )
-    .map(|_| ())
-    .ctx(|| "recording a renamed column".into())
+    record_json(conn, table, "renamed_columns", &map)
 }
 
 /// Per table id, its columns' former names → current names.
 pub(crate) fn renamed_columns(conn: &Connection) -> Result<BTreeMap<i64, BTreeMap<String, String>>> {
-    let mut stmt = conn
-        .prepare("SELECT id, renamed_columns FROM __marmot__tables WHERE renamed_columns IS NOT NULL")
-        .ctx(|| "reading renamed columns".into())?;
-    let rows: Vec<(i64, String)> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .and_then(|rows| rows.collect())
-        .ctx(|| "reading renamed columns".into())?;
-    Ok(rows.into_iter().filter_map(|(id, j)| Some((id, serde_json::from_str(&j).ok()?))).collect())
+    recorded_all(conn, "renamed_columns")
 }
 
 /// Records the columns renamed and dropped from `before` to `after` of table `table`.
@@ -584,23 +564,8 @@ fn note_columns(conn: &Connection, table: &str, before: Option<&str>, after: Opt
             known.extend(column_names(&scratch, table).unwrap_or_default());
         }
     }
-    super::capture::table_id(conn, table)?;
-    let json: Option<String> = conn
-        .query_row("SELECT dropped_columns FROM __marmot__tables WHERE name = ?1", [table], |r| r.get(0))
-        .ctx(|| "reading dropped columns".into())?;
-    let mut dropped: Vec<String> = json.and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default();
-    for c in known {
-        if !here.contains(&c) && !renames.iter().any(|(o, _)| *o == c) && !dropped.contains(&c) {
-            dropped.push(c);
-        }
-    }
-    dropped.retain(|c| !here.contains(c));
-    conn.execute(
-        "UPDATE __marmot__tables SET dropped_columns = ?2 WHERE name = ?1",
-        (table, serde_json::to_string(&dropped).expect("names serialize")),
-    )
-    .map(|_| ())
-    .ctx(|| "recording dropped columns".into())
+    let gone = known.into_iter().filter(|c| !renames.iter().any(|(o, _)| o == c));
+    add_dropped(conn, table, gone, &here)
 }
 
 fn conflict(what: String, e: rusqlite::Error) -> Error {
