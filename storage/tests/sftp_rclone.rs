@@ -54,6 +54,22 @@ fn start_sftp(served: &Path, keys: &Path) -> SftpServer {
     SftpServer { server: Server::start(&rclone, &args, port, keys), fingerprint, public_key }
 }
 
+/// Opens the store, retrying while the server, listening already, still resets new
+/// connections (rclone accepts before its SSH side is ready); up to 10 s.
+async fn open_when_ready(
+    opts: impl Fn() -> StoreOptions,
+) -> marmot_core::Result<std::sync::Arc<dyn marmot_core::SnapshotStore>> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match open(opts()).await {
+            Err(e) if e.is_retryable() && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await
+            }
+            other => return other,
+        }
+    }
+}
+
 fn options(port: u16, password: &str, host_key: Option<String>) -> StoreOptions {
     let url = format!("sftp://marmot:{password}@127.0.0.1:{port}/marmot/snapshots");
     StoreOptions::Sftp(SftpOptions { url, host_key })
@@ -64,8 +80,9 @@ async fn sftp_with_a_pinned_fingerprint_passes_the_snapshot_store_conformance_su
     let served = tempfile::tempdir().unwrap();
     let keys = tempfile::tempdir().unwrap();
     let sftp = start_sftp(served.path(), keys.path());
-    let opts = options(sftp.server.port, PASSWORD, Some(sftp.fingerprint.clone()));
-    let store = open(opts).await.expect("connect with the right fingerprint");
+    let store = open_when_ready(|| options(sftp.server.port, PASSWORD, Some(sftp.fingerprint.clone())))
+        .await
+        .expect("connect with the right fingerprint");
     snapshot_store_conformance(store.clone()).await;
 
     let from = keys.path().join("source");
@@ -81,7 +98,7 @@ async fn sftp_accepts_a_known_hosts_line() {
     let keys = tempfile::tempdir().unwrap();
     let sftp = start_sftp(served.path(), keys.path());
     let line = format!("[127.0.0.1]:{} {}", sftp.server.port, sftp.public_key);
-    let store = open(options(sftp.server.port, PASSWORD, Some(line))).await.expect("connect");
+    let store = open_when_ready(|| options(sftp.server.port, PASSWORD, Some(line.clone()))).await.expect("connect");
     let from = keys.path().join("source");
     std::fs::write(&from, b"known hosts").unwrap();
     store.put("a.zst", &from).await.unwrap();
