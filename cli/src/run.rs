@@ -322,6 +322,10 @@ impl SnapshotContext {
                         info!(reason, "not saving a snapshot: this node is not caught up with the streams");
                         Ok(())
                     }
+                    Ok(Err(snapshot::NotSaved::PartialSelection(tables))) => {
+                        debug!(tables, "not saving a snapshot: this node does not replicate every table");
+                        Ok(())
+                    }
                     other => other.map(|_| ()),
                 }
             };
@@ -353,9 +357,13 @@ async fn save_snapshot_once(
         }
         Err(snapshot::NotSaved::Behind(reason)) => {
             return Err(format!(
-                "not saving a snapshot: this node is {reason}; a snapshot from it would not help a node                  that needs one. Save on a node that is up to date, or start this one first to catch up"
+                "not saving a snapshot: this node is {reason}; a snapshot from it would not help a node that \
+                 needs one. Save on a node that is up to date, or start this one first to catch up"
             )
             .into())
+        }
+        Err(snapshot::NotSaved::PartialSelection(tables)) => {
+            return Err(marmot_core::Error::PartialSelection(tables).to_string().into());
         }
     }
     Ok(())

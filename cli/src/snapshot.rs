@@ -71,6 +71,9 @@ pub enum NotSaved {
     /// This node is behind a stream: its snapshot would be of no use to a node that needs
     /// one, and must not take the lease from a node that is up to date.
     Behind(String),
+    /// This node leaves the named tables out of replication: its copies of them are not
+    /// the cluster's (see [`marmot_core::Error::PartialSelection`]).
+    PartialSelection(String),
 }
 
 /// How far behind a stream's last entry a node may be and still save a snapshot: a
@@ -103,7 +106,13 @@ pub async fn save(
     transport: &NatsTransport,
     snapshots: &Snapshots,
 ) -> Result<Result<Manifest, NotSaved>, RunError> {
-    let positions = Db::open(&config.db_path, NodeId(config.node_id), config.capture_options())?.positions()?;
+    let db = Db::open(&config.db_path, NodeId(config.node_id), config.capture_options())?;
+    let excluded = db.excluded_tables();
+    if !excluded.is_empty() {
+        return Ok(Err(NotSaved::PartialSelection(excluded.join(", "))));
+    }
+    let positions = db.positions()?;
+    drop(db);
     if let Some(reason) = behind(&positions, transport, save_slack(config)).await? {
         return Ok(Err(NotSaved::Behind(reason)));
     }
@@ -143,6 +152,10 @@ pub async fn save_when_free(
             Ok(manifest) => return Ok(Some(manifest)),
             Err(NotSaved::Behind(reason)) => {
                 info!(reason, "not saving a snapshot: this node is not caught up with the streams");
+                return Ok(None);
+            }
+            Err(NotSaved::PartialSelection(tables)) => {
+                info!(tables, "not saving a snapshot: this node does not replicate every table");
                 return Ok(None);
             }
             Err(NotSaved::LeaseTaken) => {}

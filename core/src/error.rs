@@ -90,6 +90,14 @@ pub enum Error {
     /// and not yet published: the copy would erase them. Publish them, then restore.
     #[error("{0} local changes are not published yet; a restore now would erase them")]
     PendingChanges(u64),
+    /// A snapshot was not saved because this node leaves tables out of replication
+    /// (`[replication]` include/exclude): its copies of them hold only its own rows, and a
+    /// node restored from it would take them as the cluster's.
+    #[error(
+        "this node does not replicate {0}: a snapshot must hold every table, so nodes that replicate every \
+         table save them"
+    )]
+    PartialSelection(String),
     /// A fault injected by a test or the simulator at a named point.
     #[error("injected crash at {0}")]
     InjectedCrash(&'static str),

@@ -145,6 +145,12 @@ counters! {
     snapshots_saved,
     /// Saves refused because the node was behind a stream (its snapshot would be stale).
     snapshot_saves_refused_behind,
+    /// Saves refused because the node leaves tables out of replication.
+    snapshot_saves_refused_partial,
+    /// Nodes that replicate only some tables (`[replication]` include/exclude).
+    partial_nodes,
+    /// Remote row changes a node passed over because it does not replicate their table.
+    rows_excluded,
     /// Snapshot restores (by a `Restore` action or after a truncation).
     restores,
     /// Restores of a node whose stream dropped entries it had not read.

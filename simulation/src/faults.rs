@@ -57,14 +57,16 @@ impl World {
         // Like truncation, never leave the cluster without a node that holds what the logs
         // dropped: cleaning up the only one loses that for good (a snapshot may cover it,
         // but the simulation's deep truncation follows a node that does).
-        let others_cover = (0..self.nodes.len()).filter(|&j| j != i).try_fold(false, |any, j| {
+        let mut savers = (0..self.nodes.len()).filter(|&j| j != i && self.replicates_all(j));
+        let others_cover = savers.try_fold(false, |any, j| {
             let covers = (0..self.scenario.shards)
                 .map(|s| self.stored_position(j, Shard(s)).map(|p| p + 1 >= self.log.first(Shard(s)).0))
                 .collect::<Result<Vec<_>, _>>()?;
             Ok::<_, Failure>(any || covers.into_iter().all(|c| c))
         })?;
         if !others_cover {
-            self.trace.push(format!("node {i}: no cleanup: it alone holds what the logs dropped"));
+            self.trace
+                .push(format!("node {i}: no cleanup: no other node that saves snapshots holds what the logs dropped"));
             return Ok(());
         }
         if !self.publish_all(i)? {

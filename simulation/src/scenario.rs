@@ -3,6 +3,7 @@
 //! One strategy serves both: `marmot-sim --seed N` draws a scenario from it with a
 //! ChaCha RNG seeded by `N`, and the property test lets proptest draw and shrink it.
 
+use marmot_core::sqlite::TableSelection;
 use marmot_core::Value;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -155,6 +156,9 @@ pub struct Scenario {
     pub faults: FaultMix,
     /// The chaos phase; afterwards everything is healed and the nodes run to quiescence.
     pub actions: Vec<Action>,
+    /// Which tables each node replicates (`[replication]`); node 0 always replicates every
+    /// table (snapshots come from nodes that do).
+    pub selections: Vec<TableSelection>,
 }
 
 fn email() -> impl Strategy<Value = Option<String>> {
@@ -264,6 +268,27 @@ fn fault_mix() -> impl Strategy<Value = FaultMix> {
         })
 }
 
+/// Patterns a node may exclude. The two tables a group transaction writes are always
+/// selected together (a node that replicates one without the other sends half of each
+/// group: a partial transaction by the user's own choice).
+const EXCLUDABLE: &[&str] =
+    &["names", "nums", "nk", "late*", "audit", "stock", "order", "handles", "users", "group*", "items", "n*"];
+/// Patterns a node may include (`*s`: every table whose name ends in `s`, both group tables).
+const INCLUDABLE: &[&str] = &["*s", "order", "late", "nk", "audit", "stock"];
+
+/// One node's `[replication]` selection: mostly every table, else an exclude or an include
+/// list of patterns.
+fn selection() -> impl Strategy<Value = TableSelection> {
+    let patterns = |v: Vec<&str>| v.into_iter().map(str::to_owned).collect::<Vec<_>>();
+    prop_oneof![
+        4 => Just(TableSelection::default()),
+        2 => prop::sample::subsequence(EXCLUDABLE, 1..4)
+            .prop_map(move |p| TableSelection { include: Vec::new(), exclude: patterns(p) }),
+        1 => (prop::sample::subsequence(INCLUDABLE, 1..5), prop::sample::subsequence(EXCLUDABLE, 0..2))
+            .prop_map(move |(i, e)| TableSelection { include: patterns(i), exclude: patterns(e) }),
+    ]
+}
+
 /// The strategy every scenario comes from.
 pub fn scenario(actions_max: usize) -> impl Strategy<Value = Scenario> {
     (
@@ -272,8 +297,13 @@ pub fn scenario(actions_max: usize) -> impl Strategy<Value = Scenario> {
         prop::collection::vec(0u64..50, 5),
         fault_mix(),
         prop::collection::vec(action(), 1..actions_max),
+        prop::collection::vec(selection(), 5),
     )
-        .prop_map(|(nodes, shards, skew_ms, faults, actions)| Scenario { nodes, shards, skew_ms, faults, actions })
+        .prop_map(|(nodes, shards, skew_ms, faults, actions, mut selections)| {
+            selections[0] = TableSelection::default();
+            selections.truncate(nodes);
+            Scenario { nodes, shards, skew_ms, faults, actions, selections }
+        })
 }
 
 /// The scenario of seed `seed`: the same seed gives the same scenario, always.

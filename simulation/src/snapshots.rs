@@ -9,11 +9,10 @@ use std::sync::Arc;
 
 use futures::executor::block_on;
 use marmot_core::snapshots::{Manifest, Snapshots};
-use marmot_core::sqlite::{CaptureOptions, Db};
+use marmot_core::sqlite::Db;
 use marmot_core::testing::MemoryStore;
 use marmot_core::{Bounds, Error, NodeId, Shard};
 
-use crate::schema;
 use crate::world::{Failure, World};
 
 /// Snapshots kept in the store. Small, so that retention runs all the time: it must keep
@@ -45,8 +44,11 @@ impl World {
         self.save_snapshot(i).map(|_| ())
     }
 
-    /// Node `i` saves a snapshot into the store.
-    pub(crate) fn save_snapshot(&mut self, i: usize) -> Result<Manifest, Failure> {
+    /// Node `i` saves a snapshot into the store; `None` when it refused because it leaves
+    /// tables out (`marmot` refuses: its copies of them are not the cluster's). A node
+    /// whose patterns match no table yet (`late*` before the migration) saves like any
+    /// other.
+    pub(crate) fn save_snapshot(&mut self, i: usize) -> Result<Option<Manifest>, Failure> {
         // A running marmot has subscribed (and so recorded its logs' epochs) before it
         // saves anything; a fresh engine here may not have yet.
         let engine = self.nodes[i].engine.as_mut().expect("engine running");
@@ -66,10 +68,20 @@ impl World {
             let db = self.nodes[i].engine.as_ref().expect("engine running").db();
             saved = block_on(self.snapshots.save(db, self.work_dir(), self.now_ms(i)));
         }
+        let excludes = !self.nodes[i].engine.as_ref().expect("engine running").db().excluded_tables().is_empty();
+        match saved {
+            Err(Error::PartialSelection(_)) if excludes && !self.replicates_all(i) => {
+                self.counters.snapshot_saves_refused_partial += 1;
+                self.trace.push(format!("node {i}: not saving a snapshot: it leaves tables out"));
+                return Ok(None);
+            }
+            Ok(m) if excludes => return Err(Failure(format!("node {i} leaves tables out, yet saved {m:?}"))),
+            _ => {}
+        }
         let manifest = saved.map_err(|e| Failure(format!("node {i}: saving a snapshot: {e}")))?;
         self.counters.snapshots_saved += 1;
         self.trace.push(format!("node {i}: saved snapshot {:?} epochs {:?}", manifest.positions, manifest.epochs));
-        Ok(manifest)
+        Ok(Some(manifest))
     }
 
     /// Node `i` restores the newest snapshot that covers what the streams no longer hold,
@@ -98,7 +110,7 @@ impl World {
             self.retired.push(engine.stats().clone());
         }
         let node = &self.nodes[i];
-        let opts = CaptureOptions { time_ms_sql: schema::TIME_SQL.to_owned(), ..CaptureOptions::default() };
+        let opts = crate::world::capture_options(&self.scenario, i);
         let fail = |e: Error| Failure(format!("node {i}: restore: {e}"));
         let mut db = Db::open(&node.path, NodeId(i as u64 + 1), opts).map_err(fail)?;
         block_on(self.snapshots.restore(&mut db, self.work_dir(), &manifest, &mut |_, _| {})).map_err(fail)?;
@@ -139,11 +151,12 @@ impl World {
         Ok(manifests.into_iter().filter(usable).max_by_key(Manifest::coverage))
     }
 
-    /// Among the nodes that hold everything the streams dropped, the one whose stored
-    /// positions are highest (summed over shards).
+    /// Among the nodes that replicate every table (the ones that save snapshots) and hold
+    /// everything the streams dropped, the one whose stored positions are highest (summed
+    /// over shards).
     pub(crate) fn most_caught_up(&self) -> Result<usize, Failure> {
         let mut best: Option<(usize, u64)> = None;
-        for i in 0..self.nodes.len() {
+        for i in (0..self.nodes.len()).filter(|&i| self.replicates_all(i)) {
             let (mut sum, mut covers) = (0, true);
             for s in 0..self.scenario.shards {
                 let p = self.stored_position(i, Shard(s))?;

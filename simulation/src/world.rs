@@ -64,6 +64,15 @@ pub struct World {
     pub(crate) migrations_run: Vec<u32>,
 }
 
+/// What node `i`'s capture runs with: the simulated clock and the node's selection.
+pub(crate) fn capture_options(s: &Scenario, i: usize) -> CaptureOptions {
+    CaptureOptions {
+        time_ms_sql: schema::TIME_SQL.to_owned(),
+        selection: s.selections[i].clone(),
+        ..CaptureOptions::default()
+    }
+}
+
 fn engine_config(s: &Scenario) -> EngineConfig {
     EngineConfig {
         encode: EncodeOptions { compress: s.faults.compress, part_bytes_max: s.faults.part_bytes_max },
@@ -119,13 +128,18 @@ impl World {
     pub(crate) fn start(&mut self, i: usize) -> Result<(), Failure> {
         let node = &mut self.nodes[i];
         let id = NodeId(i as u64 + 1);
-        let opts = CaptureOptions { time_ms_sql: schema::TIME_SQL.to_owned(), ..CaptureOptions::default() };
+        let opts = capture_options(&self.scenario, i);
         let open = || Db::open(&node.path, id, opts.clone()).map_err(|e| Failure(format!("node {id}: open: {e}")));
         let source = SqliteChangeSource::new(open()?);
         let db = open()?;
         let transport: Arc<dyn LogTransport> = Arc::new(node.transport.clone());
         node.engine = Some(Engine::new(source, db, transport, engine_config(&self.scenario)));
         Ok(())
+    }
+
+    /// Whether node `i` replicates every table (only such nodes save snapshots).
+    pub(crate) fn replicates_all(&self, i: usize) -> bool {
+        self.scenario.selections[i] == marmot_core::sqlite::TableSelection::default()
     }
 
     /// Advances logical time by one tick (the capture clocks follow at [`World::set_time`]).
@@ -167,7 +181,8 @@ impl World {
         self.check_atomicity_everywhere()?;
         self.quiesce()?;
         oracle::check_schemas(&self.migrations_run, self.nodes.iter().map(|n| &n.app))?;
-        oracle::check_convergence(&self.writes, self.nodes.iter().map(|n| &n.app))
+        let nodes = self.nodes.iter().zip(&self.scenario.selections);
+        oracle::check_convergence(&self.writes, nodes.map(|(n, selection)| (&n.app, selection)))
     }
 
     fn act(&mut self, action: &Action) -> Result<(), Failure> {
@@ -306,6 +321,10 @@ impl World {
         let node = &mut self.nodes[i];
         let before = self.writes.len();
         workload::record_writes(&node.app, NodeId(i as u64 + 1), &mut node.log_seen, &mut self.writes)?;
+        let selection = &self.scenario.selections[i];
+        if let Some(w) = self.writes[before..].iter().find(|w| !selection.selects(&w.table)) {
+            return Err(Failure(format!("node {i} captured a write to {}, a table it does not replicate", w.table)));
+        }
         let by_triggers = self.writes[before..].iter().filter(|w| matches!(w.table.as_str(), "audit" | "stock"));
         self.counters.trigger_writes += by_triggers.count() as u64;
         Ok(())
@@ -387,7 +406,9 @@ impl World {
             c.streams_restarted += stats.streams_restarted;
             c.schema_changes_published += stats.schema_changes_published;
             c.schema_changes_applied += stats.schema_changes_applied;
+            c.rows_excluded += stats.rows_excluded;
         }
+        c.partial_nodes = (0..self.nodes.len()).filter(|&i| !self.replicates_all(i)).count() as u64;
         c
     }
 

@@ -2,8 +2,9 @@
 //! Node 1 replicates `shared` and `metrics_*` only; node 2 everything but `*_local`. Both
 //! write every table. A table both select converges; a table one leaves out keeps each
 //! node's own rows there (the other node's rows are passed over and counted, never
-//! parked). Then node 1 is restarted selecting everything: it installs capture on the
-//! tables it now replicates and sends their rows, and node 2 receives them.
+//! parked); node 1 refuses to save a snapshot. Then node 1 is restarted selecting
+//! everything: it installs capture on the tables it now replicates and sends their rows,
+//! and node 2 receives them.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -91,9 +92,22 @@ fn nodes_replicate_only_the_tables_they_select() {
     assert!(status.contains("table skipped: app_cache (excluded by [replication] include/exclude)"), "{status}");
     assert!(status.contains("rows from other nodes in tables not replicated here, passed over: 1"), "{status}");
 
+    // Node 1 leaves tables out: its copies of them are not the cluster's, so it does not
+    // save snapshots, and says why.
+    n1.terminate(DEADLINE);
+    let saved = Command::new(marmot_bin())
+        .arg("-config")
+        .arg(dir.join("node-1.toml"))
+        .arg("-save-snapshot")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run marmot -save-snapshot");
+    let out = format!("{}{}", String::from_utf8_lossy(&saved.stdout), String::from_utf8_lossy(&saved.stderr));
+    assert!(!saved.status.success(), "a node that leaves tables out saved a snapshot:\n{out}");
+    assert!(out.contains("does not replicate app_cache, audit_local"), "{out}");
+
     // Node 1 now replicates everything: capture is installed on app_cache and
     // audit_local, their rows are sent, and node 2 takes app_cache (it excludes the other).
-    n1.terminate(DEADLINE);
     let mut c1 = c1.clone();
     c1.extra = String::new();
     drop(n1);

@@ -259,6 +259,12 @@ impl Db {
         &self.schema
     }
 
+    /// The tables this node's `[replication]` selection leaves out.
+    pub fn excluded_tables(&self) -> Vec<&str> {
+        let skipped = self.schema.skipped.iter();
+        skipped.filter(|s| s.reason == schema::EXCLUDED_REASON).map(|s| s.name.as_str()).collect()
+    }
+
     fn table_by_id(&self, id: i64) -> Option<&TableInfo> {
         self.ids.get(&id).map(|&i| &self.schema.tables[i])
     }

@@ -86,7 +86,12 @@ pub fn checksum_file(path: &Path) -> Result<String> {
 impl Db {
     /// Writes a compressed snapshot of the database to `out`, using `work_dir` for the
     /// temporary uncompressed copy.
+    /// Refused with [`Error::PartialSelection`] on a node that leaves tables out.
     pub fn save_snapshot(&self, work_dir: &Path, out: &Path) -> Result<SnapshotFile> {
+        let excluded = self.excluded_tables();
+        if !excluded.is_empty() {
+            return Err(Error::PartialSelection(excluded.join(", ")));
+        }
         let copy = work_dir.join(format!("{PREFIX}snapshot-{}.db", std::process::id()));
         let _ = std::fs::remove_file(&copy);
         let result = self.save_via(&copy, out);
