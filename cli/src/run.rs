@@ -24,6 +24,8 @@ pub type RunError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// How long the loop waits for remote entries when there is nothing to do.
 const IDLE_WAIT: Duration = Duration::from_millis(5);
+/// Maintenance that holds the node loop longer than this is logged (at debug).
+const MAINTAIN_SLOW: Duration = Duration::from_millis(20);
 /// Checked for local changes at least this often, even without a file notification.
 const LOCAL_CHECK_FALLBACK: Duration = Duration::from_secs(1);
 /// Longest pause between publish retries.
@@ -739,7 +741,18 @@ async fn node_loop(
         if t.last_maintain.elapsed() >= config.cleanup_interval() && !full.paused() {
             t.last_maintain = Instant::now();
             match engine.maintain().await {
-                Ok(()) => {}
+                Ok(more) => {
+                    let took = t.last_maintain.elapsed();
+                    if took >= MAINTAIN_SLOW {
+                        debug!(ms = took.as_millis() as u64, "maintenance held the loop");
+                    }
+                    if more {
+                        // Due again on the next turn of the loop, after publishing and
+                        // applying what arrived meanwhile.
+                        t.last_maintain =
+                            Instant::now().checked_sub(config.cleanup_interval()).unwrap_or(t.last_maintain);
+                    }
+                }
                 Err(e) if e.is_disk_full() => full.failed(&e),
                 Err(e) => return Err(e.into()),
             }

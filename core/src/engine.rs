@@ -657,14 +657,20 @@ impl<S: ChangeSource> Engine<S> {
         Ok(())
     }
 
-    /// Housekeeping: makes acknowledgements durable, deletes published log rows, returns
-    /// set-aside rows whose unique values became free, and retries parked batches after a
-    /// schema change.
-    pub async fn maintain(&mut self) -> Result<()> {
+    /// Housekeeping: makes acknowledgements durable, deletes one slice of published log
+    /// rows, returns set-aside rows whose unique values became free, and retries parked
+    /// batches after a schema change. Returns whether published rows are left to delete
+    /// (call again soon; a slice is one short write transaction, so the caller can publish
+    /// and apply in between).
+    pub async fn maintain(&mut self) -> Result<bool> {
         self.flush().await?;
         // Schema first: no log row is folded or cleaned against a schema Marmot has not read.
         self.db.refresh_if_schema_changed()?;
-        match self.db.clean_published().and_then(|_| self.db.reconcile()) {
+        let mut more = false;
+        match self.db.clean_published_step().and_then(|(_, m)| {
+            more = m;
+            self.db.reconcile()
+        }) {
             Err(Error::SchemaChanged) => debug!("schema changed during maintenance; the next one catches up"),
             other => {
                 other?;
@@ -674,7 +680,7 @@ impl<S: ChangeSource> Engine<S> {
             self.parked_generation = self.db.schema_generation();
             self.retry_parked()?;
         }
-        Ok(())
+        Ok(more)
     }
 
     /// Applies parked schema changes that now apply: one that failed on rows its

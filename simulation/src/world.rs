@@ -361,7 +361,8 @@ impl World {
             for i in 0..self.nodes.len() {
                 let before = self.entries_stored();
                 let e = self.nodes[i].engine.as_mut().expect("engine");
-                block_on(e.maintain()).map_err(|e| Failure(format!("node {i}: maintain: {e}")))?;
+                let more = block_on(e.maintain()).map_err(|e| Failure(format!("node {i}: maintain: {e}")))?;
+                work += usize::from(more);
                 work += match block_on(e.step()) {
                     Ok(n) => n,
                     Err(Error::Truncated { .. }) => {

@@ -33,6 +33,11 @@ pub struct ApplyOutcome {
 /// milliseconds of the write lock (docs/operations.md).
 pub const WRITE_SLICE_ROWS: i64 = 10_000;
 
+/// Most log rows one step of cleaning in the node loop folds or deletes: about a
+/// millisecond of the write lock, so the application's commits never wait long behind it
+/// (10,000-row steps delayed them by 10–25 ms, measured by the throughput benchmark).
+pub const CLEAN_STEP_ROWS: i64 = 1_000;
+
 /// Upper bound on placement rounds when returning set-aside rows, per table.
 const RECONCILE_ROUNDS_MAX: usize = 100_000;
 
