@@ -61,9 +61,19 @@ trap cleanup EXIT INT TERM
 "$MARMOT" -config examples/node-2.toml -cluster-addr localhost:4222 -cluster-peers 'nats://localhost:4221/,nats://localhost:4223/' & pids+=($!)
 "$MARMOT" -config examples/node-3.toml -cluster-addr localhost:4223 -cluster-peers 'nats://localhost:4221/,nats://localhost:4222/' & pids+=($!)
 
+# A write made before a node installed its capture triggers (at its first start) is not
+# captured: say "go" once every node has them.
+for i in 1 2 3; do
+  for _ in $(seq 1 300); do
+    n=$(sqlite3 "/tmp/marmot-$i.db" "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name LIKE '__marmot__%'" 2>/dev/null || echo 0)
+    [ "${n:-0}" -gt 0 ] && break
+    sleep 0.2
+  done
+done
+
 cat <<'MSG'
 
-Three nodes are starting. In another terminal, write on any node:
+Three nodes are replicating. In another terminal, write on any node:
 
   sqlite3 /tmp/marmot-1.db "INSERT INTO Books (title, author, publication_year) VALUES ('Pride and Prejudice', 'Jane Austen', 1813);"
 
