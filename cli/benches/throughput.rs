@@ -108,6 +108,21 @@ fn peak_rss_mib(pid: u32) -> f64 {
     kib / 1024.0
 }
 
+/// What process `pid` holds now, in MiB: anonymous memory and file-backed pages (its code).
+fn rss_now(pid: u32) -> String {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| {
+        rollup
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+            / 1024.0
+    };
+    let (rss, anon) = (field("Rss:"), field("Anonymous:"));
+    format!("now {rss:.1}: {anon:.1} anonymous, {:.1} file-backed", rss - anon)
+}
+
 /// Node 3 stops, node 1 writes [`ROWS_CATCH_UP`] rows in 100-row transactions (node 2
 /// receives them, so the stream holds them), node 3 starts again: its rate is the rows it
 /// lacked over the time from its start until it holds them all, start-up included.
@@ -362,7 +377,7 @@ fn main() {
         .iter()
         .chain([&node3])
         .enumerate()
-        .map(|(i, p)| format!("node {} {:.1} MiB", i + 1, peak_rss_mib(p.0.id())))
+        .map(|(i, p)| format!("node {} {:.1} MiB ({})", i + 1, peak_rss_mib(p.0.id()), rss_now(p.0.id())))
         .collect();
     println!("  peak RSS of each marmot (node 3: since its restart, catching up): {} (target 30 MiB)", rss.join(", "));
 }
