@@ -54,6 +54,11 @@ pub struct Status {
     pub parked: Vec<Parked>,
     /// Rows set aside after losing a UNIQUE value.
     pub aside_rows: u64,
+    /// Bytes Marmot's own tables take in the database file, with their indexes, per table
+    /// (largest first): the versions (tombstones of deleted rows included), the log, …
+    pub shadow_tables: Vec<ShadowTable>,
+    /// Rows in `__marmot__versions`: one per replicated row, deleted ones included.
+    pub version_rows: u64,
     /// Per table, rows whose primary key holds NULL: not replicated.
     pub null_key_rows: Vec<NullKeyRows>,
     /// How far this node's clock (the highest version produced or applied) is ahead of
@@ -82,6 +87,15 @@ pub struct Skipped {
     pub name: String,
     /// Why.
     pub reason: String,
+}
+
+/// One of Marmot's tables and the bytes it takes.
+#[derive(Debug, Serialize)]
+pub struct ShadowTable {
+    /// The table.
+    pub name: String,
+    /// Bytes of its pages and its indexes' pages.
+    pub bytes: u64,
 }
 
 /// A table with rows whose key holds NULL.
@@ -173,6 +187,8 @@ pub fn read_database(config: &Config) -> Result<Status, String> {
         parked_batches: 0,
         parked: Vec::new(),
         aside_rows: 0,
+        shadow_tables: Vec::new(),
+        version_rows: 0,
         null_key_rows: Vec::new(),
         clock_ahead_ms: 0,
         remote_ahead_ms: 0,
@@ -198,6 +214,17 @@ pub fn read_database(config: &Config) -> Result<Status, String> {
         })
         .collect();
     Ok(status)
+}
+
+/// Marmot's tables with the bytes their pages and their indexes' pages take (SQLite's
+/// `dbstat`; reads every page of them, so it costs about a scan of the shadow tables).
+fn shadow_tables(conn: &Connection) -> rusqlite::Result<Vec<ShadowTable>> {
+    let mut stmt = conn.prepare(
+        "SELECT m.tbl_name, sum(d.pgsize) AS bytes FROM dbstat d JOIN sqlite_master m ON m.name = d.name \
+         WHERE substr(m.tbl_name, 1, 10) = '__marmot__' GROUP BY m.tbl_name ORDER BY bytes DESC, m.tbl_name",
+    )?;
+    let rows = stmt.query_map([], |r| Ok(ShadowTable { name: r.get(0)?, bytes: r.get::<_, i64>(1)? as u64 }))?;
+    rows.collect()
 }
 
 /// Bytes available to unprivileged users on the file system holding `path`.
@@ -250,6 +277,8 @@ fn read_bookkeeping(conn: &Connection, status: &mut Status) -> Result<std::colle
         "__marmot__state",
     )?;
     status.aside_rows = count("SELECT count(*) FROM __marmot__aside", "__marmot__aside")?;
+    status.version_rows = count("SELECT count(*) FROM __marmot__versions", "__marmot__versions")?;
+    status.shadow_tables = shadow_tables(conn).map_err(|e| sql_err("dbstat", e))?;
     let mut stmt = conn
         .prepare("SELECT id, shard, position, error FROM __marmot__parked ORDER BY id LIMIT ?1")
         .map_err(|e| sql_err("__marmot__parked", e))?;
@@ -320,6 +349,11 @@ async fn listening(url: &str, timeout: Duration) -> bool {
     matches!(tokio::time::timeout(timeout, probe).await, Ok(Ok(_)))
 }
 
+/// `bytes` in MiB with one decimal.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
 /// The human-readable form.
 pub fn render(s: &Status) -> String {
     let mut o = String::new();
@@ -367,6 +401,24 @@ pub fn render(s: &Status) -> String {
         let _ = writeln!(o, "  #{} shard {} position {}: {}", p.id, p.shard, p.position, p.error);
     }
     let _ = writeln!(o, "set-aside rows: {}", s.aside_rows);
+    if !s.shadow_tables.is_empty() {
+        let total: u64 = s.shadow_tables.iter().map(|t| t.bytes).sum();
+        let parts: Vec<String> = s
+            .shadow_tables
+            .iter()
+            .take(4)
+            .map(|t| format!("{} {}", t.name.trim_start_matches("__marmot__"), mib(t.bytes)))
+            .collect();
+        let per_row =
+            total.checked_div(s.version_rows).map(|b| format!(", {b} B per versioned row")).unwrap_or_default();
+        let _ = writeln!(
+            o,
+            "shadow tables: {} ({}; {} versioned rows{per_row})",
+            mib(total),
+            parts.join(", "),
+            s.version_rows
+        );
+    }
     for n in &s.null_key_rows {
         let _ = writeln!(o, "rows not replicated (NULL in the primary key): {} in {}", n.rows, n.table);
     }
