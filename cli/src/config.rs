@@ -63,6 +63,10 @@ pub struct Config {
     /// milliseconds (0 = never). Not a v1 key.
     #[serde(rename = "max_clock_skew")]
     pub max_clock_skew_ms: u64,
+    /// Remove versions of deleted rows (tombstones) older than this, in milliseconds
+    /// (0 = keep them for ever). Not a v1 key.
+    #[serde(rename = "tombstone_retention")]
+    pub tombstone_retention_ms: u64,
     /// `[snapshot]`.
     pub snapshot: SnapshotConfig,
     /// `[replication]`: which tables replicate. Not a v1 section.
@@ -91,6 +95,7 @@ impl Default for Config {
             sleep_timeout_ms: 0,
             polling_interval_ms: 0,
             max_clock_skew_ms: marmot_core::engine::CLOCK_SKEW_MS_MAX_DEFAULT,
+            tombstone_retention_ms: marmot_core::engine::TOMBSTONE_RETENTION_MS_DEFAULT,
             snapshot: SnapshotConfig::default(),
             replication: ReplicationConfig::default(),
             replication_log: ReplicationLogConfig::default(),

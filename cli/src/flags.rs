@@ -67,6 +67,13 @@ pub struct Flags {
     #[arg(long = "force-restore")]
     pub force_restore: bool,
 
+    /// On a node that set aside local changes older than `tombstone_retention` and waits
+    /// for a snapshot that no node can give (every node set changes aside): keep this
+    /// node's data as it is, changes set aside included, so that it can run and save the
+    /// snapshot the others restore; then exit.
+    #[arg(long = "keep-set-aside")]
+    pub keep_set_aside: bool,
+
     /// Listen address of the embedded NATS server's cluster port (use on at least two
     /// nodes); the leaf-node listener takes the cluster port + 1000.
     #[arg(long = "cluster-addr", value_name = "HOST:PORT")]

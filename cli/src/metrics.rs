@@ -419,6 +419,12 @@ impl Metrics {
             st.schema_changes_applied,
         );
         out.scalar(
+            "tombstones_collected_total",
+            "counter",
+            "Tombstones (versions of deleted rows) removed after tombstone_retention.",
+            st.tombstones_collected,
+        );
+        out.scalar(
             "schema_changes_pending",
             "gauge",
             "Schema changes of this node waiting to be published.",

@@ -13,7 +13,7 @@ use marmot_core::sqlite::{Db, SqliteChangeSource};
 use marmot_core::wire::EncodeOptions;
 use marmot_core::{Error, LogTransport, NodeId, Shard};
 use marmot_transports::{EmbeddedOptions, EmbeddedServer, NatsOptions, NatsTransport};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::flags::Flags;
@@ -73,6 +73,9 @@ pub fn run(config: Config, flags: Flags) -> Result<(), RunError> {
     if flags.cleanup {
         return cleanup(&config.db_path);
     }
+    if flags.keep_set_aside {
+        return keep_set_aside(&config);
+    }
     if flags.command.is_some() {
         return Err("this subcommand is not implemented in this build yet".into());
     }
@@ -80,9 +83,32 @@ pub fn run(config: Config, flags: Flags) -> Result<(), RunError> {
     runtime.block_on(run_node(config, flags))
 }
 
+fn keep_set_aside(config: &Config) -> Result<(), RunError> {
+    let _lock = crate::lock::DbLock::acquire(&config.db_path)?;
+    let mut db = Db::open(&config.db_path, NodeId(config.node_id), config.capture_options())?;
+    let Some(rows) = db.keep_set_aside()? else {
+        return Err("-keep-set-aside: this node has set no changes aside; nothing to do".into());
+    };
+    warn!(
+        rows,
+        "-keep-set-aside: the rows this node had set aside are published again, as changes made now, when it \
+         starts; nodes waiting for a snapshot restore the one it saves"
+    );
+    Ok(())
+}
+
 fn cleanup(db_path: &Path) -> Result<(), RunError> {
     let conn = rusqlite::Connection::open(db_path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
+    let set_aside: Option<i64> = conn
+        .query_row("SELECT value FROM __marmot__state WHERE key = 'restore_required'", [], |r| r.get(0))
+        .unwrap_or(None);
+    if set_aside.is_some_and(|v| v != 0) {
+        warn!(
+            "this node had set aside local changes older than tombstone_retention and had not restored a snapshot \
+             yet: they stay in its tables, which other nodes do not have"
+        );
+    }
     marmot_core::sqlite::cleanup(&conn)?;
     info!(db_path = %db_path.display(), "removed Marmot's triggers and tables; user data untouched");
     Ok(())
@@ -328,6 +354,10 @@ impl SnapshotContext {
                         debug!(tables, "not saving a snapshot: this node does not replicate every table");
                         Ok(())
                     }
+                    Ok(Err(snapshot::NotSaved::Unpublished(through))) => {
+                        info!(%through, "not saving a snapshot: its local changes were not published in time");
+                        Ok(())
+                    }
                     other => other.map(|_| ()),
                 }
             };
@@ -367,6 +397,14 @@ async fn save_snapshot_once(
         Err(snapshot::NotSaved::PartialSelection(tables)) => {
             return Err(marmot_core::Error::PartialSelection(tables).to_string().into());
         }
+        Err(snapshot::NotSaved::Unpublished(through)) => {
+            return Err(format!(
+                "not saving a snapshot: {}; a snapshot holds only published changes: start marmot on this node so \
+                 that it publishes them, then save",
+                marmot_core::Error::SnapshotUnpublished(through)
+            )
+            .into());
+        }
     }
     Ok(())
 }
@@ -387,12 +425,24 @@ async fn restore_if_behind(
 ) -> Result<(), RunError> {
     let node = NodeId(config.node_id);
     let db = Db::open(&config.db_path, node, config.capture_options())?;
-    if snapshot::needs_restore(&db, transport.as_ref()).await?.is_none() {
+    let expired = expired_changes(config, &db)?;
+    let set_aside = db.restore_required()?;
+    if expired.is_none() && !set_aside && snapshot::needs_restore(&db, transport.as_ref()).await?.is_none() {
         return Ok(());
     }
-    let snapshots = snapshots.ok_or(
-        "this node is behind the streams' first entries and snapshots are disabled ([snapshot] enabled = false)",
-    )?;
+    let snapshots = snapshots.ok_or(match expired.is_some() || set_aside {
+        true => {
+            "local changes waited unpublished longer than tombstone_retention and snapshots are disabled \
+             ([snapshot] enabled = false): this node cannot rejoin without bringing back rows deleted elsewhere; \
+             copy the database of a node that is up to date here, or enable snapshots"
+        }
+        false => {
+            "this node is behind the streams' first entries and snapshots are disabled ([snapshot] enabled = false)"
+        }
+    })?;
+    if let Some((changes, age_ms)) = expired {
+        set_aside_expired(config, &db, changes, age_ms)?;
+    }
     let mut wait = WaitForSnapshot::new(db);
     loop {
         if stop.requested() {
@@ -439,6 +489,42 @@ async fn restore_if_behind(
     }
 }
 
+/// The local changes not published and how old the oldest is, in milliseconds, when it is
+/// older than `tombstone_retention` (see [`Error::ChangesExpired`]).
+fn expired_changes(config: &Config, db: &Db) -> Result<Option<(u64, u64)>, RunError> {
+    let retention = config.tombstone_retention_ms;
+    let Some(oldest) = db.oldest_pending_ms()? else { return Ok(None) };
+    let age_ms = db.wall_ms()?.saturating_sub(oldest);
+    if retention == 0 || age_ms <= retention {
+        return Ok(None);
+    }
+    Ok(Some((db.pending_count()?, age_ms)))
+}
+
+/// Keeps a copy of the database with its expired local changes next to it, for the
+/// operator, and marks them as never to be published: the restore that follows replaces
+/// the file.
+fn set_aside_expired(config: &Config, db: &Db, changes: u64, age_ms: u64) -> Result<(), RunError> {
+    let now_ms = db.wall_ms()?;
+    let mut name = config.db_path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".expired-{now_ms}"));
+    let copy = config.db_path.with_file_name(name);
+    db.conn()
+        .execute("VACUUM INTO ?1", [copy.to_string_lossy()])
+        .map_err(|e| format!("keeping a copy of the database before discarding expired changes: {e}"))?;
+    let discarded = db.set_aside_pending()?;
+    error!(
+        changes = discarded.max(changes),
+        age_ms,
+        retention_ms = config.tombstone_retention_ms,
+        copy = %copy.display(),
+        "local changes waited unpublished longer than tombstone_retention; other nodes may have removed the \
+         tombstones that decide them, so they are not published (they could bring back deleted rows): this node \
+         restores a snapshot. The database as it was, with those changes, is kept in the copy"
+    );
+    Ok(())
+}
+
 /// Errors a node waiting for a snapshot waits out instead of exiting with.
 fn is_waitable(e: &RunError) -> bool {
     match e.downcast_ref::<Error>() {
@@ -473,7 +559,8 @@ impl WaitForSnapshot {
             waited_s = self.since.map_or(0, |s| s.elapsed().as_secs()),
             retry_in_ms = self.backoff.as_millis() as u64,
             "this node is behind the streams and no usable snapshot exists yet; asked the cluster for one \
-             and waiting (a node that is caught up saves one; or run marmot -save-snapshot there)"
+             and waiting (a node that is caught up saves one; or run marmot -save-snapshot there; if every \
+             node set changes aside, run marmot -keep-set-aside on the one whose data to keep, then start it)"
         );
         let until = Instant::now() + self.backoff;
         while Instant::now() < until && !stop.requested() {
@@ -492,14 +579,8 @@ async fn publish_before_restore(config: &Config, transport: &Arc<NatsTransport>,
     if pending == 0 {
         return Ok(());
     }
-    let mut engine = open_engine(config, transport.clone())?;
-    let published = tokio::time::timeout(SHUTDOWN_PUBLISH_TIMEOUT, async {
-        while engine.publish_once().await? > 0 {}
-        engine.flush().await
-    })
-    .await;
-    match published {
-        Ok(Ok(())) => info!(changes = pending, "published local changes before restoring"),
+    match publish_pending(config, transport).await {
+        Ok(()) => info!(changes = pending, "published local changes before restoring"),
         _ if force => {
             let lost = db.discard_pending()?;
             warn!(changes = lost, "-force-restore: restoring over local changes that could not be published")
@@ -513,6 +594,28 @@ async fn publish_before_restore(config: &Config, transport: &Arc<NatsTransport>,
         }
     }
     Ok(())
+}
+
+/// Publishes every local change not yet published, within [`SHUTDOWN_PUBLISH_TIMEOUT`].
+async fn publish_pending(config: &Config, transport: &Arc<NatsTransport>) -> Result<(), RunError> {
+    let mut engine = open_engine(config, transport.clone())?;
+    let published = tokio::time::timeout(SHUTDOWN_PUBLISH_TIMEOUT, async {
+        loop {
+            match engine.publish_once().await {
+                Ok(0) => break,
+                Ok(_) => {}
+                // Everything committed since expired changes were set aside is published.
+                Err(Error::RestoreRequired) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        engine.flush().await
+    })
+    .await;
+    match published {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(format!("publishing took longer than {} s", SHUTDOWN_PUBLISH_TIMEOUT.as_secs()).into()),
+    }
 }
 
 fn open_engine(config: &Config, transport: Arc<dyn LogTransport>) -> Result<Engine<SqliteChangeSource>, RunError> {
@@ -535,6 +638,7 @@ fn open_engine(config: &Config, transport: Arc<dyn LogTransport>) -> Result<Engi
         replicate: config.replicate,
         replicate_ddl: config.replicate_ddl,
         clock_skew_ms_max: config.max_clock_skew_ms,
+        tombstone_retention_ms: config.tombstone_retention_ms,
         // A quarter of what one shard's stream keeps: an incomplete batch is parked well
         // before the stream drops the entries its hold would force a restart to re-read.
         stray_after_entries: quarter.clamp(8, marmot_core::wire::STRAY_AFTER_ENTRIES_DEFAULT),
@@ -688,7 +792,13 @@ async fn node_loop(
         let due = dirty.swap(false, Ordering::AcqRel) || t.last_local_check.elapsed() >= local_check;
         if due && Instant::now() >= t.publish_retry_at {
             t.last_local_check = Instant::now();
-            work += publish(engine, &mut t, dirty).await;
+            match publish(engine, &mut t, dirty).await {
+                Ok(n) => work += n,
+                Err(e) => {
+                    warn!(error = %e, "local changes outlived tombstone_retention; restoring a snapshot instead of publishing them");
+                    return Ok(LoopEnd::Behind);
+                }
+            }
         }
         for s in 0..shards {
             let wait = if work == 0 && s + 1 == shards { IDLE_WAIT } else { Duration::ZERO };
@@ -767,7 +877,9 @@ async fn node_loop(
     Ok(LoopEnd::Stopped)
 }
 
-async fn publish(engine: &mut Engine<SqliteChangeSource>, t: &mut Timers, dirty: &AtomicBool) -> usize {
+/// Publishes what is pending; a failure is retried with backoff. Only
+/// [`Error::ChangesExpired`] is returned: the node must restore a snapshot.
+async fn publish(engine: &mut Engine<SqliteChangeSource>, t: &mut Timers, dirty: &AtomicBool) -> Result<usize, Error> {
     match engine.publish_once().await {
         Ok(n) => {
             t.publish_backoff = Duration::from_millis(100);
@@ -775,15 +887,16 @@ async fn publish(engine: &mut Engine<SqliteChangeSource>, t: &mut Timers, dirty:
                 // More may have been committed while publishing.
                 dirty.store(true, Ordering::Release);
             }
-            n as usize
+            Ok(n as usize)
         }
+        Err(e @ (Error::ChangesExpired { .. } | Error::RestoreRequired)) => Err(e),
         Err(e) => {
             warn!(error = %e, retry_in_ms = t.publish_backoff.as_millis() as u64,
                 "publish failed; nothing was marked published, retrying");
             t.publish_retry_at = Instant::now() + t.publish_backoff;
             t.publish_backoff = (t.publish_backoff * 2).min(PUBLISH_BACKOFF_MAX);
             dirty.store(true, Ordering::Release);
-            0
+            Ok(0)
         }
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use marmot_core::snapshots::{Manifest, Snapshots};
 use marmot_core::sqlite::Db;
-use marmot_core::{LogTransport, NodeId, Position, Shard, SnapshotStore};
+use marmot_core::{Hlc, LogTransport, NodeId, Position, Shard, SnapshotStore};
 use marmot_storage::{S3Options, SftpOptions, StoreOptions};
 use marmot_transports::nats::lease;
 use marmot_transports::NatsTransport;
@@ -24,6 +24,10 @@ const LEASE_TTL: Duration = Duration::from_secs(300);
 const LEASE_KEY: &str = "snapshot";
 /// How often a background save that found the lease taken looks again.
 const LEASE_RETRY: Duration = Duration::from_secs(5);
+/// How long a saved copy waits for the node to publish the local changes it holds.
+const PUBLISH_WAIT: Duration = Duration::from_secs(30);
+/// How often it looks.
+const PUBLISH_POLL: Duration = Duration::from_millis(20);
 /// Interval between progress log lines when not attached to a terminal.
 const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(5);
 
@@ -74,6 +78,9 @@ pub enum NotSaved {
     /// This node leaves the named tables out of replication: its copies of them are not
     /// the cluster's (see [`marmot_core::Error::PartialSelection`]).
     PartialSelection(String),
+    /// The copy holds local changes (through this version) that were not published within
+    /// [`PUBLISH_WAIT`] (see [`marmot_core::Error::SnapshotUnpublished`]).
+    Unpublished(Hlc),
 }
 
 /// How far behind a stream's last entry a node may be and still save a snapshot: a
@@ -129,7 +136,10 @@ pub async fn save(
     if let Err(e) = held.release().await {
         warn!(error = %e, "could not release the snapshot lease; it expires on its own");
     }
-    let manifest = result?;
+    let manifest = match result? {
+        Ok(m) => m,
+        Err(not) => return Ok(Err(not)),
+    };
     info!(ms = started.elapsed().as_millis() as u64, db_bytes = manifest.db_bytes, "snapshot uploaded");
     Ok(Ok(manifest))
 }
@@ -158,6 +168,10 @@ pub async fn save_when_free(
                 info!(tables, "not saving a snapshot: this node does not replicate every table");
                 return Ok(None);
             }
+            Err(NotSaved::Unpublished(through)) => {
+                info!(%through, "not saving a snapshot: its local changes were not published in time");
+                return Ok(None);
+            }
             Err(NotSaved::LeaseTaken) => {}
         }
         if before.is_none() {
@@ -177,16 +191,40 @@ pub async fn save_when_free(
     }
 }
 
-async fn save_held(config: &Config, snapshots: &Snapshots) -> Result<Manifest, RunError> {
+/// Writes the snapshot file, waits until the node loop has published the local changes
+/// the copy holds (a snapshot must hold only published changes), uploads it.
+async fn save_held(config: &Config, snapshots: &Snapshots) -> Result<Result<Manifest, NotSaved>, RunError> {
     // Temporary files go next to the database (same file system).
     let (path, dir, node, now) = (config.db_path.clone(), config.data_dir(), NodeId(config.node_id), now_ms());
     let opts = config.capture_options();
     let saved = tokio::task::spawn_blocking(move || {
         let db = Db::open(&path, node, opts)?;
-        Snapshots::write_file(&db, &dir, now)
+        let saved = Snapshots::write_file(&db, &dir, now)?;
+        let deadline = Instant::now() + PUBLISH_WAIT;
+        let published = loop {
+            match saved.check_published(&db) {
+                Err(marmot_core::Error::SnapshotUnpublished(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(PUBLISH_POLL)
+                }
+                other => break other,
+            }
+        };
+        match published {
+            Ok(()) => Ok(Ok(saved)),
+            Err(e) => {
+                let _ = std::fs::remove_file(&saved.path);
+                match e {
+                    marmot_core::Error::SnapshotUnpublished(through) => Ok(Err(NotSaved::Unpublished(through))),
+                    e => Err(e),
+                }
+            }
+        }
     })
     .await??;
-    Ok(snapshots.upload_file(node, now, saved).await?)
+    match saved {
+        Ok(saved) => Ok(Ok(snapshots.upload_file(node, now, saved).await?)),
+        Err(not) => Ok(Err(not)),
+    }
 }
 
 /// Whether this node's stored positions are behind what the streams still hold.

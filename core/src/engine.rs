@@ -55,7 +55,17 @@ pub struct EngineConfig {
     /// Apply other nodes' schema changes from the schema log (`replicate_ddl`); off, the
     /// log's entries are passed over and schemas are changed on every node by hand.
     pub replicate_ddl: bool,
+    /// Tombstones (versions of deleted rows) are removed once older than this, in
+    /// milliseconds (0: kept for ever). Local changes left unpublished for longer are never
+    /// published (the node restores a snapshot instead). The same on every node.
+    pub tombstone_retention_ms: u64,
 }
+
+/// Default of [`EngineConfig::tombstone_retention_ms`]: seven days.
+pub const TOMBSTONE_RETENTION_MS_DEFAULT: u64 = 7 * 24 * 3600 * 1000;
+
+/// Longest time between two looks for tombstones to collect.
+pub const COLLECT_EVERY_MS_MAX: u64 = 60_000;
 
 /// The shard whose log orders schema changes cluster-wide.
 pub const SCHEMA_SHARD: Shard = Shard(0);
@@ -79,6 +89,7 @@ impl Default for EngineConfig {
             stray_after_entries: wire::STRAY_AFTER_ENTRIES_DEFAULT,
             publish_ahead_entries_max: u64::MAX,
             replicate_ddl: true,
+            tombstone_retention_ms: TOMBSTONE_RETENTION_MS_DEFAULT,
         }
     }
 }
@@ -132,6 +143,8 @@ pub struct EngineStats {
     pub schema_changes_published: u64,
     /// Entries of the schema log applied (this node's own included).
     pub schema_changes_applied: u64,
+    /// Tombstones removed after the retention.
+    pub tombstones_collected: u64,
 }
 
 struct ShardReader {
@@ -167,6 +180,10 @@ pub struct Engine<S: ChangeSource> {
     peer_schemas: BTreeMap<NodeId, PeerSchema>,
     /// Whether schema changes are parked here (`None`: not looked yet).
     parked_schema: Option<bool>,
+    /// When (wall ms) tombstones were last looked for.
+    collected_at_ms: u64,
+    /// Whether expired changes were set aside and a restore is due (`None`: not read yet).
+    restore_required: Option<bool>,
 }
 
 /// Another node's schema, as its batches report it, when it differs from this node's.
@@ -211,6 +228,8 @@ impl<S: ChangeSource> Engine<S> {
             holding_since: None,
             peer_schemas: BTreeMap::new(),
             parked_schema: None,
+            collected_at_ms: 0,
+            restore_required: None,
         }
     }
 
@@ -261,7 +280,16 @@ impl<S: ChangeSource> Engine<S> {
         if self.reader_lags(shard)? {
             return Ok(0);
         }
-        let Some(pending) = self.source.pending().await? else { return Ok(0) };
+        let Some(pending) = self.source.pending().await? else {
+            // After a set-aside, changes committed since are published (they are young);
+            // then the node must restore.
+            let required = match self.restore_required {
+                Some(r) => r,
+                None => *self.restore_required.insert(self.db.restore_required()?),
+            };
+            return if required { Err(Error::RestoreRequired) } else { Ok(0) };
+        };
+        self.refuse_expired(&pending.batch)?;
         if pending.batch.tables.is_empty() {
             // Every row read was overwritten since by a newer remote write, which carries it.
             self.source.acknowledge(pending.through).await?;
@@ -292,6 +320,28 @@ impl<S: ChangeSource> Engine<S> {
         self.stats.changes_published += n;
         debug!(shard = %shard, changes = n, parts = parts.len(), through = %pending.through, "published batch");
         Ok(n)
+    }
+
+    /// Sets every pending local change aside, never to be published, after
+    /// [`Error::ChangesExpired`]: once this engine has published what was committed since,
+    /// it answers [`Error::RestoreRequired`] and the node restores a snapshot. Returns how
+    /// many were set aside.
+    pub fn set_aside_pending(&mut self) -> Result<u64> {
+        let n = self.db.set_aside_pending()?;
+        self.restore_required = Some(true);
+        Ok(n)
+    }
+
+    /// Refuses to publish local changes older than the tombstone retention (see
+    /// [`Error::ChangesExpired`]).
+    fn refuse_expired(&self, batch: &Batch) -> Result<()> {
+        let retention_ms = self.config.tombstone_retention_ms;
+        let Some(oldest) = batch.min_hlc() else { return Ok(()) };
+        let age_ms = self.db.wall_ms()?.saturating_sub(oldest.millis());
+        if retention_ms == 0 || age_ms <= retention_ms {
+            return Ok(());
+        }
+        Err(Error::ChangesExpired { changes: batch.len() as u64, age_ms, retention_ms })
     }
 
     /// Publishes this node's queued schema changes on the schema log, oldest first, each
@@ -680,7 +730,72 @@ impl<S: ChangeSource> Engine<S> {
             self.parked_generation = self.db.schema_generation();
             self.retry_parked()?;
         }
+        more |= self.collect_tombstones().await?;
         Ok(more)
+    }
+
+    /// Removes one slice of tombstones older than the retention, when it is safe (see
+    /// `sqlite::tombstones`): notes first whether this node has applied everything its
+    /// logs hold now. Looks at most every eighth of the retention (and every minute).
+    /// Returns whether more are left.
+    async fn collect_tombstones(&mut self) -> Result<bool> {
+        let retention = self.config.tombstone_retention_ms;
+        if retention == 0 || !self.config.replicate {
+            return Ok(false);
+        }
+        let now = self.db.wall_ms()?;
+        if now < self.collected_at_ms + (retention / 8).clamp(1, COLLECT_EVERY_MS_MAX) {
+            return Ok(false);
+        }
+        self.collected_at_ms = now;
+        let mut caught_up = true;
+        for s in 0..self.transport.shard_count() {
+            let shard = Shard(s);
+            let bounds = self.transport.bounds(shard).await?;
+            let epoch = self.db.stream_epoch(shard)?;
+            let recreated = epoch != 0 && bounds.epoch != 0 && epoch != bounds.epoch;
+            if recreated || self.db.position(shard)? < bounds.last {
+                caught_up = false;
+                break;
+            }
+        }
+        if caught_up {
+            self.db.note_caught_up(now)?;
+        }
+        let since = self.db.caught_up_ms()?;
+        let mut horizon = since.saturating_sub(retention).saturating_sub(self.config.clock_skew_ms_max);
+        if let Some(parked) = self.oldest_parked_ms()? {
+            horizon = horizon.min(parked.saturating_sub(self.config.clock_skew_ms_max));
+        }
+        if horizon == 0 {
+            return Ok(false);
+        }
+        let (n, more) = self.db.collect_tombstones_step(Hlc::from_millis(horizon))?;
+        if n > 0 {
+            self.stats.tombstones_collected += n;
+            debug!(tombstones = n, horizon_ms = horizon, "collected tombstones older than the retention");
+        }
+        if more {
+            // Due again at the next maintenance.
+            self.collected_at_ms = 0;
+        }
+        Ok(more)
+    }
+
+    /// The wall-clock milliseconds of the oldest row change in a parked batch (which this
+    /// node applies once its schema fits): tombstones younger than it are kept.
+    fn oldest_parked_ms(&self) -> Result<Option<u64>> {
+        let mut oldest: Option<u64> = None;
+        for (_, _, bytes) in self.db.parked()? {
+            // A stray (part of an incomplete batch) does not decode alone: it is applied only
+            // with parts its origin publishes later, within the retention by the publishing
+            // rule, so it holds nothing back.
+            let Ok(batch) = wire::decode_single(&bytes) else { continue };
+            if let Some(h) = batch.min_hlc() {
+                oldest = Some(oldest.map_or(h.millis(), |o| o.min(h.millis())));
+            }
+        }
+        Ok(oldest)
     }
 
     /// Applies parked schema changes that now apply: one that failed on rows its

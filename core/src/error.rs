@@ -1,6 +1,6 @@
 //! The one error type of `marmot-core`.
 
-use crate::model::{Position, Shard};
+use crate::model::{Hlc, Position, Shard};
 
 /// A result with the core [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -98,6 +98,32 @@ pub enum Error {
          table save them"
     )]
     PartialSelection(String),
+    /// A snapshot's copy holds local changes (through this version) that are not
+    /// published yet. A snapshot is uploaded only once they are: should they never be (they
+    /// outlive the tombstone retention and are set aside), nodes restored from it would
+    /// hold rows no other node has.
+    #[error("the copy holds local changes not published yet (through {0}); the snapshot waits until they are")]
+    SnapshotUnpublished(Hlc),
+    /// Local changes waited unpublished for longer than the tombstone retention: other
+    /// nodes may have collected the tombstones that decide them, so publishing them could
+    /// bring deleted rows back. The node restores a snapshot instead (keeping a copy of its
+    /// database first).
+    #[error(
+        "{changes} local changes were not published for {age_ms} ms, longer than tombstone_retention \
+         ({retention_ms} ms): publishing them could bring back rows deleted elsewhere"
+    )]
+    ChangesExpired {
+        /// Local changes not published.
+        changes: u64,
+        /// Age of the oldest one, in milliseconds.
+        age_ms: u64,
+        /// The retention they outlived, in milliseconds.
+        retention_ms: u64,
+    },
+    /// This node set aside local changes that outlived the tombstone retention: it
+    /// neither publishes nor saves a snapshot until it has restored one.
+    #[error("this node set aside local changes older than tombstone_retention and must restore a snapshot first")]
+    RestoreRequired,
     /// A fault injected by a test or the simulator at a named point.
     #[error("injected crash at {0}")]
     InjectedCrash(&'static str),

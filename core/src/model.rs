@@ -289,6 +289,11 @@ impl Batch {
         self.len() == 0
     }
 
+    /// The smallest version in the batch, if any.
+    pub fn min_hlc(&self) -> Option<Hlc> {
+        self.tables.iter().flat_map(|t| t.rows.iter().map(|r| r.hlc)).min()
+    }
+
     /// The greatest version in the batch, if any.
     pub fn max_hlc(&self) -> Option<Hlc> {
         self.tables.iter().flat_map(|t| t.rows.iter().map(|r| r.hlc)).max()

@@ -108,9 +108,15 @@ impl Snapshots {
     }
 
     /// Saves `db` (using `work_dir` for temporary files), uploads it with its manifest and
-    /// deletes snapshots beyond the `keep` that cover the most.
+    /// deletes snapshots beyond the `keep` that cover the most. Refused with
+    /// [`Error::SnapshotUnpublished`] when the copy holds local changes `db` has not
+    /// published yet.
     pub async fn save(&self, db: &Db, work_dir: &Path, now_ms: u64) -> Result<Manifest> {
         let saved = Snapshots::write_file(db, work_dir, now_ms)?;
+        if let Err(e) = saved.check_published(db) {
+            let _ = std::fs::remove_file(&saved.path);
+            return Err(e);
+        }
         self.upload_file(db.node(), now_ms, saved).await
     }
 
@@ -127,6 +133,8 @@ impl Snapshots {
 
     /// The async half of [`save`](Self::save): uploads a file from
     /// [`write_file`](Self::write_file) with its manifest, deletes it locally, prunes.
+    /// Check [`SnapshotFile::check_published`](crate::sqlite::SnapshotFile::check_published)
+    /// first.
     pub async fn upload_file(&self, node: NodeId, now_ms: u64, saved: crate::sqlite::SnapshotFile) -> Result<Manifest> {
         let result = self.upload(&stem(node, now_ms), node, now_ms, &saved).await;
         let _ = std::fs::remove_file(&saved.path);

@@ -147,6 +147,9 @@ counters! {
     snapshot_saves_refused_behind,
     /// Saves refused because the node leaves tables out of replication.
     snapshot_saves_refused_partial,
+    /// Saves whose copy held local changes that could not be published (a snapshot holds
+    /// only published changes).
+    snapshot_saves_refused_unpublished,
     /// Nodes that replicate only some tables (`[replication]` include/exclude).
     partial_nodes,
     /// Remote row changes a node passed over because it does not replicate their table.
@@ -158,6 +161,18 @@ counters! {
     /// Rows application triggers wrote into replicated tables on origins (`audit`, `stock`,
     /// `users` stamps), captured and carried in the same batch.
     trigger_writes,
+    /// Runs with a tombstone retention (tombstones collected, old changes never published).
+    retention_runs,
+    /// Tombstones removed after the retention.
+    tombstones_collected,
+    /// Times a node found local changes older than the retention unpublished, set them
+    /// aside and restored a snapshot.
+    expired_restores,
+    /// Local writes those restores left unpublished (the model drops them).
+    writes_expired,
+    /// Times every node that could give a snapshot had set changes aside and the operator
+    /// kept one's data (`marmot -keep-set-aside`).
+    set_asides_kept,
 }
 
 /// Counters the simulation cannot reach yet, with the reason. The test requires them to

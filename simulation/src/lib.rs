@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod counters;
+pub mod expiry;
 pub mod faults;
 pub mod model;
 pub mod oracle;

@@ -159,6 +159,11 @@ pub struct Scenario {
     /// Which tables each node replicates (`[replication]`); node 0 always replicates every
     /// table (snapshots come from nodes that do).
     pub selections: Vec<TableSelection>,
+    /// `tombstone_retention` in milliseconds (0: tombstones kept). Runs that collect
+    /// tombstones have clocks skewed by at most 5 ms (the skew margin of the horizon), and
+    /// no stream recreation (a change whose only copy was in a lost stream and which its
+    /// origin no longer publishes would be lost; see docs/internals.md).
+    pub tombstone_retention_ms: u64,
 }
 
 fn email() -> impl Strategy<Value = Option<String>> {
@@ -298,11 +303,18 @@ pub fn scenario(actions_max: usize) -> impl Strategy<Value = Scenario> {
         fault_mix(),
         prop::collection::vec(action(), 1..actions_max),
         prop::collection::vec(selection(), 5),
+        prop_oneof![3 => Just(0u64), 1 => 1u64..16],
     )
-        .prop_map(|(nodes, shards, skew_ms, faults, actions, mut selections)| {
+        .prop_map(|(nodes, shards, mut skew_ms, faults, mut actions, mut selections, tombstone_retention_ms)| {
             selections[0] = TableSelection::default();
             selections.truncate(nodes);
-            Scenario { nodes, shards, skew_ms, faults, actions, selections }
+            if tombstone_retention_ms > 0 {
+                skew_ms.iter_mut().for_each(|s| *s /= 10);
+                for a in actions.iter_mut().filter(|a| matches!(a, Action::RecreateStreams)) {
+                    *a = Action::Tick;
+                }
+            }
+            Scenario { nodes, shards, skew_ms, faults, actions, selections, tombstone_retention_ms }
         })
 }
 

@@ -68,6 +68,30 @@ impl World {
             let db = self.nodes[i].engine.as_ref().expect("engine running").db();
             saved = block_on(self.snapshots.save(db, self.work_dir(), self.now_ms(i)));
         }
+        if let Err(Error::SnapshotUnpublished(through)) = saved {
+            // The copy holds local changes not published yet: `marmot` uploads it once its
+            // node loop has published them, here the saver publishes and saves again.
+            self.trace.push(format!("node {i}: snapshot waits for changes through {through} to be published"));
+            if !self.publish_all(i)? {
+                self.counters.snapshot_saves_refused_unpublished += 1;
+                self.trace.push(format!("node {i}: not saving a snapshot: its changes could not be published"));
+                return Ok(None);
+            }
+            let db = self.nodes[i].engine.as_ref().expect("engine running").db();
+            saved = block_on(self.snapshots.save(db, self.work_dir(), self.now_ms(i)));
+            if let Err(Error::SnapshotUnpublished(_)) = saved {
+                return Err(Failure(format!(
+                    "node {i}: published everything, yet its snapshot holds unpublished changes"
+                )));
+            }
+        }
+        if let Err(Error::RestoreRequired) = saved {
+            // Its changes outlived the retention while it published them: it restores
+            // (at its next publish) instead of saving.
+            self.counters.snapshot_saves_refused_unpublished += 1;
+            self.trace.push(format!("node {i}: not saving a snapshot: it set changes aside and must restore"));
+            return Ok(None);
+        }
         let excludes = !self.nodes[i].engine.as_ref().expect("engine running").db().excluded_tables().is_empty();
         match saved {
             Err(Error::PartialSelection(_)) if excludes && !self.replicates_all(i) => {
@@ -95,9 +119,12 @@ impl World {
         let manifest = match self.usable_snapshot()? {
             Some(m) => m,
             None => {
-                let saver = self.most_caught_up()?;
+                let saver = self.snapshot_source()?;
                 self.trace.push(format!("node {i}: asks node {saver} for a snapshot"));
-                self.save_snapshot(saver)?;
+                if self.save_snapshot(saver)?.is_none() && self.usable_snapshot()?.is_none() {
+                    self.trace.push(format!("node {i}: restore postponed: node {saver} saved no snapshot"));
+                    return Ok(false);
+                }
                 self.usable_snapshot()?.ok_or_else(|| {
                     let b: Vec<_> = (0..self.scenario.shards)
                         .map(|s| (self.log.first(Shard(s)).0, self.log.last(Shard(s)).0, self.log.epoch(Shard(s))))
@@ -128,15 +155,21 @@ impl World {
 
     /// Publishes everything node `i` has pending; false when a publish failed.
     pub(crate) fn publish_all(&mut self, i: usize) -> Result<bool, Failure> {
-        let engine = self.nodes[i].engine.as_mut().expect("engine running");
         loop {
+            let engine = self.nodes[i].engine.as_mut().expect("engine running");
             match block_on(engine.publish_once()) {
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(e) if e.is_retryable() || matches!(e, Error::InjectedCrash(_)) => return Ok(false),
+                // Changes older than the retention are set aside instead (the restore that
+                // follows replaces them).
+                Err(Error::ChangesExpired { .. }) => self.set_aside_expired(i)?,
+                // Everything committed since the set-aside is published.
+                Err(Error::RestoreRequired) => break,
                 Err(e) => return Err(Failure(format!("node {i}: publishing before a restore: {e}"))),
             }
         }
+        let engine = self.nodes[i].engine.as_mut().expect("engine running");
         block_on(engine.flush()).map_err(|e| Failure(format!("node {i}: flush: {e}")))?;
         self.record_writes(i)?;
         Ok(true)
@@ -154,20 +187,36 @@ impl World {
     /// Among the nodes that replicate every table (the ones that save snapshots) and hold
     /// everything the streams dropped, the one whose stored positions are highest (summed
     /// over shards).
-    pub(crate) fn most_caught_up(&self) -> Result<usize, Failure> {
+    /// With `can_save`, only among nodes that have not set changes aside (they cannot save
+    /// a snapshot until they restored one).
+    pub(crate) fn most_caught_up(&self, can_save: bool) -> Result<usize, Failure> {
         let mut best: Option<(usize, u64)> = None;
-        for i in (0..self.nodes.len()).filter(|&i| self.replicates_all(i)) {
-            let (mut sum, mut covers) = (0, true);
-            for s in 0..self.scenario.shards {
-                let p = self.stored_position(i, Shard(s))?;
-                covers &= p + 1 >= self.log.first(Shard(s)).0;
-                sum += p;
+        for i in self.holders_of_dropped()? {
+            let db = self.nodes[i].engine.as_ref().expect("engine").db();
+            if can_save && db.restore_required().map_err(|e| Failure(e.to_string()))? {
+                continue;
             }
-            if covers && best.is_none_or(|(_, b)| sum > b) {
+            let sum = (0..self.scenario.shards).map(|s| self.stored_position(i, Shard(s))).sum::<Result<u64, _>>()?;
+            if best.is_none_or(|(_, b)| sum > b) {
                 best = Some((i, sum));
             }
         }
         best.map(|(i, _)| i).ok_or_else(|| Failure("no node holds what the streams dropped".into()))
+    }
+
+    /// The nodes that replicate every table and hold everything the streams dropped.
+    pub(crate) fn holders_of_dropped(&self) -> Result<Vec<usize>, Failure> {
+        let mut out = Vec::new();
+        for i in (0..self.nodes.len()).filter(|&i| self.replicates_all(i)) {
+            let mut covers = true;
+            for s in 0..self.scenario.shards {
+                covers &= self.stored_position(i, Shard(s))? + 1 >= self.log.first(Shard(s)).0;
+            }
+            if covers {
+                out.push(i);
+            }
+        }
+        Ok(out)
     }
 
     /// Node `i`'s stored position in `shard`'s current log: 0 while it is stored against

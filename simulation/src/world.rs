@@ -50,7 +50,7 @@ pub struct World {
     pub(crate) log: MemoryLog,
     pub(crate) nodes: Vec<Node>,
     pub(crate) scenario: Scenario,
-    writes: Vec<Write>,
+    pub(crate) writes: Vec<Write>,
     /// Events, in order; equal traces mean equal runs.
     pub trace: Vec<String>,
     tick: u64,
@@ -62,6 +62,8 @@ pub struct World {
     pub(crate) snapshots: marmot_core::snapshots::Snapshots,
     /// How many times each migration ran (on any node).
     pub(crate) migrations_run: Vec<u32>,
+    /// Row changes that reached the log in complete batches (runs with a retention).
+    pub(crate) stored: crate::expiry::StoredWrites,
 }
 
 /// What node `i`'s capture runs with: the simulated clock and the node's selection.
@@ -74,11 +76,18 @@ pub(crate) fn capture_options(s: &Scenario, i: usize) -> CaptureOptions {
 }
 
 fn engine_config(s: &Scenario) -> EngineConfig {
+    let defaults = EngineConfig::default();
     EngineConfig {
         encode: EncodeOptions { compress: s.faults.compress, part_bytes_max: s.faults.part_bytes_max },
         fetch_entries_max: 8,
         stray_after_entries: s.faults.stray_after_entries,
-        ..EngineConfig::default()
+        tombstone_retention_ms: s.tombstone_retention_ms,
+        // The horizon's skew margin: the largest skew drawn (every clock is at least 0).
+        clock_skew_ms_max: match s.tombstone_retention_ms {
+            0 => defaults.clock_skew_ms_max,
+            _ => s.skew_ms.iter().copied().max().unwrap_or(0) + 1,
+        },
+        ..defaults
     }
 }
 
@@ -117,6 +126,7 @@ impl World {
             retired: Vec::new(),
             snapshots: crate::snapshots::snapshots(),
             migrations_run: vec![0; schema::MIGRATIONS.len()],
+            stored: Default::default(),
         };
         for i in 0..world.nodes.len() {
             world.start(i)?;
@@ -172,10 +182,12 @@ impl World {
     /// Atomicity is checked on every node after every action.
     pub fn run(&mut self) -> Result<(), Failure> {
         let actions = self.scenario.actions.clone();
+        self.counters.retention_runs = u64::from(self.scenario.tombstone_retention_ms > 0);
         for (step, action) in actions.iter().enumerate() {
             self.act(action)
                 .and_then(|()| self.check_atomicity_everywhere())
                 .map_err(|Failure(m)| Failure(format!("step {step} ({action:?}): {m}")))?;
+            self.scan_log();
         }
         self.heal()?;
         self.check_atomicity_everywhere()?;
@@ -289,6 +301,10 @@ impl World {
                 self.trace.push(format!("node {i}: {e}"));
                 self.counters.restores_after_truncation += u64::from(self.restore(i)?);
             }
+            Err(e @ (Error::ChangesExpired { .. } | Error::RestoreRequired)) => {
+                self.trace.push(format!("node {i}: {e}"));
+                self.expire(i)?;
+            }
             Err(e) => return Err(Failure(format!("node {i}: {e}"))),
         }
         // Capture may log rows outside the application's transactions too: the rows of a
@@ -369,6 +385,10 @@ impl World {
                         self.counters.restores_after_truncation += u64::from(self.restore(i)?);
                         1
                     }
+                    Err(Error::ChangesExpired { .. } | Error::RestoreRequired) => {
+                        self.expire(i)?;
+                        1
+                    }
                     // A subscription opened before the logs were recreated ends once; the
                     // next step subscribes to the new logs.
                     Err(e) if e.is_retryable() && self.counters.streams_recreated > 0 => 1,
@@ -377,6 +397,7 @@ impl World {
                 self.record_writes(i)?;
                 self.count_parts(before);
                 self.count_aside(i)?;
+                self.scan_log();
                 oracle::check_atomicity(&self.nodes[i].app, i)?;
             }
             idle_rounds = if work == 0 { idle_rounds + 1 } else { 0 };
@@ -399,6 +420,7 @@ impl World {
         c.live_truncations = fired.live_truncations;
         let live = self.nodes.iter().filter_map(|n| n.engine.as_ref().map(|e| e.stats()));
         for stats in self.retired.iter().chain(live) {
+            c.tombstones_collected += stats.tombstones_collected;
             c.batches_applied += stats.batches_applied;
             c.rows_skipped += stats.rows_skipped;
             c.parked_batches += stats.batches_parked;

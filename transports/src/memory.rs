@@ -190,6 +190,19 @@ impl MemoryLog {
     pub fn last(&self, shard: Shard) -> Position {
         Position(self.lock().shards[shard.0 as usize].last)
     }
+
+    /// The entries `shard` still holds after `after`, with their positions, as stored
+    /// (regardless of any node's delivery faults).
+    pub fn stored_after(&self, shard: Shard, after: Position) -> Vec<(Position, Bytes)> {
+        let st = self.lock();
+        let log = &st.shards[shard.0 as usize];
+        log.entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (Position(log.first + i as u64), e.payload.clone()))
+            .filter(|(p, _)| *p > after)
+            .collect()
+    }
 }
 
 /// One node's view of a [`MemoryLog`].

@@ -59,6 +59,12 @@ pub struct Status {
     pub shadow_tables: Vec<ShadowTable>,
     /// Rows in `__marmot__versions`: one per replicated row, deleted ones included.
     pub version_rows: u64,
+    /// Of those, tombstones (versions of deleted rows) held now.
+    pub tombstones: u64,
+    /// Tombstones removed after `tombstone_retention` so far.
+    pub tombstones_collected: u64,
+    /// Tombstones versioned before this time (ms since the epoch) were removed (0: none).
+    pub tombstone_horizon_ms: u64,
     /// Per table, rows whose primary key holds NULL: not replicated.
     pub null_key_rows: Vec<NullKeyRows>,
     /// How far this node's clock (the highest version produced or applied) is ahead of
@@ -189,6 +195,9 @@ pub fn read_database(config: &Config) -> Result<Status, String> {
         aside_rows: 0,
         shadow_tables: Vec::new(),
         version_rows: 0,
+        tombstones: 0,
+        tombstones_collected: 0,
+        tombstone_horizon_ms: 0,
         null_key_rows: Vec::new(),
         clock_ahead_ms: 0,
         remote_ahead_ms: 0,
@@ -278,6 +287,16 @@ fn read_bookkeeping(conn: &Connection, status: &mut Status) -> Result<std::colle
     )?;
     status.aside_rows = count("SELECT count(*) FROM __marmot__aside", "__marmot__aside")?;
     status.version_rows = count("SELECT count(*) FROM __marmot__versions", "__marmot__versions")?;
+    status.tombstones = count("SELECT count(*) FROM __marmot__versions WHERE deleted = 1", "__marmot__versions")?;
+    status.tombstones_collected = count(
+        "SELECT coalesce((SELECT value FROM __marmot__state WHERE key = 'tombstones_collected'), 0)",
+        "__marmot__state",
+    )?;
+    status.tombstone_horizon_ms = marmot_core::Hlc(count(
+        "SELECT coalesce((SELECT value FROM __marmot__state WHERE key = 'tombstone_horizon'), 0)",
+        "__marmot__state",
+    )?)
+    .millis();
     status.shadow_tables = shadow_tables(conn).map_err(|e| sql_err("dbstat", e))?;
     let mut stmt = conn
         .prepare("SELECT id, shard, position, error FROM __marmot__parked ORDER BY id LIMIT ?1")
@@ -418,6 +437,13 @@ pub fn render(s: &Status) -> String {
             parts.join(", "),
             s.version_rows
         );
+    }
+    if s.version_rows > 0 || s.tombstones_collected > 0 {
+        let horizon = match s.tombstone_horizon_ms {
+            0 => String::new(),
+            h => format!("; older than {} s ago removed", now_ms().saturating_sub(h) / 1000),
+        };
+        let _ = writeln!(o, "tombstones: {} held, {} collected{horizon}", s.tombstones, s.tombstones_collected);
     }
     for n in &s.null_key_rows {
         let _ = writeln!(o, "rows not replicated (NULL in the primary key): {} in {}", n.rows, n.table);

@@ -75,6 +75,7 @@ CREATE TABLE IF NOT EXISTS __marmot__tables(id INTEGER PRIMARY KEY, name TEXT NO
 CREATE TABLE IF NOT EXISTS __marmot__versions(
   tbl INTEGER NOT NULL, pk BLOB NOT NULL, hlc INTEGER NOT NULL, node INTEGER NOT NULL,
   deleted INTEGER NOT NULL, PRIMARY KEY (tbl, pk)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS __marmot__tombstones ON __marmot__versions(hlc) WHERE deleted = 1;
 CREATE TABLE IF NOT EXISTS __marmot__aside(
   tbl INTEGER NOT NULL, pk BLOB NOT NULL, hlc INTEGER NOT NULL, node INTEGER NOT NULL,
   image BLOB NOT NULL, PRIMARY KEY (tbl, pk)) WITHOUT ROWID;
@@ -537,7 +538,7 @@ fn ensure_width(conn: &Connection, table: &str, prefix: &str, fixed: usize, widt
 }
 
 /// The next local version, computed by reads only: `max(now, clock + 1, max(log) + 1)`.
-fn next_hlc_sql(time_ms_sql: &str) -> String {
+pub(super) fn next_hlc_sql(time_ms_sql: &str) -> String {
     format!(
         "(SELECT max(({time_ms_sql}) * 65536, c.hlc + 1, \
          coalesce((SELECT max(hlc) FROM __marmot__log), 0) + 1) \

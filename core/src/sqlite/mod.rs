@@ -21,6 +21,7 @@ mod reader;
 mod schema;
 mod snapshot;
 pub mod stream_vfs;
+mod tombstones;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -34,6 +35,7 @@ pub use schema::{
     pk_key, quote, Collation, Schema, SkippedTable, TableInfo, TableSelection, UniqueIndex, EXCLUDED_REASON, PREFIX,
 };
 pub use snapshot::{checksum_file, Progress, SnapshotFile};
+pub use tombstones::COLLECT_STEP_ROWS;
 
 use crate::error::{Error, Result, SqlContext};
 use crate::model::{Hlc, NodeId, Position, Shard, Value, Version};

@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OpenFlags};
 
-use super::{quote, stream_vfs, Db, PREFIX};
+use super::{get_state, quote, stream_vfs, Db, PREFIX};
 use crate::error::{Error, Result, SqlContext};
-use crate::model::{Position, Shard};
+use crate::model::{Hlc, Position, Shard};
 
 /// Buffer size for streaming copies.
 const COPY_BUFFER_BYTES: usize = 256 * 1024;
@@ -39,6 +39,21 @@ pub struct SnapshotFile {
     pub positions: Vec<(Shard, Position)>,
     /// The epoch of each shard's log those positions belong to (0: not recorded).
     pub epochs: Vec<(Shard, u64)>,
+    /// The highest local change in the copy that was not published when it was taken.
+    /// Upload the file only once the node has published through it
+    /// ([`SnapshotFile::check_published`]).
+    pub unpublished: Option<Hlc>,
+}
+
+impl SnapshotFile {
+    /// `Err(SnapshotUnpublished)` while `db` has not published every local change the
+    /// copy holds.
+    pub fn check_published(&self, db: &Db) -> Result<()> {
+        match self.unpublished {
+            Some(through) if db.published_hlc()? < through => Err(Error::SnapshotUnpublished(through)),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Reports progress: (bytes done, bytes total).
@@ -92,6 +107,9 @@ impl Db {
         if !excluded.is_empty() {
             return Err(Error::PartialSelection(excluded.join(", ")));
         }
+        if self.restore_required()? {
+            return Err(Error::RestoreRequired);
+        }
         let copy = work_dir.join(format!("{PREFIX}snapshot-{}.db", std::process::id()));
         let _ = std::fs::remove_file(&copy);
         let result = self.save_via(&copy, out);
@@ -105,9 +123,9 @@ impl Db {
         // A schema change this node has not noticed yet would reach nodes restored from
         // the copy without ever being published (and stay there if the application undid
         // it before this node noticed): save once it is noticed.
-        let unnoticed = {
+        let (unnoticed, unpublished) = {
             let conn = Connection::open(copy).ctx(|| "opening the copy".into())?;
-            super::ddl::unnoticed(&conn)?
+            (super::ddl::unnoticed(&conn)?, unpublished_through(&conn)?)
         };
         if unnoticed {
             return Err(Error::SchemaChanged);
@@ -128,6 +146,7 @@ impl Db {
             checksum: format!("xxh3-128:{:032x}", writer.hasher.digest128()),
             positions,
             epochs,
+            unpublished,
         })
     }
 
@@ -176,6 +195,9 @@ impl Db {
             self.conn
                 .execute("UPDATE __marmot__clock SET hlc = max(hlc, ?1) WHERE id = 0", [clock_before.0 as i64])
                 .ctx(|| "keeping the clock after the restore".into())?;
+            self.conn
+                .execute("DELETE FROM __marmot__state WHERE key = 'restore_required'", [])
+                .ctx(|| "clearing restore_required".into())?;
             self.checkpoint_in_background();
             self.reinstall()
         });
@@ -266,7 +288,19 @@ fn unpublished_changes(path: &Path) -> Result<u64> {
 /// to every version the copy holds; resets the published point. Returns the positions and
 /// the epochs of the logs they belong to.
 #[allow(clippy::type_complexity)]
-fn strip_capture(copy: &Path) -> Result<(Vec<(Shard, Position)>, Vec<(Shard, u64)>)> {
+/// The highest local change in `conn`'s log above its published version, if any.
+fn unpublished_through(conn: &Connection) -> Result<Option<Hlc>> {
+    let published = get_state(conn, "published_hlc")?;
+    let max: Option<i64> = conn
+        .query_row("SELECT max(hlc) FROM __marmot__log WHERE hlc > ?1", [published as i64], |r| r.get(0))
+        .ctx(|| "reading the copy's unpublished changes".into())?;
+    Ok(max.map(|h| Hlc(h as u64)))
+}
+
+/// Per shard: the stream positions a copy has applied, and their logs' epochs.
+type CopyPositions = (Vec<(Shard, Position)>, Vec<(Shard, u64)>);
+
+fn strip_capture(copy: &Path) -> Result<CopyPositions> {
     let conn = Connection::open(copy).ctx(|| "opening the copy".into())?;
     let triggers: Vec<String> = conn
         .prepare("SELECT name FROM sqlite_master WHERE type = 'trigger' AND substr(name, 1, 10) = ?1")

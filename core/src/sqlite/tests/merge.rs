@@ -226,3 +226,72 @@ fn columns_a_remote_row_does_not_carry_take_their_default() {
     n.apply(&b);
     assert_eq!(n.dump("t"), vec![vec![int(1), text("b"), NULL, text("k")]], "no default: NULL; a default: the default");
 }
+
+#[test]
+fn tombstones_below_the_horizon_are_collected_in_steps_and_live_rows_are_kept() {
+    let mut n = node(1, T);
+    let ms = |m: u64| Hlc::from_millis(m).0;
+    let rows: Vec<RowChange> = (0..1500).map(|i| row(ms(1000 + i as u64), i, "x")).collect();
+    n.apply(&t_batch(2, rows));
+    // 1,200 deletes at 3000 ms and later; 300 rows stay.
+    let dels: Vec<RowChange> = (0..1200).map(|i| delete(ms(3000 + i as u64), vec![int(i), NULL, NULL])).collect();
+    n.apply(&t_batch(2, dels));
+    assert_eq!(n.db.tombstones_held().unwrap(), 1200);
+    // Horizon 3100 ms: only the 100 tombstones versioned before it go.
+    assert_eq!(n.db.collect_tombstones_step(Hlc::from_millis(3100)).unwrap(), (100, false));
+    assert_eq!(n.db.tombstones_held().unwrap(), 1100);
+    assert!(n.db.version_of("t", &[int(99)]).unwrap().is_none(), "collected");
+    assert!(n.db.version_of("t", &[int(100)]).unwrap().unwrap().1, "younger than the horizon: kept");
+    // A horizon past every delete: a step of 1,000, then the rest.
+    assert_eq!(n.db.collect_tombstones_step(Hlc::from_millis(9000)).unwrap(), (1000, true));
+    assert_eq!(n.db.collect_tombstones_step(Hlc::from_millis(9000)).unwrap(), (100, false));
+    assert_eq!(n.db.tombstones_held().unwrap(), 0);
+    assert_eq!(n.db.tombstones_collected().unwrap(), (1200, Hlc::from_millis(9000)));
+    // Live rows keep their versions: an older write still loses against them.
+    assert_eq!(n.count("t"), 300);
+    assert_eq!(n.apply(&t_batch(3, vec![row(ms(10), 1400, "old")])).skipped, 1);
+}
+
+#[test]
+fn changes_set_aside_are_not_published_and_kept_ones_are_logged_again_with_new_versions() {
+    let mut n = node(1, T);
+    n.exec("INSERT INTO t VALUES (1, 'published', NULL)");
+    n.acknowledge_all();
+    n.exec("INSERT INTO t VALUES (2, 'old', NULL); UPDATE t SET name = 'old too' WHERE id = 1; DELETE FROM t WHERE id = 1");
+    let old = n.pending();
+    assert_eq!(n.db.set_aside_pending().unwrap(), 3);
+    assert!(n.db.restore_required().unwrap());
+    assert!(n.db.read_pending().unwrap().is_none(), "set aside: nothing to publish");
+    // Saving a snapshot now would spread rows no other node has.
+    let out = n.path.with_extension("snap");
+    assert!(matches!(n.db.save_snapshot(n.path.parent().unwrap(), &out), Err(Error::RestoreRequired)));
+    // Written after the set-aside: published as usual.
+    n.exec("INSERT INTO t VALUES (3, 'new', NULL)");
+    let p = n.acknowledge_all();
+    assert_eq!(p.batch.len(), 1);
+    // The operator keeps this node's data: the rows whose versions were set aside (2 and
+    // the tombstone of 1) are logged again, versioned after everything before.
+    assert_eq!(n.db.keep_set_aside().unwrap(), Some(2));
+    assert!(!n.db.restore_required().unwrap());
+    assert_eq!(n.db.keep_set_aside().unwrap(), None, "nothing left to keep");
+    let again = n.pending();
+    assert!(again.batch.min_hlc().unwrap() > p.through, "new versions");
+    assert!(again.batch.min_hlc().unwrap() > old.through);
+    let rows: Vec<_> = again.batch.tables[0].rows.iter().map(|r| (r.values[0].clone(), r.op)).collect();
+    assert_eq!(rows, vec![(int(2), Op::Upsert), (int(1), Op::Delete)]);
+}
+
+#[test]
+fn a_snapshot_holding_unpublished_changes_says_through_which() {
+    let mut n = node(1, T);
+    n.exec("INSERT INTO t VALUES (1, 'a', NULL)");
+    let p = n.pending();
+    let dir = n.path.parent().unwrap().to_owned();
+    let saved = n.db.save_snapshot(&dir, &dir.join("s.zst")).unwrap();
+    assert_eq!(saved.unpublished, Some(p.through));
+    assert!(matches!(saved.check_published(&n.db), Err(Error::SnapshotUnpublished(h)) if h == p.through));
+    n.db.acknowledge(p.through).unwrap();
+    saved.check_published(&n.db).unwrap();
+    let again = n.db.save_snapshot(&dir, &dir.join("t.zst")).unwrap();
+    assert_eq!(again.unpublished, None);
+}
