@@ -91,8 +91,9 @@ pub enum Action {
     Publish { node: usize },
     /// The engine of `node` reads and applies what `shard` has.
     Receive { node: usize, shard: u32 },
-    /// The engine of `node` does its housekeeping.
-    Maintain { node: usize },
+    /// The engine of `node` does its housekeeping; with `caught_up`, right after reading
+    /// everything its shards show (the moment tombstone collection looks for).
+    Maintain { node: usize, caught_up: bool },
     /// The `marmot` process of `node` crashes now and restarts.
     Crash { node: usize },
     /// The next publish of `node` crashes after publishing, before acknowledging.
@@ -237,7 +238,7 @@ fn action() -> impl Strategy<Value = Action> {
         2 => (node.clone(), 2u8..5).prop_map(|(node, size)| Action::Group { node, size }),
         6 => node.clone().prop_map(|node| Action::Publish { node }),
         8 => (node.clone(), 0u32..3).prop_map(|(node, shard)| Action::Receive { node, shard }),
-        1 => node.clone().prop_map(|node| Action::Maintain { node }),
+        1 => (node.clone(), any::<bool>()).prop_map(|(node, caught_up)| Action::Maintain { node, caught_up }),
         1 => node.clone().prop_map(|node| Action::Crash { node }),
         1 => node.clone().prop_map(|node| Action::CrashBeforeAck { node }),
         1 => (node.clone(), 0u8..4).prop_map(|(node, rows)| Action::CrashMidApply { node, rows }),

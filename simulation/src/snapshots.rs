@@ -149,6 +149,8 @@ impl World {
         self.counters.restores += 1;
         // The restored file has the snapshot's schema; the schema log brings it up to date.
         self.trace.push(format!("node {i}: restored {:?}", manifest.positions));
+        // The copy brought its saver's simulated wall clock: this node's is its own.
+        self.set_time()?;
         self.start(i)?;
         self.record_writes(i).and_then(|()| crate::oracle::check_atomicity(&self.nodes[i].app, i)).map(|()| true)
     }

@@ -257,7 +257,9 @@ fn changes_set_aside_are_not_published_and_kept_ones_are_logged_again_with_new_v
     let mut n = node(1, T);
     n.exec("INSERT INTO t VALUES (1, 'published', NULL)");
     n.acknowledge_all();
-    n.exec("INSERT INTO t VALUES (2, 'old', NULL); UPDATE t SET name = 'old too' WHERE id = 1; DELETE FROM t WHERE id = 1");
+    n.exec(
+        "INSERT INTO t VALUES (2, 'old', NULL); UPDATE t SET name = 'old too' WHERE id = 1; DELETE FROM t WHERE id = 1",
+    );
     let old = n.pending();
     assert_eq!(n.db.set_aside_pending().unwrap(), 3);
     assert!(n.db.restore_required().unwrap());
