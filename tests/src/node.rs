@@ -29,6 +29,8 @@ pub struct NodeConfig {
     /// More TOML appended as is (top-level keys must not follow a table header, so put
     /// whole tables here).
     pub extra: String,
+    /// TOML lines for top-level keys (`tombstone_retention = 3000`), before any section.
+    pub top: String,
 }
 
 impl NodeConfig {
@@ -44,6 +46,7 @@ impl NodeConfig {
             max_entries: 1_000_000,
             server_config: None,
             extra: String::new(),
+            top: String::new(),
         }
     }
 
@@ -60,6 +63,7 @@ impl NodeConfig {
         let mut out = String::new();
         let _ = writeln!(out, "db_path = {}", quote(&self.db_path.to_string_lossy()));
         let _ = writeln!(out, "node_id = {}", self.node_id);
+        out.push_str(&self.top);
         let _ = writeln!(out, "\n[replication_log]");
         let _ = writeln!(out, "shards = {}", self.shards);
         let _ = writeln!(out, "replicas = {}", self.replicas);
