@@ -173,6 +173,9 @@ counters! {
     /// Times every node that could give a snapshot had set changes aside and the operator
     /// kept one's data (`marmot -keep-set-aside`).
     set_asides_kept,
+    /// Rows changed behind capture's back after convergence that the digests of
+    /// `marmot verify` found.
+    divergences_found,
 }
 
 /// Counters the simulation cannot reach yet, with the reason. The test requires them to

@@ -23,6 +23,7 @@ pub mod oracle;
 pub mod scenario;
 pub mod schema;
 pub mod snapshots;
+pub mod verify;
 pub mod workload;
 pub mod world;
 

@@ -200,7 +200,7 @@ impl World {
             let nodes = self.nodes.iter().zip(&self.scenario.selections);
             oracle::check_convergence(&self.writes, nodes.map(|(n, selection)| (&n.app, selection)))?;
         }
-        Ok(())
+        self.check_digests()
     }
 
     /// After quiescence, lets the retention and the clock skew pass: every node, caught up,

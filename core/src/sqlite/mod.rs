@@ -22,6 +22,7 @@ mod schema;
 mod snapshot;
 pub mod stream_vfs;
 mod tombstones;
+mod verify;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -36,6 +37,7 @@ pub use schema::{
 };
 pub use snapshot::{checksum_file, Progress, SnapshotFile};
 pub use tombstones::COLLECT_STEP_ROWS;
+pub use verify::{BucketRow, Digests, TableDigest, DIGEST_BUCKETS};
 
 use crate::error::{Error, Result, SqlContext};
 use crate::model::{Hlc, NodeId, Position, Shard, Value, Version};

@@ -13,6 +13,7 @@ mod merge;
 mod real_schemas;
 mod schema_changes;
 mod unique;
+mod verify;
 
 use std::path::PathBuf;
 
