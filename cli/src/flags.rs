@@ -133,6 +133,17 @@ pub enum Command {
         #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
         timeout: Duration,
     },
+    /// Compare the replicated tables of every running node: exit 0 when they are
+    /// identical, 1 when they differ (naming the tables and up to 10 keys with each node's
+    /// version), 2 when no point to compare was found within the timeout.
+    Verify {
+        /// Give up after this many seconds.
+        #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = parse_seconds)]
+        timeout: Duration,
+        /// One JSON object instead of text, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Parses a non-negative number of seconds, fractions allowed.

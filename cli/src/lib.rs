@@ -15,3 +15,4 @@ pub mod logging;
 pub mod metrics;
 pub mod run;
 pub mod snapshot;
+pub mod verify;

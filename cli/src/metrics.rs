@@ -79,6 +79,14 @@ pub fn set_disk_full(full: bool) {
     }
 }
 
+/// Records the result of a `marmot verify` run (0 identical, 1 differ, 2 inconclusive),
+/// when metrics are enabled.
+pub fn set_verify(code: u8, at_ms: u64) {
+    if let Some(m) = global() {
+        m.state().verify = Some((code, at_ms));
+    }
+}
+
 /// [`Metrics::spawn_collector`] on the process's metrics, when enabled.
 pub fn spawn_collector(transport: &Arc<NatsTransport>) -> Option<Collector> {
     global().map(|m| m.spawn_collector(transport.clone()))
@@ -132,6 +140,8 @@ struct State {
     nats_connected: Option<bool>,
     nats_connects: u64,
     disk_full: bool,
+    /// The last `marmot verify` result this node heard: (exit code, when in ms).
+    verify: Option<(u8, u64)>,
     embedded_restarts: Option<u64>,
     lag: Histogram,
     last_db_sample: Option<Instant>,
@@ -456,6 +466,20 @@ impl Metrics {
             "1 while applying is paused because the database's disk is full.",
             u64::from(s.disk_full),
         );
+        if let Some((code, at_ms)) = s.verify {
+            out.scalar(
+                "verify_last_result",
+                "gauge",
+                "Result of the last marmot verify: 0 identical, 1 the nodes differ, 2 no point to compare found.",
+                u64::from(code),
+            );
+            out.scalar(
+                "verify_last_timestamp_seconds",
+                "gauge",
+                "When the last marmot verify ended (Unix time).",
+                at_ms / 1000,
+            );
+        }
         if let Some(connected) = s.nats_connected {
             out.scalar("nats_connected", "gauge", "1 while the NATS connection is up.", u64::from(connected));
             out.scalar(

@@ -261,6 +261,7 @@ async fn run_node(config: Config, flags: Flags) -> Result<(), RunError> {
             Some(_) => Some(listen_for_snapshot_requests(&config, &transport, snap.requested.clone()).await?),
             None => None,
         };
+        let _verify = AbortOnDrop(crate::verify::listen(Arc::new(config.clone()), &transport).await?);
         loop {
             let restore = restore_if_behind(&config, &transport, snapshots.as_deref(), flags.force_restore, &stop);
             stop.unless(restore).await.transpose()?;

@@ -95,7 +95,7 @@ impl World {
                 .as_ref()
                 .expect("engine")
                 .db()
-                .bucket_rows(&t.table, &buckets)
+                .bucket_rows(&t.table, buckets[0], &[])
                 .map_err(|e| Failure(e.to_string()))
         };
         if let Some(o) = other {

@@ -1,5 +1,5 @@
-//! The subcommands that inspect a node instead of running it: `status`, `watch` and
-//! `wait`. They read the node's database read-only (never installing capture, never
+//! The subcommands that inspect a node instead of running it: `status`, `watch`, `wait`
+//! and `verify`. They read the node's database read-only (never installing capture, never
 //! writing) and reach NATS with the node's own `[nats]` settings: `nats.urls`, or, for a
 //! node that runs the embedded server, the client address written in that server's
 //! generated configuration (`<db dir>/nats/marmot-node-<id>.conf`).
@@ -8,6 +8,7 @@
 //! the node; like a starting node it creates the shard streams when they are missing.
 
 pub mod status;
+pub mod verify;
 pub mod wait;
 pub mod watch;
 
@@ -30,6 +31,15 @@ pub fn run(command: &Command, config: &Config) -> ExitCode {
             runtime().and_then(|rt| rt.block_on(watch::run(config, table, *json, *from_now)))
         }
         Command::Wait { timeout } => wait::run(config, *timeout),
+        Command::Verify { timeout, json } => {
+            return match runtime().and_then(|rt| rt.block_on(verify::run(config, *timeout, *json))) {
+                Ok(code) => ExitCode::from(code),
+                Err(message) => {
+                    eprintln!("marmot: {message}");
+                    ExitCode::from(verify::EXIT_INCONCLUSIVE)
+                }
+            };
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -65,6 +65,11 @@ pub struct Status {
     pub tombstones_collected: u64,
     /// Tombstones versioned before this time (ms since the epoch) were removed (0: none).
     pub tombstone_horizon_ms: u64,
+    /// The last `marmot verify` this node heard of: 0 identical, 1 the nodes differed,
+    /// 2 inconclusive; `None` when none ran.
+    pub verify_result: Option<u64>,
+    /// When it ended (ms since the epoch; 0: none).
+    pub verify_at_ms: u64,
     /// Per table, rows whose primary key holds NULL: not replicated.
     pub null_key_rows: Vec<NullKeyRows>,
     /// How far this node's clock (the highest version produced or applied) is ahead of
@@ -198,6 +203,8 @@ pub fn read_database(config: &Config) -> Result<Status, String> {
         tombstones: 0,
         tombstones_collected: 0,
         tombstone_horizon_ms: 0,
+        verify_result: None,
+        verify_at_ms: 0,
         null_key_rows: Vec::new(),
         clock_ahead_ms: 0,
         remote_ahead_ms: 0,
@@ -297,6 +304,14 @@ fn read_bookkeeping(conn: &Connection, status: &mut Status) -> Result<std::colle
         "__marmot__state",
     )?)
     .millis();
+    status.verify_at_ms =
+        count("SELECT coalesce((SELECT value FROM __marmot__state WHERE key = 'verify_at_ms'), 0)", "__marmot__state")?;
+    if status.verify_at_ms > 0 {
+        status.verify_result = Some(count(
+            "SELECT coalesce((SELECT value FROM __marmot__state WHERE key = 'verify_result'), 0)",
+            "__marmot__state",
+        )?);
+    }
     status.shadow_tables = shadow_tables(conn).map_err(|e| sql_err("dbstat", e))?;
     let mut stmt = conn
         .prepare("SELECT id, shard, position, error FROM __marmot__parked ORDER BY id LIMIT ?1")
@@ -444,6 +459,14 @@ pub fn render(s: &Status) -> String {
             h => format!("; older than {} s ago removed", now_ms().saturating_sub(h) / 1000),
         };
         let _ = writeln!(o, "tombstones: {} held, {} collected{horizon}", s.tombstones, s.tombstones_collected);
+    }
+    if let Some(code) = s.verify_result {
+        let what = match code {
+            0 => "identical",
+            1 => "the nodes DIFFER (run marmot verify for the keys)",
+            _ => "inconclusive",
+        };
+        let _ = writeln!(o, "last verify: {what}, {} s ago", now_ms().saturating_sub(s.verify_at_ms) / 1000);
     }
     for n in &s.null_key_rows {
         let _ = writeln!(o, "rows not replicated (NULL in the primary key): {} in {}", n.rows, n.table);
