@@ -754,7 +754,12 @@ impl<S: ChangeSource> Engine<S> {
             let bounds = self.transport.bounds(shard).await?;
             let epoch = self.db.stream_epoch(shard)?;
             let recreated = epoch != 0 && bounds.epoch != 0 && epoch != bounds.epoch;
-            if recreated || self.db.position(shard)? < bounds.last {
+            // Read through, not stored through: the stored position stays short of an
+            // incomplete batch, whose remaining parts its origin can only publish within
+            // the retention of its versions (so above the horizon noted now).
+            let stored = self.db.position(shard)?;
+            let read = self.read_at.get(&shard).copied().unwrap_or(stored).max(stored);
+            if recreated || read < bounds.last {
                 caught_up = false;
                 break;
             }

@@ -207,8 +207,15 @@ impl World {
     /// collects every tombstone (none is younger than the horizon then, unless a parked
     /// batch holds it back), and the rows stay the same.
     fn collect_when_quiet(&mut self) -> Result<(), Failure> {
+        // Until every node's horizon (its wall clock less the retention and the skew
+        // allowance) is past every version any node holds.
         let skew = self.scenario.skew_ms.iter().copied().max().unwrap_or(0) + 1;
-        for _ in 0..(self.scenario.tombstone_retention_ms + skew).div_ceil(3) + 1 {
+        let mut newest_ms = 0;
+        for n in &self.nodes {
+            let clock = n.engine.as_ref().expect("engine").db().clock().map_err(|e| Failure(e.to_string()))?;
+            newest_ms = newest_ms.max(clock.millis());
+        }
+        while (0..self.nodes.len()).any(|i| self.now_ms(i) <= newest_ms + self.scenario.tombstone_retention_ms + skew) {
             self.advance_tick();
         }
         // Two looks, a tick apart (more than the collection cadence of retention / 8).
