@@ -39,12 +39,19 @@ impl World {
             if triggers > 0 {
                 continue;
             }
+            // A row whose key holds no NULL (others are not replicated, nor in digests).
+            let keys: Vec<String> = app
+                .prepare(&format!("SELECT name FROM pragma_table_info('{}') WHERE pk > 0", t.table))
+                .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+                .map_err(fail)?;
+            let not_null: Vec<String> = keys.iter().map(|k| format!("\"{k}\" IS NOT NULL")).collect();
+            let sql = format!(
+                "SELECT rowid FROM \"{}\" WHERE {} ORDER BY rowid LIMIT 1",
+                t.table,
+                if not_null.is_empty() { "1".to_owned() } else { not_null.join(" AND ") }
+            );
             // WITHOUT ROWID tables have no rowid to point at: the next table.
-            let Ok(rowid) =
-                app.query_row(&format!("SELECT rowid FROM \"{}\" ORDER BY rowid LIMIT 1", t.table), [], |r| {
-                    r.get::<_, i64>(0)
-                })
-            else {
+            let Ok(rowid) = app.query_row(&sql, [], |r| r.get::<_, i64>(0)) else {
                 continue;
             };
             let columns: Vec<String> = app
