@@ -273,7 +273,12 @@ impl World {
                             }
                         }
                     }
-                    block_on(e.maintain()).map(|_| format!("maintained after reading {read}"))
+                    // `marmot` stops on a failed maintenance (cli/src/run.rs): so does the run.
+                    block_on(e.maintain()).map(|_| format!("maintained after reading {read}")).map_err(|e| match e {
+                        Error::InjectedCrash(_) => e,
+                        e if e.is_disk_full() => e,
+                        e => Error::Corrupt(format!("maintenance failed, marmot would stop: {e}")),
+                    })
                 })
             }
             Action::Crash { node } => {

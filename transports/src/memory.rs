@@ -290,6 +290,10 @@ impl LogTransport for MemoryTransport {
     async fn bounds(&self, shard: Shard) -> Result<Bounds> {
         let st = self.log.lock();
         check_shard(&st.shards, shard)?;
+        // A cut-off node cannot ask the server either.
+        if st.nodes[self.node].partitioned {
+            return Err(Error::transport("partitioned"));
+        }
         let log = &st.shards[shard.0 as usize];
         Ok(Bounds { first: Position(log.first), last: Position(log.last), epoch: log.epoch })
     }
