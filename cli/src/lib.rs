@@ -14,5 +14,6 @@ pub mod lock;
 pub mod logging;
 pub mod metrics;
 pub mod run;
+pub mod sampler;
 pub mod snapshot;
 pub mod verify;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use marmot_core::engine::{Engine, EngineConfig};
 use marmot_core::snapshots::Snapshots;
-use marmot_core::sqlite::{Db, SqliteChangeSource};
+use marmot_core::sqlite::{CommitPoints, Db, SqliteChangeSource, BATCH_ROWS_MAX};
 use marmot_core::wire::EncodeOptions;
 use marmot_core::{Error, LogTransport, NodeId, Shard};
 use marmot_transports::{EmbeddedOptions, EmbeddedServer, NatsOptions, NatsTransport};
@@ -17,6 +17,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::flags::Flags;
+use crate::sampler::{Sampler, Waker};
 use crate::snapshot;
 
 /// What [`run`] may fail with; `main` logs it and exits with status 1.
@@ -241,10 +242,11 @@ async fn run_node(config: Config, flags: Flags) -> Result<(), RunError> {
         }
         check_retention(&config, &transport).await;
         let dirty = Arc::new(AtomicBool::new(true));
+        let waker = crate::sampler::Waker::default();
         // `polling_interval` > 0: look for local changes on that timer only (file-system
         // notifications may be unavailable or unreliable, e.g. on network file systems).
         let _watcher = match config.polling_interval() {
-            None => watch_database(&config.db_path, dirty.clone()),
+            None => watch_database(&config.db_path, dirty.clone(), waker.clone()),
             Some(every) => {
                 info!(every_ms = every.as_millis() as u64, "polling the database for local changes (polling_interval)");
                 None
@@ -268,7 +270,11 @@ async fn run_node(config: Config, flags: Flags) -> Result<(), RunError> {
             if stop.requested() {
                 break;
             }
-            let mut engine = open_engine(&config, transport.clone())?;
+            // Fresh points per opened engine: a restore replaced the file they were read from.
+            let points = Arc::new(CommitPoints::default());
+            let idle = config.polling_interval().unwrap_or(LOCAL_CHECK_FALLBACK);
+            let _sampler = Sampler::start(&config.db_path, points.clone(), waker.clone(), idle);
+            let mut engine = open_engine(&config, transport.clone(), Some(points))?;
             let outcome = node_loop(&config, &mut engine, &stop, &dirty, &snap).await?;
             shutdown_publish(&mut engine).await;
             match outcome {
@@ -599,7 +605,7 @@ async fn publish_before_restore(config: &Config, transport: &Arc<NatsTransport>,
 
 /// Publishes every local change not yet published, within [`SHUTDOWN_PUBLISH_TIMEOUT`].
 async fn publish_pending(config: &Config, transport: &Arc<NatsTransport>) -> Result<(), RunError> {
-    let mut engine = open_engine(config, transport.clone())?;
+    let mut engine = open_engine(config, transport.clone(), None)?;
     let published = tokio::time::timeout(SHUTDOWN_PUBLISH_TIMEOUT, async {
         loop {
             match engine.publish_once().await {
@@ -619,9 +625,18 @@ async fn publish_pending(config: &Config, transport: &Arc<NatsTransport>) -> Res
     }
 }
 
-fn open_engine(config: &Config, transport: Arc<dyn LogTransport>) -> Result<Engine<SqliteChangeSource>, RunError> {
+/// Opens the engine; with `points`, a backlog of local changes is published in batches of
+/// about [`BATCH_ROWS_MAX`] rows cut at those commit points.
+fn open_engine(
+    config: &Config,
+    transport: Arc<dyn LogTransport>,
+    points: Option<Arc<CommitPoints>>,
+) -> Result<Engine<SqliteChangeSource>, RunError> {
     let node = NodeId(config.node_id);
-    let source = SqliteChangeSource::new(Db::open(&config.db_path, node, config.capture_options())?);
+    let mut source = SqliteChangeSource::new(Db::open(&config.db_path, node, config.capture_options())?);
+    if let Some(points) = points {
+        source = source.with_commit_points(points, BATCH_ROWS_MAX);
+    }
     let db = Db::open(&config.db_path, node, config.capture_options())?;
     for t in &db.schema().tables {
         debug!(table = %t.name, "replicating table");
@@ -676,9 +691,9 @@ fn spawn_signal_handler(stop: Stop) {
 }
 
 /// Watches the database file and its WAL; any change marks local changes as possibly
-/// pending. Returns the watcher (dropping it stops watching) or `None` when the platform
+/// pending and wakes the commit-point sampler. Returns the watcher (dropping it stops watching) or `None` when the platform
 /// refuses, in which case polling covers it.
-fn watch_database(db_path: &Path, dirty: Arc<AtomicBool>) -> Option<notify::RecommendedWatcher> {
+fn watch_database(db_path: &Path, dirty: Arc<AtomicBool>, waker: Waker) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
     let dir = db_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = db_path.file_name()?.to_os_string();
@@ -690,6 +705,7 @@ fn watch_database(db_path: &Path, dirty: Arc<AtomicBool>) -> Option<notify::Reco
                 .any(|p| p.file_name().is_some_and(|f| f.to_string_lossy().starts_with(&*name.to_string_lossy())));
             if ours {
                 dirty.store(true, Ordering::Release);
+                crate::sampler::wake(&waker);
             }
         }
     })

@@ -280,21 +280,24 @@ impl<S: ChangeSource> Engine<S> {
         if self.reader_lags(shard)? {
             return Ok(0);
         }
-        let Some(pending) = self.source.pending().await? else {
-            // After a set-aside, changes committed since are published (they are young);
-            // then the node must restore.
-            let required = match self.restore_required {
-                Some(r) => r,
-                None => *self.restore_required.insert(self.db.restore_required()?),
+        let pending = loop {
+            let Some(pending) = self.source.pending().await? else {
+                // After a set-aside, changes committed since are published (they are
+                // young); then the node must restore.
+                let required = match self.restore_required {
+                    Some(r) => r,
+                    None => *self.restore_required.insert(self.db.restore_required()?),
+                };
+                return if required { Err(Error::RestoreRequired) } else { Ok(0) };
             };
-            return if required { Err(Error::RestoreRequired) } else { Ok(0) };
-        };
-        self.refuse_expired(&pending.batch)?;
-        if pending.batch.tables.is_empty() {
-            // Every row read was overwritten since by a newer remote write, which carries it.
+            self.refuse_expired(&pending.batch)?;
+            if !pending.batch.tables.is_empty() {
+                break pending;
+            }
+            // Every row read was overwritten since by a newer remote write, which carries
+            // it; a backlog cut into batches may have more after it.
             self.source.acknowledge(pending.through).await?;
-            return Ok(0);
-        }
+        };
         let parts = wire::encode_batch(&pending.batch, self.config.encode);
         let transport = &self.transport;
         let results =

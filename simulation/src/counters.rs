@@ -53,6 +53,10 @@ counters! {
     delayed_entries,
     /// Batches published as more than one part.
     multi_part_batches,
+    /// Publishes that cut a backlog at a commit point (local changes stayed pending).
+    backlogs_cut,
+    /// Application commits between a restore's copy and capture's re-install.
+    writes_during_restore,
     /// Remote batches applied.
     batches_applied,
     /// Remote row changes skipped as older than the row's version.

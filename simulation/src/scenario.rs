@@ -165,6 +165,9 @@ pub struct Scenario {
     /// no stream recreation (a change whose only copy was in a lost stream and which its
     /// origin no longer publishes would be lost; see docs/internals.md).
     pub tombstone_retention_ms: u64,
+    /// Per node: rows a batch of local changes holds before the reader cuts a backlog at a
+    /// commit point (`usize::MAX`: never cut).
+    pub batch_rows_max: Vec<usize>,
 }
 
 fn email() -> impl Strategy<Value = Option<String>> {
@@ -305,18 +308,30 @@ pub fn scenario(actions_max: usize) -> impl Strategy<Value = Scenario> {
         prop::collection::vec(action(), 1..actions_max),
         prop::collection::vec(selection(), 5),
         prop_oneof![3 => Just(0u64), 1 => 1u64..16],
+        prop::collection::vec(prop_oneof![1 => Just(usize::MAX), 2 => 1usize..12], 5),
     )
-        .prop_map(|(nodes, shards, mut skew_ms, faults, mut actions, mut selections, tombstone_retention_ms)| {
-            selections[0] = TableSelection::default();
-            selections.truncate(nodes);
-            if tombstone_retention_ms > 0 {
-                skew_ms.iter_mut().for_each(|s| *s /= 10);
-                for a in actions.iter_mut().filter(|a| matches!(a, Action::RecreateStreams)) {
-                    *a = Action::Tick;
+        .prop_map(
+            |(
+                nodes,
+                shards,
+                mut skew_ms,
+                faults,
+                mut actions,
+                mut selections,
+                tombstone_retention_ms,
+                batch_rows_max,
+            )| {
+                selections[0] = TableSelection::default();
+                selections.truncate(nodes);
+                if tombstone_retention_ms > 0 {
+                    skew_ms.iter_mut().for_each(|s| *s /= 10);
+                    for a in actions.iter_mut().filter(|a| matches!(a, Action::RecreateStreams)) {
+                        *a = Action::Tick;
+                    }
                 }
-            }
-            Scenario { nodes, shards, skew_ms, faults, actions, selections, tombstone_retention_ms }
-        })
+                Scenario { nodes, shards, skew_ms, faults, actions, selections, tombstone_retention_ms, batch_rows_max }
+            },
+        )
 }
 
 /// The scenario of seed `seed`: the same seed gives the same scenario, always.

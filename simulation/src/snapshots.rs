@@ -145,7 +145,30 @@ impl World {
         let opts = crate::world::capture_options(&self.scenario, i);
         let fail = |e: Error| Failure(format!("node {i}: restore: {e}"));
         let mut db = Db::open(&node.path, NodeId(i as u64 + 1), opts).map_err(fail)?;
+        // Every other restore, the application commits a group of rows right after the copy,
+        // before capture is re-installed: it must be captured and replicated like any other.
+        let during = std::sync::Arc::new(std::sync::Mutex::new(None::<Result<(), String>>));
+        if self.counters.restores.is_multiple_of(2) {
+            let (path, grp, done, now_ms) = (node.path.clone(), node.next_gid, during.clone(), self.now_ms(i));
+            self.nodes[i].next_gid += 16;
+            db.after_restore_copy(Box::new(move || {
+                // The copy holds its saver's simulated clock: the application's is this node's.
+                let result = rusqlite::Connection::open(&path)
+                    .and_then(|app| app.execute("UPDATE __marmot__simtime SET ms = ?1", [now_ms as i64]).map(|_| app))
+                    .map_err(|e| e.to_string())
+                    .and_then(|app| crate::workload::group(&app, grp, 2).map_err(|Failure(m)| m));
+                *done.lock().unwrap() = Some(result);
+            }));
+        }
         block_on(self.snapshots.restore(&mut db, self.work_dir(), &manifest, &mut |_, _| {})).map_err(fail)?;
+        match during.lock().unwrap().take() {
+            Some(Ok(())) => {
+                self.counters.writes_during_restore += 1;
+                self.trace.push(format!("node {i}: the application wrote a group during the restore"));
+            }
+            Some(Err(e)) => return Err(Failure(format!("node {i}: writing during the restore: {e}"))),
+            None => {}
+        }
         for s in 0..self.scenario.shards {
             db.set_own_replay_through(Shard(s), self.log.last(Shard(s))).map_err(fail)?;
         }

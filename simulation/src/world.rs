@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use futures::executor::block_on;
 use marmot_core::engine::{Engine, EngineConfig, EngineStats, Faults};
-use marmot_core::sqlite::{CaptureOptions, Db, SqliteChangeSource};
+use marmot_core::sqlite::{CaptureOptions, CommitPoints, Db, SqliteChangeSource};
 use marmot_core::wire::EncodeOptions;
 use marmot_core::{Error, LogTransport, NodeId, Shard};
 use marmot_transports::{MemoryLog, MemoryTransport};
@@ -35,7 +35,10 @@ pub(crate) struct Node {
     transport: MemoryTransport,
     pub(crate) engine: Option<Engine<SqliteChangeSource>>,
     pub(crate) log_seen: u64,
-    next_gid: i64,
+    pub(crate) next_gid: i64,
+    /// Commit points recorded after the application's transactions, where the node's
+    /// reader may cut a backlog (as `marmot`'s sampler records them).
+    points: Arc<CommitPoints>,
     /// Rows set aside when last looked at (new ones are counted).
     aside: u64,
 }
@@ -110,6 +113,7 @@ impl World {
                 transport,
                 engine: None,
                 log_seen: 0,
+                points: Arc::default(),
                 next_gid: (i as i64 + 1) << 32,
                 aside: 0,
             });
@@ -140,7 +144,10 @@ impl World {
         let id = NodeId(i as u64 + 1);
         let opts = capture_options(&self.scenario, i);
         let open = || Db::open(&node.path, id, opts.clone()).map_err(|e| Failure(format!("node {id}: open: {e}")));
-        let source = SqliteChangeSource::new(open()?);
+        let source = SqliteChangeSource::new(open()?).with_commit_points(
+            node.points.clone(),
+            self.scenario.batch_rows_max[i % self.scenario.batch_rows_max.len()],
+        );
         let db = open()?;
         let transport: Arc<dyn LogTransport> = Arc::new(node.transport.clone());
         node.engine = Some(Engine::new(source, db, transport, engine_config(&self.scenario)));
@@ -249,7 +256,21 @@ impl World {
             Action::Group { node, size } => self.group(node % n, *size),
             Action::Publish { node } => {
                 let before = self.entries_stored();
-                self.engine_op(node % n, |e| block_on(e.publish_once()).map(|c| format!("published {c}")))?;
+                let mut through = None;
+                self.engine_op(node % n, |e| {
+                    let c = block_on(e.publish_once())?;
+                    through = (c > 0).then(|| e.source().acknowledged());
+                    Ok(format!("published {c} through {}", e.source().acknowledged()))
+                })?;
+                // Nothing is committed meanwhile: a change logged after what was published
+                // was cut off by a commit point.
+                if let Some(through) = through {
+                    let last: i64 = self.nodes[node % n]
+                        .app
+                        .query_row("SELECT coalesce(max(hlc), 0) FROM __marmot__log", [], |r| r.get(0))
+                        .map_err(|e| Failure(format!("node {}: reading the log: {e}", node % n)))?;
+                    self.counters.backlogs_cut += u64::from(last as u64 > through.0);
+                }
                 self.count_parts(before);
                 Ok(())
             }
@@ -397,6 +418,7 @@ impl World {
         let node = &mut self.nodes[i];
         let before = self.writes.len();
         workload::record_writes(&node.app, NodeId(i as u64 + 1), &mut node.log_seen, &mut self.writes)?;
+        node.points.sample(&node.app).map_err(|e| Failure(format!("node {i}: sampling a commit point: {e}")))?;
         let selection = &self.scenario.selections[i];
         if let Some(w) = self.writes[before..].iter().find(|w| !selection.selects(&w.table)) {
             return Err(Failure(format!("node {i} captured a write to {}, a table it does not replicate", w.table)));

@@ -124,7 +124,8 @@ pub(crate) fn install_in(tx: &Connection, node: NodeId, opts: &CaptureOptions, c
     let first_install = !object_exists(tx, "__marmot__clock")?;
     tx.execute_batch(META_SQL).ctx(|| "creating __marmot__ tables".into())?;
     ensure_captured_columns(tx)?;
-    // Right after a snapshot restore no table has triggers, and none lost a change.
+    // Right after a snapshot restore the tables have the saver's triggers, which captured
+    // every change since the copy: none lost a change.
     let restored = tx
         .query_row("DELETE FROM __marmot__state WHERE key = 'capture_stripped' RETURNING value", [], |_| Ok(()))
         .optional()
@@ -226,6 +227,14 @@ pub(crate) fn install_in(tx: &Connection, node: NodeId, opts: &CaptureOptions, c
         if existing.get(name).map(|(_, s)| s.as_str()) != Some(sql.trim_end_matches(';')) {
             tx.execute_batch(sql).ctx(|| format!("creating trigger {name:?}"))?;
         }
+    }
+    if restored {
+        // The copy's triggers were its saver's, which may replicate tables this node does
+        // not: what they captured of those stays local.
+        let ids: Vec<String> =
+            schema.tables.iter().map(|t| table_id(tx, &t.name).map(|id| id.to_string())).collect::<Result<_>>()?;
+        tx.execute(&format!("DELETE FROM __marmot__log WHERE tbl NOT IN ({})", ids.join(", ")), [])
+            .ctx(|| "dropping changes to tables this node does not replicate".into())?;
     }
     set_layout(tx)?;
     Ok(schema)

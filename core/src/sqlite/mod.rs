@@ -14,6 +14,7 @@
 //! - `positions`, `parked`, `state`, `tables` — bookkeeping.
 
 mod capture;
+mod commit_points;
 mod ddl;
 mod guard;
 mod merge;
@@ -30,6 +31,7 @@ use std::path::Path;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 pub use capture::{cleanup, install, table_id, CaptureOptions, WALL_CLOCK_MS};
+pub use commit_points::{CommitPoints, BATCH_ROWS_MAX, COMMIT_POINTS_MAX};
 pub use merge::ApplyOutcome;
 pub use reader::SqliteChangeSource;
 pub use schema::{
@@ -80,6 +82,9 @@ pub struct Db {
     generation: u64,
     /// The WAL checkpoint a restore left running on its own connection.
     checkpoint: Option<std::thread::JoinHandle<Result<()>>>,
+    /// Run once by the next restore right after its copy commits (the simulation commits
+    /// an application write there, where a real application may).
+    after_restore_copy: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl Db {
@@ -111,6 +116,7 @@ impl Db {
             schema_version: -1,
             generation: 0,
             checkpoint: None,
+            after_restore_copy: None,
         };
         db.reinstall()?;
         Ok(db)

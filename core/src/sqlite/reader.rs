@@ -2,11 +2,13 @@
 //! [`ChangeSource`] built on it.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use rusqlite::{Connection, OptionalExtension};
 
+use super::commit_points::{cut_point, CommitPoints};
 use super::{get_state, merge, set_state_max, version_of, Db, TableInfo};
 use crate::error::{Result, SqlContext};
 use crate::model::{Batch, Hlc, Op, RowChange, TableChanges, Value, Version};
@@ -43,24 +45,26 @@ impl Db {
     /// Every local change committed after the last acknowledged point, read in one read
     /// transaction (so it is a union of whole transactions), or `None`.
     pub fn read_pending(&mut self) -> Result<Option<Pending>> {
-        self.read_pending_after(Hlc(0))
+        self.read_pending_after(Hlc(0), &[], usize::MAX)
     }
 
     /// Like [`read_pending`](Self::read_pending), after `after` or the stored published
-    /// point, whichever is higher.
-    pub fn read_pending_after(&mut self, after: Hlc) -> Result<Option<Pending>> {
-        self.on_current_schema(|db| db.read_pending_once(after))
+    /// point, whichever is higher; when more than `rows_max` changes are pending, only
+    /// those up to one of the commit `points` (see [`cut_point`]), if one qualifies.
+    pub fn read_pending_after(&mut self, after: Hlc, points: &[Hlc], rows_max: usize) -> Result<Option<Pending>> {
+        self.on_current_schema(|db| db.read_pending_once(after, points, rows_max))
     }
 
-    fn read_pending_once(&mut self, after: Hlc) -> Result<Option<Pending>> {
+    fn read_pending_once(&mut self, after: Hlc, points: &[Hlc], rows_max: usize) -> Result<Option<Pending>> {
         let tx = self.conn.unchecked_transaction().ctx(|| "beginning a read".into())?;
         // The first read pins the snapshot: its schema must be the one capture knows, or
         // rows of a table created a moment ago would be skipped and passed over.
         self.check_schema()?;
         let published = get_state(&tx, "published_hlc")?.max(after.0);
-        // Per written row: the newest version read and the key. The log holds keys only;
-        // the values are the row's as this read sees it, below.
-        let mut written: BTreeMap<RowId, (Hlc, Vec<Value>)> = BTreeMap::new();
+        // Per written row: its first and newest pending versions and its key. The log
+        // holds keys only; the values are the row's as this read sees it, below.
+        let mut written: BTreeMap<RowId, (Hlc, Hlc, Vec<Value>)> = BTreeMap::new();
+        let mut entries: Vec<Hlc> = Vec::new();
         let mut through = Hlc(published);
         {
             let mut stmt = tx
@@ -71,14 +75,26 @@ impl Db {
                 let hlc = Hlc(row.get::<_, i64>(0).ctx(|| "reading hlc".into())? as u64);
                 let tbl: i64 = row.get(1).ctx(|| "reading tbl".into())?;
                 through = through.max(hlc);
+                entries.push(hlc);
                 let Some(info) = self.table_by_id(tbl) else { continue };
                 let pk: Vec<Value> = (0..info.pk.len())
                     .map(|n| row.get_ref(LOG_FIXED + n).map(Value::from))
                     .collect::<rusqlite::Result<_>>()
                     .ctx(|| "reading a key".into())?;
-                written.insert((tbl, info.key(&pk)), (hlc, pk));
+                written.entry((tbl, info.key(&pk))).and_modify(|(_, last, _)| *last = hlc).or_insert((hlc, hlc, pk));
             }
         }
+        let mut spans: Vec<(Hlc, Hlc)> =
+            written.values().filter(|(first, last, _)| first < last).map(|(first, last, _)| (*first, *last)).collect();
+        // Points at or below the published point (recorded before a restart, say) cut nothing.
+        let points = &points[points.partition_point(|p| p.0 <= published)..];
+        if let Some(cut) = cut_point(&entries, &mut spans, points, rows_max) {
+            through = cut;
+            written.retain(|_, (_, last, _)| *last <= cut);
+        }
+        drop(entries);
+        let written: BTreeMap<RowId, (Hlc, Vec<Value>)> =
+            written.into_iter().map(|(row, (_, last, pk))| (row, (last, pk))).collect();
         let mut by_version: Vec<(RowId, (Hlc, Vec<Value>))> = written.into_iter().collect();
         by_version.sort_by_key(|(_, (hlc, _))| *hlc);
         let mut tables: BTreeMap<i64, TableChanges> = BTreeMap::new();
@@ -212,12 +228,23 @@ pub struct SqliteChangeSource {
     db: Db,
     acknowledged: Hlc,
     flushed: Hlc,
+    /// Where a large backlog may be cut (see [`CommitPoints`]); none: read it whole.
+    points: Option<Arc<CommitPoints>>,
+    batch_rows_max: usize,
 }
 
 impl SqliteChangeSource {
     /// A change source reading `db`.
     pub fn new(db: Db) -> Self {
-        SqliteChangeSource { db, acknowledged: Hlc(0), flushed: Hlc(0) }
+        SqliteChangeSource { db, acknowledged: Hlc(0), flushed: Hlc(0), points: None, batch_rows_max: usize::MAX }
+    }
+
+    /// Cuts a backlog of more than `batch_rows_max` changes into batches at the commit
+    /// points a sampler records in `points`.
+    pub fn with_commit_points(mut self, points: Arc<CommitPoints>, batch_rows_max: usize) -> Self {
+        self.points = Some(points);
+        self.batch_rows_max = batch_rows_max.max(1);
+        self
     }
 
     /// The highest acknowledged point (flushed or not).
@@ -234,7 +261,8 @@ impl SqliteChangeSource {
 #[async_trait]
 impl ChangeSource for SqliteChangeSource {
     async fn pending(&mut self) -> Result<Option<Pending>> {
-        self.db.read_pending_after(self.acknowledged)
+        let points = self.points.as_ref().map(|p| p.after(self.acknowledged)).unwrap_or_default();
+        self.db.read_pending_after(self.acknowledged, &points, self.batch_rows_max)
     }
 
     async fn acknowledge(&mut self, through: Hlc) -> Result<()> {

@@ -2,9 +2,10 @@
 //! the live database.
 //!
 //! Save: `VACUUM INTO` a temporary file (a consistent copy that never blocks writers for
-//! long), strip capture from the copy (triggers and this node's unpublished log; the clock
-//! is raised to every version the copy holds), keep versions, set-aside rows and stream
-//! positions, then zstd-compress while hashing.
+//! long), strip this node's capture state from the copy (its unpublished log; the clock
+//! is raised to every version the copy holds), keep the capture triggers (so a node
+//! restoring it captures its application's commits from the copy on), versions, set-aside
+//! rows and stream positions, then zstd-compress while hashing.
 //! Restore: verify the checksum, then copy it into the live database with SQLite's online
 //! backup API in one step, reading the compressed file through [`stream_vfs`] (no plain
 //! copy on disk), so connections that hold the database open see either the old or the
@@ -16,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OpenFlags};
 
-use super::{get_state, quote, stream_vfs, Db, PREFIX};
+use super::{get_state, stream_vfs, Db, PREFIX};
 use crate::error::{Error, Result, SqlContext};
 use crate::model::{Hlc, Position, Shard};
 
@@ -191,10 +192,11 @@ impl Db {
         self.conn.execute_batch("PRAGMA wal_autocheckpoint = 0").ctx(|| "pausing WAL checkpoints".into())?;
         let copied = copy_all(&source.conn, &mut self.conn);
         drop(source);
+        if let (Ok(()), Some(hook)) = (&copied, self.after_restore_copy.take()) {
+            hook();
+        }
         let reinstalled = copied.and_then(|()| {
-            self.conn
-                .execute("UPDATE __marmot__clock SET hlc = max(hlc, ?1) WHERE id = 0", [clock_before.0 as i64])
-                .ctx(|| "keeping the clock after the restore".into())?;
+            self.keep_clock_after_restore(clock_before)?;
             self.conn
                 .execute("DELETE FROM __marmot__state WHERE key = 'restore_required'", [])
                 .ctx(|| "clearing restore_required".into())?;
@@ -205,6 +207,33 @@ impl Db {
             .execute_batch(&format!("PRAGMA wal_autocheckpoint = {autocheckpoint}"))
             .ctx(|| "resuming WAL checkpoints".into())?;
         reinstalled
+    }
+
+    /// Raises the restored clock to `before`, this node's clock before the restore. The
+    /// copy keeps its capture triggers, so the application's commits right after the copy
+    /// are captured; the versions they got from the copy's clock are moved above `before`
+    /// (nothing read them yet), so this node's versions keep increasing.
+    fn keep_clock_after_restore(&mut self, before: Hlc) -> Result<()> {
+        let tx = self.immediate()?;
+        let low: Option<i64> =
+            tx.query_row("SELECT min(hlc) FROM __marmot__log", [], |r| r.get(0)).ctx(|| "reading the log".into())?;
+        if let Some(low) = low.filter(|&l| l as u64 <= before.0) {
+            let shift = before.0 as i64 - low + 1;
+            // Through negative keys, so that no shifted key meets one not shifted yet.
+            tx.execute_batch(&format!(
+                "UPDATE __marmot__log SET hlc = -hlc; UPDATE __marmot__log SET hlc = -hlc + {shift};"
+            ))
+            .ctx(|| "versioning changes committed during the restore".into())?;
+        }
+        tx.execute("UPDATE __marmot__clock SET hlc = max(hlc, ?1) WHERE id = 0", [before.0 as i64])
+            .ctx(|| "keeping the clock after the restore".into())?;
+        tx.commit().ctx(|| "committing the clock after the restore".into())
+    }
+
+    /// Sets a function the next restore runs right after its copy commits, before this
+    /// node re-installs capture (for the simulation: an application commit there).
+    pub fn after_restore_copy(&mut self, hook: Box<dyn FnOnce() + Send>) {
+        self.after_restore_copy = Some(hook);
     }
 
     /// Starts a passive WAL checkpoint on a connection of its own, and waits until it is
@@ -284,7 +313,7 @@ fn unpublished_changes(path: &Path) -> Result<u64> {
     .ctx(|| "counting unpublished changes".into())
 }
 
-/// Removes capture from a copy: triggers and this node's log; raises the clock
+/// Removes this node's capture state from a copy (its log; the triggers stay); raises the clock
 /// to every version the copy holds; resets the published point. Returns the positions and
 /// the epochs of the logs they belong to.
 #[allow(clippy::type_complexity)]
@@ -302,13 +331,8 @@ type CopyPositions = (Vec<(Shard, Position)>, Vec<(Shard, u64)>);
 
 fn strip_capture(copy: &Path) -> Result<CopyPositions> {
     let conn = Connection::open(copy).ctx(|| "opening the copy".into())?;
-    let triggers: Vec<String> = conn
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'trigger' AND substr(name, 1, 10) = ?1")
-        .and_then(|mut s| s.query_map([PREFIX], |r| r.get(0))?.collect())
-        .ctx(|| "listing triggers of the copy".into())?;
-    for t in triggers {
-        conn.execute_batch(&format!("DROP TRIGGER {}", quote(&t))).ctx(|| "dropping a trigger in the copy".into())?;
-    }
+    // The capture triggers stay: a node restoring the copy captures what its application
+    // commits between the copy and re-installing capture.
     conn.execute_batch(
         "UPDATE __marmot__clock SET applying = 0, hlc = max(hlc, \
            coalesce((SELECT max(hlc) FROM __marmot__log), 0), \

@@ -269,3 +269,49 @@ fn a_row_a_newer_remote_write_overwrote_before_publishing_is_left_to_that_write(
     assert!(from_a.batch.tables.is_empty(), "b's image is b's to send: {:?}", from_a.batch);
     assert_eq!(a.dump("t"), b.dump("t"));
 }
+
+/// Records the log's last version now, as the node's sampler does after a commit.
+fn commit_point(n: &Node, points: &crate::sqlite::CommitPoints) {
+    points.sample(&n.app).unwrap();
+}
+
+#[test]
+fn a_backlog_is_cut_at_commit_points_into_whole_transactions() {
+    let mut n = node(1, T);
+    let points = crate::sqlite::CommitPoints::default();
+    for tx in 0..4 {
+        n.exec(&format!(
+            "BEGIN; INSERT INTO t VALUES ({0}, 'a', 1.0); INSERT INTO t VALUES ({0} + 100, 'b', 2.0); COMMIT;",
+            tx
+        ));
+        commit_point(&n, &points);
+    }
+    let mut batches = Vec::new();
+    while let Some(p) = n.db.read_pending_after(Hlc(0), &points.after(Hlc(0)), 3).unwrap() {
+        n.db.acknowledge(p.through).unwrap();
+        batches.push(rows_of(&p.batch, "t").into_iter().map(|(_, v)| v[0].clone()).collect::<Vec<_>>());
+    }
+    // At most three rows are asked for: whole transactions of two, one at a time.
+    let tx = |k: i64| vec![int(k), int(k + 100)];
+    assert_eq!(batches, vec![tx(0), tx(1), tx(2), tx(3)]);
+}
+
+#[test]
+fn a_row_written_again_after_a_commit_point_moves_the_cut_past_it() {
+    let mut n = node(1, T);
+    let points = crate::sqlite::CommitPoints::default();
+    n.exec("INSERT INTO t VALUES (1, 'a', 1.0); INSERT INTO t VALUES (2, 'a', 1.0);");
+    commit_point(&n, &points);
+    n.exec("INSERT INTO t VALUES (3, 'a', 1.0)");
+    commit_point(&n, &points);
+    // Row 1 again: a cut before this would send its new value with its old version.
+    n.exec("BEGIN; UPDATE t SET name = 'z' WHERE id = 1; INSERT INTO t VALUES (4, 'z', 1.0); COMMIT;");
+    commit_point(&n, &points);
+    n.exec("INSERT INTO t VALUES (5, 'a', 1.0)");
+    let p = n.db.read_pending_after(Hlc(0), &points.after(Hlc(0)), 1).unwrap().unwrap();
+    let ids: Vec<Value> = rows_of(&p.batch, "t").into_iter().map(|(_, v)| v[0].clone()).collect();
+    assert_eq!(ids, vec![int(2), int(3), int(1), int(4)], "everything through the transaction that wrote row 1 again");
+    n.db.acknowledge(p.through).unwrap();
+    let rest = n.db.read_pending_after(Hlc(0), &points.after(p.through), 1).unwrap().unwrap();
+    assert_eq!(rows_of(&rest.batch, "t").len(), 1);
+}
