@@ -411,14 +411,31 @@ impl SnapshotStore for SftpSnapshotStore {
     async fn get(&self, name: &str, to: &Path) -> Result<()> {
         check_name(name)?;
         let c = self.connection().await?;
-        let mut remote = match c.sftp.open(self.remote(name)).await {
+        let path = self.remote(name);
+        let before = match c.sftp.metadata(path.clone()).await {
+            Ok(m) => m,
+            Err(e) => return Err(self.sftp_error(&c, "get", name, e).await),
+        };
+        let mut remote = match c.sftp.open(path.clone()).await {
             Ok(f) => f,
             Err(e) => return Err(self.sftp_error(&c, "get", name, e).await),
         };
         let mut sink = LocalSink::create(to).await?;
-        if let Err(e) = tokio::io::copy(&mut remote, sink.file()).await {
-            self.forget(&c).await;
-            return Err(self.fail("get", format!("{name:?}: {e}"), true));
+        let copied = match tokio::io::copy(&mut remote, sink.file()).await {
+            Ok(n) => n,
+            Err(e) => {
+                self.forget(&c).await;
+                return Err(self.fail("get", format!("{name:?}: {e}"), true));
+            }
+        };
+        // A put replacing the object (remove, then rename) while it is read: a server that
+        // reads by path (rclone's) can hand out the end of the new object after the start
+        // of the old one. Keep the copy only if the object stayed the one opened.
+        let after = c.sftp.metadata(path).await.ok();
+        let unchanged =
+            copied == before.len() && after.is_some_and(|a| a.len() == before.len() && a.mtime == before.mtime);
+        if !unchanged {
+            return Err(self.fail("get", format!("{name:?} was replaced while it was read; read it again"), true));
         }
         sink.commit().await
     }
