@@ -141,6 +141,8 @@ impl World {
 
     pub(crate) fn start(&mut self, i: usize) -> Result<(), Failure> {
         let node = &mut self.nodes[i];
+        // A new process samples afresh (a restore re-versions what was committed during it).
+        node.points = Arc::default();
         let id = NodeId(i as u64 + 1);
         let opts = capture_options(&self.scenario, i);
         let open = || Db::open(&node.path, id, opts.clone()).map_err(|e| Failure(format!("node {id}: open: {e}")));

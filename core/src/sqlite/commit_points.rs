@@ -66,18 +66,25 @@ impl CommitPoints {
 }
 
 /// Where to end a batch of the pending changes: the last commit point in `points` (all
-/// above the published point, ascending) with at
-/// most `rows_max` log entries at or below it (or, when even the first has more, that
-/// first one), among the points no row is written on both sides of; `None` when the
-/// backlog is small or no point qualifies (read all).
+/// above the published point, ascending) with at most `rows_max` log entries at or below
+/// it (or, when even the first has more, that first one), among the points no row is
+/// written on both sides of; `None` when the backlog is small or no point qualifies (read
+/// all).
 ///
-/// `entries` are the pending log entries' versions in increasing order; `spans` holds, per
-/// row written more than once, its first and last pending version.
-pub(crate) fn cut_point(entries: &[Hlc], spans: &mut [(Hlc, Hlc)], points: &[Hlc], rows_max: usize) -> Option<Hlc> {
-    if entries.len() <= rows_max {
+/// `below[i]` is the number of pending log entries at or below `points[i]`, `total` the
+/// number of all of them and `last` the greatest; `spans` holds, per row written more than
+/// once, its first and last pending version.
+pub(crate) fn cut_point(
+    total: usize,
+    last: Hlc,
+    below: &[usize],
+    spans: &mut [(Hlc, Hlc)],
+    points: &[Hlc],
+    rows_max: usize,
+) -> Option<Hlc> {
+    if total <= rows_max {
         return None;
     }
-    let last = *entries.last()?;
     // A point inside some row's span would send that row's newest image with the version
     // of an older write: merge the spans and refuse points inside them.
     spans.sort();
@@ -93,8 +100,10 @@ pub(crate) fn cut_point(entries: &[Hlc], spans: &mut [(Hlc, Hlc)], points: &[Hlc
         i == 0 || merged[i - 1].1 <= p
     };
     let mut best = None;
-    for p in points.iter().copied().filter(|&p| p < last && outside(p)) {
-        if entries.partition_point(|&h| h <= p) > rows_max {
+    // A point below every pending entry (its entries were set aside or discarded) cuts
+    // nothing: skipped, or the batch would be empty and look like nothing pending.
+    for (&p, &n) in points.iter().zip(below).filter(|(&p, &n)| n > 0 && p < last && outside(p)) {
+        if n > rows_max {
             return best.or(Some(p));
         }
         best = Some(p);
@@ -110,23 +119,30 @@ mod tests {
         v.iter().map(|&h| Hlc(h)).collect()
     }
 
+    /// [`cut_point`] over the pending versions `entries`.
+    fn cut(entries: &[Hlc], spans: &mut [(Hlc, Hlc)], points: &[Hlc], rows_max: usize) -> Option<Hlc> {
+        let below: Vec<usize> = points.iter().map(|&p| entries.partition_point(|&h| h <= p)).collect();
+        cut_point(entries.len(), *entries.last()?, &below, spans, points, rows_max)
+    }
+
     #[test]
     fn a_small_backlog_is_never_cut() {
-        assert_eq!(cut_point(&hlcs(&[1, 2, 3]), &mut [], &hlcs(&[1, 2]), 3), None);
+        assert_eq!(cut(&hlcs(&[1, 2, 3]), &mut [], &hlcs(&[1, 2]), 3), None);
     }
 
     #[test]
     fn the_cut_is_the_last_point_with_at_most_the_rows_asked_below() {
         let entries = hlcs(&[1, 2, 3, 4, 5, 6]);
-        assert_eq!(cut_point(&entries, &mut [], &hlcs(&[1, 3, 5]), 2), Some(Hlc(1)));
-        assert_eq!(cut_point(&entries, &mut [], &hlcs(&[1, 3, 5]), 3), Some(Hlc(3)));
+        assert_eq!(cut(&entries, &mut [], &hlcs(&[1, 3, 5]), 2), Some(Hlc(1)));
+        assert_eq!(cut(&entries, &mut [], &hlcs(&[1, 3, 5]), 3), Some(Hlc(3)));
+        assert_eq!(cut(&entries, &mut [], &hlcs(&[4, 5]), 2), Some(Hlc(4)), "more than asked when no point is lower");
+        assert_eq!(cut(&entries, &mut [], &hlcs(&[6]), 2), None, "the last point is no cut");
+        assert_eq!(cut(&entries, &mut [], &[], 2), None, "no point known: read all");
         assert_eq!(
-            cut_point(&entries, &mut [], &hlcs(&[4, 5]), 2),
+            cut(&entries[2..], &mut [], &hlcs(&[1, 4]), 2),
             Some(Hlc(4)),
-            "more than asked when no point is lower"
+            "a point below every entry cuts nothing"
         );
-        assert_eq!(cut_point(&entries, &mut [], &hlcs(&[6]), 2), None, "the last point is no cut");
-        assert_eq!(cut_point(&entries, &mut [], &[], 2), None, "no point known: read all");
     }
 
     #[test]
@@ -134,9 +150,9 @@ mod tests {
         let entries = hlcs(&[1, 2, 3, 4, 5, 6, 7]);
         // A row written at 2 and again at 5: points 3 and 4 would split it.
         let mut spans = vec![(Hlc(2), Hlc(5))];
-        assert_eq!(cut_point(&entries, &mut spans, &hlcs(&[3, 4, 5, 6]), 2), Some(Hlc(5)));
+        assert_eq!(cut(&entries, &mut spans, &hlcs(&[3, 4, 5, 6]), 2), Some(Hlc(5)));
         let mut spans = vec![(Hlc(2), Hlc(5)), (Hlc(4), Hlc(7))];
-        assert_eq!(cut_point(&entries, &mut spans, &hlcs(&[3, 5, 6]), 2), None);
+        assert_eq!(cut(&entries, &mut spans, &hlcs(&[3, 5, 6]), 2), None);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use rusqlite::{Connection, OptionalExtension};
+use xxhash_rust::xxh3::xxh3_64;
 
 use super::commit_points::{cut_point, CommitPoints};
 use super::{get_state, merge, set_state_max, version_of, Db, TableInfo};
@@ -55,46 +56,82 @@ impl Db {
         self.on_current_schema(|db| db.read_pending_once(after, points, rows_max))
     }
 
+    /// Where to cut the pending backlog (see [`cut_point`]), from one pass over the log
+    /// that keeps, per written row, only a hash of its key and its first and last pending
+    /// versions: a fraction of what holding the keys takes. Two keys with the same hash
+    /// share a span, which can only refuse a point, never accept a wrong one.
+    fn choose_cut(&self, tx: &Connection, published: u64, points: &[Hlc], rows_max: usize) -> Result<Option<Hlc>> {
+        // Most reads find fewer rows than that: one index step tells, and nothing is cut.
+        let beyond: Option<i64> = tx
+            .prepare_cached("SELECT hlc FROM __marmot__log WHERE hlc > ?1 ORDER BY hlc LIMIT 1 OFFSET ?2")
+            .and_then(|mut s| s.query_row((published as i64, rows_max as i64), |r| r.get(0)).optional())
+            .ctx(|| "counting pending changes".into())?;
+        if beyond.is_none() {
+            return Ok(None);
+        }
+        let mut spans: BTreeMap<u64, (Hlc, Hlc)> = BTreeMap::new();
+        let mut below = Vec::with_capacity(points.len());
+        let (mut total, mut last) = (0usize, Hlc(published));
+        let mut stmt = tx
+            .prepare_cached("SELECT * FROM __marmot__log WHERE hlc > ?1 ORDER BY hlc")
+            .ctx(|| "reading the log".into())?;
+        let mut rows = stmt.query([published as i64]).ctx(|| "reading the log".into())?;
+        while let Some(row) = rows.next().ctx(|| "reading the log".into())? {
+            let hlc = Hlc(row.get::<_, i64>(0).ctx(|| "reading hlc".into())? as u64);
+            let tbl: i64 = row.get(1).ctx(|| "reading tbl".into())?;
+            while below.len() < points.len() && points[below.len()] < hlc {
+                below.push(total);
+            }
+            total += 1;
+            last = hlc;
+            let Some(info) = self.table_by_id(tbl) else { continue };
+            let pk: Vec<Value> = (0..info.pk.len())
+                .map(|n| row.get_ref(LOG_FIXED + n).map(Value::from))
+                .collect::<rusqlite::Result<_>>()
+                .ctx(|| "reading a key".into())?;
+            let mut key = tbl.to_le_bytes().to_vec();
+            key.extend_from_slice(&info.key(&pk));
+            spans.entry(xxh3_64(&key)).and_modify(|(_, end)| *end = hlc).or_insert((hlc, hlc));
+        }
+        below.resize(points.len(), total);
+        let mut spans: Vec<(Hlc, Hlc)> = spans.into_values().filter(|(first, end)| first < end).collect();
+        Ok(cut_point(total, last, &below, &mut spans, points, rows_max))
+    }
+
     fn read_pending_once(&mut self, after: Hlc, points: &[Hlc], rows_max: usize) -> Result<Option<Pending>> {
         let tx = self.conn.unchecked_transaction().ctx(|| "beginning a read".into())?;
         // The first read pins the snapshot: its schema must be the one capture knows, or
         // rows of a table created a moment ago would be skipped and passed over.
         self.check_schema()?;
         let published = get_state(&tx, "published_hlc")?.max(after.0);
-        // Per written row: its first and newest pending versions and its key. The log
-        // holds keys only; the values are the row's as this read sees it, below.
-        let mut written: BTreeMap<RowId, (Hlc, Hlc, Vec<Value>)> = BTreeMap::new();
-        let mut entries: Vec<Hlc> = Vec::new();
+        // Points at or below the published point (recorded before a restart, say) cut nothing.
+        let points = &points[points.partition_point(|p| p.0 <= published)..];
+        let cut = match points.is_empty() || rows_max == usize::MAX {
+            true => None,
+            false => self.choose_cut(&tx, published, points, rows_max)?,
+        };
+        // Per written row: the newest version read and the key. The log holds keys only;
+        // the values are the row's as this read sees it, below.
+        let mut written: BTreeMap<RowId, (Hlc, Vec<Value>)> = BTreeMap::new();
         let mut through = Hlc(published);
         {
             let mut stmt = tx
-                .prepare_cached("SELECT * FROM __marmot__log WHERE hlc > ?1 ORDER BY hlc")
+                .prepare_cached("SELECT * FROM __marmot__log WHERE hlc > ?1 AND hlc <= ?2 ORDER BY hlc")
                 .ctx(|| "reading the log".into())?;
-            let mut rows = stmt.query([published as i64]).ctx(|| "reading the log".into())?;
+            let upto = cut.map_or(i64::MAX, |c| c.0 as i64);
+            let mut rows = stmt.query((published as i64, upto)).ctx(|| "reading the log".into())?;
             while let Some(row) = rows.next().ctx(|| "reading the log".into())? {
                 let hlc = Hlc(row.get::<_, i64>(0).ctx(|| "reading hlc".into())? as u64);
                 let tbl: i64 = row.get(1).ctx(|| "reading tbl".into())?;
                 through = through.max(hlc);
-                entries.push(hlc);
                 let Some(info) = self.table_by_id(tbl) else { continue };
                 let pk: Vec<Value> = (0..info.pk.len())
                     .map(|n| row.get_ref(LOG_FIXED + n).map(Value::from))
                     .collect::<rusqlite::Result<_>>()
                     .ctx(|| "reading a key".into())?;
-                written.entry((tbl, info.key(&pk))).and_modify(|(_, last, _)| *last = hlc).or_insert((hlc, hlc, pk));
+                written.insert((tbl, info.key(&pk)), (hlc, pk));
             }
         }
-        let mut spans: Vec<(Hlc, Hlc)> =
-            written.values().filter(|(first, last, _)| first < last).map(|(first, last, _)| (*first, *last)).collect();
-        // Points at or below the published point (recorded before a restart, say) cut nothing.
-        let points = &points[points.partition_point(|p| p.0 <= published)..];
-        if let Some(cut) = cut_point(&entries, &mut spans, points, rows_max) {
-            through = cut;
-            written.retain(|_, (_, last, _)| *last <= cut);
-        }
-        drop(entries);
-        let written: BTreeMap<RowId, (Hlc, Vec<Value>)> =
-            written.into_iter().map(|(row, (_, last, pk))| (row, (last, pk))).collect();
         let mut by_version: Vec<(RowId, (Hlc, Vec<Value>))> = written.into_iter().collect();
         by_version.sort_by_key(|(_, (hlc, _))| *hlc);
         let mut tables: BTreeMap<i64, TableChanges> = BTreeMap::new();
