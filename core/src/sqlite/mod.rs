@@ -85,6 +85,8 @@ pub struct Db {
     /// Run once by the next restore right after its copy commits (the simulation commits
     /// an application write there, where a real application may).
     after_restore_copy: Option<Box<dyn FnOnce() + Send>>,
+    /// The pending log as the reader last scanned it to cut a backlog.
+    scan_cache: std::cell::RefCell<reader::ScanCache>,
 }
 
 impl Db {
@@ -117,6 +119,7 @@ impl Db {
             generation: 0,
             checkpoint: None,
             after_restore_copy: None,
+            scan_cache: Default::default(),
         };
         db.reinstall()?;
         Ok(db)

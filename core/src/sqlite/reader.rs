@@ -56,10 +56,11 @@ impl Db {
         self.on_current_schema(|db| db.read_pending_once(after, points, rows_max))
     }
 
-    /// Where to cut the pending backlog (see [`cut_point`]), from one pass over the log
-    /// that keeps, per written row, only a hash of its key and its first and last pending
-    /// versions: a fraction of what holding the keys takes. Two keys with the same hash
-    /// share a span, which can only refuse a point, never accept a wrong one.
+    /// Where to cut the pending backlog (see [`cut_point`]), from what the log holds per
+    /// pending entry: its version and a hash of its row's key (two keys with the same hash
+    /// share a span, which can only refuse a point, never accept a wrong one). The entries
+    /// are kept between reads ([`ScanCache`]): a backlog cut into many batches is scanned
+    /// once, not once per batch (that cost a third of the throughput of 100-row bursts).
     fn choose_cut(&self, tx: &Connection, published: u64, points: &[Hlc], rows_max: usize) -> Result<Option<Hlc>> {
         // Most reads find fewer rows than that: one index step tells, and nothing is cut.
         let beyond: Option<i64> = tx
@@ -69,33 +70,50 @@ impl Db {
         if beyond.is_none() {
             return Ok(None);
         }
-        let mut spans: BTreeMap<u64, (Hlc, Hlc)> = BTreeMap::new();
-        let mut below = Vec::with_capacity(points.len());
-        let (mut total, mut last) = (0usize, Hlc(published));
+        let mut cache = self.scan_cache.borrow_mut();
+        cache.forget_through(Hlc(published), self.schema_generation());
+        // The log changes other than by appending (set-aside, restores, key changes): the
+        // kept entries must be exactly the log's, or are read again.
+        let (n, sum): (i64, i64) = tx
+            .prepare_cached(
+                "SELECT count(*), coalesce(sum(hlc % 1000003), 0) FROM __marmot__log WHERE hlc > ?1 AND hlc <= ?2",
+            )
+            .and_then(|mut s| s.query_row((published as i64, cache.through.0 as i64), |r| Ok((r.get(0)?, r.get(1)?))))
+            .ctx(|| "checking the scanned log".into())?;
+        if n as usize != cache.entries.len() || sum != cache.sum() {
+            cache.entries.clear();
+            cache.through = Hlc(published);
+        }
         let mut stmt = tx
             .prepare_cached("SELECT * FROM __marmot__log WHERE hlc > ?1 ORDER BY hlc")
             .ctx(|| "reading the log".into())?;
-        let mut rows = stmt.query([published as i64]).ctx(|| "reading the log".into())?;
+        let mut rows = stmt.query([cache.through.0 as i64]).ctx(|| "reading the log".into())?;
         while let Some(row) = rows.next().ctx(|| "reading the log".into())? {
             let hlc = Hlc(row.get::<_, i64>(0).ctx(|| "reading hlc".into())? as u64);
             let tbl: i64 = row.get(1).ctx(|| "reading tbl".into())?;
-            while below.len() < points.len() && points[below.len()] < hlc {
-                below.push(total);
-            }
-            total += 1;
-            last = hlc;
-            let Some(info) = self.table_by_id(tbl) else { continue };
+            cache.through = hlc;
+            let Some(info) = self.table_by_id(tbl) else {
+                cache.entries.push((hlc, None));
+                continue;
+            };
             let pk: Vec<Value> = (0..info.pk.len())
                 .map(|n| row.get_ref(LOG_FIXED + n).map(Value::from))
                 .collect::<rusqlite::Result<_>>()
                 .ctx(|| "reading a key".into())?;
             let mut key = tbl.to_le_bytes().to_vec();
             key.extend_from_slice(&info.key(&pk));
-            spans.entry(xxh3_64(&key)).and_modify(|(_, end)| *end = hlc).or_insert((hlc, hlc));
+            cache.entries.push((hlc, Some(xxh3_64(&key))));
         }
-        below.resize(points.len(), total);
+        let Some(&(last, _)) = cache.entries.last() else { return Ok(None) };
+        let below: Vec<usize> = points.iter().map(|&p| cache.entries.partition_point(|&(h, _)| h <= p)).collect();
+        let mut spans: BTreeMap<u64, (Hlc, Hlc)> = BTreeMap::new();
+        for &(hlc, hash) in &cache.entries {
+            if let Some(hash) = hash {
+                spans.entry(hash).and_modify(|(_, end)| *end = hlc).or_insert((hlc, hlc));
+            }
+        }
         let mut spans: Vec<(Hlc, Hlc)> = spans.into_values().filter(|(first, end)| first < end).collect();
-        Ok(cut_point(total, last, &below, &mut spans, points, rows_max))
+        Ok(cut_point(cache.entries.len(), last, &below, &mut spans, points, rows_max))
     }
 
     fn read_pending_once(&mut self, after: Hlc, points: &[Hlc], rows_max: usize) -> Result<Option<Pending>> {
@@ -106,10 +124,20 @@ impl Db {
         let published = get_state(&tx, "published_hlc")?.max(after.0);
         // Points at or below the published point (recorded before a restart, say) cut nothing.
         let points = &points[points.partition_point(|p| p.0 <= published)..];
-        let cut = match points.is_empty() || rows_max == usize::MAX {
+        let mut cut = match points.is_empty() || rows_max == usize::MAX {
             true => None,
             false => self.choose_cut(&tx, published, points, rows_max)?,
         };
+        // Never an empty read for a cut: that would look like nothing pending.
+        if let Some(c) = cut {
+            let any: Option<i64> = tx
+                .prepare_cached("SELECT hlc FROM __marmot__log WHERE hlc > ?1 AND hlc <= ?2 LIMIT 1")
+                .and_then(|mut s| s.query_row((published as i64, c.0 as i64), |r| r.get(0)).optional())
+                .ctx(|| "reading the log".into())?;
+            if any.is_none() {
+                cut = None;
+            }
+        }
         // Per written row: the newest version read and the key. The log holds keys only;
         // the values are the row's as this read sees it, below.
         let mut written: BTreeMap<RowId, (Hlc, Vec<Value>)> = BTreeMap::new();
@@ -252,6 +280,34 @@ impl Db {
             .ctx(|| "cleaning published changes".into())? as u64;
         tx.commit().ctx(|| "committing the cleaning".into())?;
         Ok((n, (n as i64) >= slice && (bound as u64) < published))
+    }
+}
+
+/// What [`Db::choose_cut`] read of the pending log, kept for the next read: per entry up to
+/// `through`, its version and its row's key hash (`None`: a table not replicated).
+#[derive(Debug, Default)]
+pub(crate) struct ScanCache {
+    through: Hlc,
+    generation: u64,
+    entries: Vec<(Hlc, Option<u64>)>,
+}
+
+impl ScanCache {
+    /// Drops the entries now published, and all of them when the schema changed since.
+    fn forget_through(&mut self, published: Hlc, generation: u64) {
+        if generation != self.generation {
+            self.entries.clear();
+            self.through = published;
+            self.generation = generation;
+        }
+        let n = self.entries.partition_point(|&(h, _)| h <= published);
+        self.entries.drain(..n);
+        self.through = self.through.max(published);
+    }
+
+    /// The entries' checksum, as the log computes it (`sum(hlc % 1000003)`).
+    fn sum(&self) -> i64 {
+        self.entries.iter().map(|&(h, _)| (h.0 % 1_000_003) as i64).sum()
     }
 }
 
