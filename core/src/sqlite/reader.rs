@@ -21,6 +21,14 @@ const LOG_FIXED: usize = 3;
 /// A row of a replicated table: its table's id and its canonical key bytes.
 type RowId = (i64, Vec<u8>);
 
+/// The key values of a log row of table `info`.
+fn logged_key(row: &rusqlite::Row<'_>, info: &TableInfo) -> Result<Vec<Value>> {
+    (0..info.pk.len())
+        .map(|n| row.get_ref(LOG_FIXED + n).map(Value::from))
+        .collect::<rusqlite::Result<_>>()
+        .ctx(|| "reading a key".into())
+}
+
 /// The image of a row the merge set aside (a unique value lost to a higher version) while
 /// its write, `mine`, waited to be published: the row still exists, out of the table.
 fn aside_image(conn: &Connection, t: &TableInfo, tbl: i64, key: &[u8], mine: Version) -> Result<Option<Vec<Value>>> {
@@ -96,10 +104,7 @@ impl Db {
                 cache.entries.push((hlc, None));
                 continue;
             };
-            let pk: Vec<Value> = (0..info.pk.len())
-                .map(|n| row.get_ref(LOG_FIXED + n).map(Value::from))
-                .collect::<rusqlite::Result<_>>()
-                .ctx(|| "reading a key".into())?;
+            let pk = logged_key(row, info)?;
             let mut key = tbl.to_le_bytes().to_vec();
             key.extend_from_slice(&info.key(&pk));
             cache.entries.push((hlc, Some(xxh3_64(&key))));
@@ -124,20 +129,12 @@ impl Db {
         let published = get_state(&tx, "published_hlc")?.max(after.0);
         // Points at or below the published point (recorded before a restart, say) cut nothing.
         let points = &points[points.partition_point(|p| p.0 <= published)..];
-        let mut cut = match points.is_empty() || rows_max == usize::MAX {
+        // A cut always has pending entries below it (`cut_point` counts them from the
+        // checked scan), so a cut read is never empty.
+        let cut = match points.is_empty() || rows_max == usize::MAX {
             true => None,
             false => self.choose_cut(&tx, published, points, rows_max)?,
         };
-        // Never an empty read for a cut: that would look like nothing pending.
-        if let Some(c) = cut {
-            let any: Option<i64> = tx
-                .prepare_cached("SELECT hlc FROM __marmot__log WHERE hlc > ?1 AND hlc <= ?2 LIMIT 1")
-                .and_then(|mut s| s.query_row((published as i64, c.0 as i64), |r| r.get(0)).optional())
-                .ctx(|| "reading the log".into())?;
-            if any.is_none() {
-                cut = None;
-            }
-        }
         // Per written row: the newest version read and the key. The log holds keys only;
         // the values are the row's as this read sees it, below.
         let mut written: BTreeMap<RowId, (Hlc, Vec<Value>)> = BTreeMap::new();
@@ -153,10 +150,7 @@ impl Db {
                 let tbl: i64 = row.get(1).ctx(|| "reading tbl".into())?;
                 through = through.max(hlc);
                 let Some(info) = self.table_by_id(tbl) else { continue };
-                let pk: Vec<Value> = (0..info.pk.len())
-                    .map(|n| row.get_ref(LOG_FIXED + n).map(Value::from))
-                    .collect::<rusqlite::Result<_>>()
-                    .ctx(|| "reading a key".into())?;
+                let pk = logged_key(row, info)?;
                 written.insert((tbl, info.key(&pk)), (hlc, pk));
             }
         }
