@@ -112,6 +112,7 @@ impl Config {
         marmot_core::sqlite::CaptureOptions {
             replicate_ddl: self.replicate_ddl,
             selection: self.replication.selection(),
+            conflicts: true,
             ..Default::default()
         }
     }

@@ -183,6 +183,11 @@ pub struct RowChange {
     /// Column values in the order of [`TableChanges::columns`]. For a delete, only the
     /// primary-key columns are meaningful; the others are NULL.
     pub values: Vec<Value>,
+    /// The version the row held on its origin before this change (its *base*); `None`
+    /// when the row did not exist there or the origin did not say. A change whose base is
+    /// another write's version was made by someone who had that write: that write is
+    /// not lost (see the conflict journal, docs/conflicts.md).
+    pub base: Option<Version>,
 }
 
 /// The changes of one table within a batch.

@@ -14,7 +14,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
 use crate::model::{
-    Batch, Hlc, NodeId, ObjectChange, ObjectKind, Op, Position, RowChange, SchemaChanges, TableChanges, Value,
+    Batch, Hlc, NodeId, ObjectChange, ObjectKind, Op, Position, RowChange, SchemaChanges, TableChanges, Value, Version,
 };
 
 /// The wire-format version this build writes and reads.
@@ -144,6 +144,9 @@ struct WireTable {
     columns: Vec<String>,
     pk: Vec<u32>,
     rows: Vec<(u64, u8, Vec<Value>)>,
+    /// Per row, its base as `(hlc, node)` (`(0, 0)`: none); absent when no row has one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    bases: Vec<(u64, u64)>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -181,6 +184,10 @@ pub fn encode_body(batch: &Batch) -> Vec<u8> {
                 columns: t.columns.clone(),
                 pk: t.pk.iter().map(|&i| i as u32).collect(),
                 rows: t.rows.iter().map(|r| (r.hlc.0, matches!(r.op, Op::Delete) as u8, r.values.clone())).collect(),
+                bases: match t.rows.iter().any(|r| r.base.is_some()) {
+                    true => t.rows.iter().map(|r| r.base.map_or((0, 0), |b| (b.hlc.0, b.node.0))).collect(),
+                    false => Vec::new(),
+                },
             })
             .collect(),
         schema: batch.schema.as_ref().map(to_wire_schema),
@@ -233,8 +240,16 @@ pub fn decode_body(body: &[u8]) -> Result<Batch> {
         if t.pk.is_empty() || t.pk.iter().any(|&i| i as usize >= width) {
             return Err(Error::Corrupt(format!("table {:?}: bad primary key columns", t.table)));
         }
+        if !t.bases.is_empty() && t.bases.len() != t.rows.len() {
+            return Err(Error::Corrupt(format!(
+                "table {:?}: {} bases for {} rows",
+                t.table,
+                t.bases.len(),
+                t.rows.len()
+            )));
+        }
         let mut rows = Vec::with_capacity(t.rows.len());
-        for (hlc, op, values) in t.rows {
+        for (n, (hlc, op, values)) in t.rows.into_iter().enumerate() {
             if values.len() != width {
                 return Err(Error::Corrupt(format!(
                     "table {:?}: row has {} values for {} columns",
@@ -248,7 +263,12 @@ pub fn decode_body(body: &[u8]) -> Result<Batch> {
                 1 => Op::Delete,
                 other => return Err(Error::Corrupt(format!("unknown operation {other}"))),
             };
-            rows.push(RowChange { hlc: Hlc(hlc), op, values });
+            let base = t
+                .bases
+                .get(n)
+                .filter(|&&(hlc, node)| (hlc, node) != (0, 0))
+                .map(|&(hlc, node)| Version { hlc: Hlc(hlc), node: NodeId(node) });
+            rows.push(RowChange { hlc: Hlc(hlc), op, values, base });
         }
         let pk = t.pk.into_iter().map(|i| i as usize).collect();
         tables.push(TableChanges { table: t.table, columns: t.columns, pk, rows });

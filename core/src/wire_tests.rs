@@ -26,15 +26,18 @@ fn value() -> impl Strategy<Value = Value> {
 }
 
 fn batch() -> impl Strategy<Value = Batch> {
-    let table = (1usize..5, prop::collection::vec((any::<u64>(), any::<bool>()), 0..6))
+    let base =
+        prop::option::of((1u64.., 1u64..)).prop_map(|b| b.map(|(h, n)| Version { hlc: Hlc(h), node: NodeId(n) }));
+    let table = (1usize..5, prop::collection::vec((any::<u64>(), any::<bool>(), base), 0..6))
         .prop_flat_map(|(width, rows)| {
             let rows = rows
                 .into_iter()
-                .map(move |(hlc, del)| {
+                .map(move |(hlc, del, base)| {
                     prop::collection::vec(value(), width).prop_map(move |values| RowChange {
                         hlc: Hlc(hlc),
                         op: if del { Op::Delete } else { Op::Upsert },
                         values,
+                        base,
                     })
                 })
                 .collect::<Vec<_>>();
@@ -87,6 +90,7 @@ fn integers_and_reals_keep_their_storage_class() {
                 hlc: Hlc(1),
                 op: Op::Upsert,
                 values: vec![Value::Integer(1), Value::Real(1.0), Value::Real(-0.0), Value::Integer(i64::MIN)],
+                base: None,
             }],
         }],
         ..Batch::default()
@@ -132,6 +136,7 @@ fn incomplete_batch_holds_back_the_safe_position_until_complete() {
                     hlc: Hlc(i),
                     op: Op::Upsert,
                     values: vec![Value::Integer(i as i64), Value::Blob(vec![i as u8; 100])],
+                    base: None,
                 })
                 .collect(),
         }],
@@ -161,7 +166,12 @@ fn a_new_batch_from_the_same_origin_abandons_the_incomplete_one() {
             table: "t".into(),
             columns: vec!["id".into()],
             pk: vec![0],
-            rows: vec![RowChange { hlc: Hlc(n as u64), op: Op::Upsert, values: vec![Value::Blob(vec![n; 300])] }],
+            rows: vec![RowChange {
+                hlc: Hlc(n as u64),
+                op: Op::Upsert,
+                values: vec![Value::Blob(vec![n; 300])],
+                base: None,
+            }],
         }],
         ..Batch::default()
     };
@@ -189,7 +199,7 @@ fn a_single_part_batch_from_the_same_origin_releases_the_held_position() {
             table: "t".into(),
             columns: vec!["id".into()],
             pk: vec![0],
-            rows: vec![RowChange { hlc: Hlc(1), op: Op::Upsert, values: vec![Value::Blob(vec![1; 300])] }],
+            rows: vec![RowChange { hlc: Hlc(1), op: Op::Upsert, values: vec![Value::Blob(vec![1; 300])], base: None }],
         }],
         ..Batch::default()
     };
@@ -211,7 +221,12 @@ fn two_part(origin: u64, n: u8) -> (Batch, Vec<EncodedPart>) {
             table: "t".into(),
             columns: vec!["id".into()],
             pk: vec![0],
-            rows: vec![RowChange { hlc: Hlc(n as u64), op: Op::Upsert, values: vec![Value::Blob(vec![n; 150])] }],
+            rows: vec![RowChange {
+                hlc: Hlc(n as u64),
+                op: Op::Upsert,
+                values: vec![Value::Blob(vec![n; 150])],
+                base: None,
+            }],
         }],
         ..Batch::default()
     };

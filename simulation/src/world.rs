@@ -74,6 +74,7 @@ pub(crate) fn capture_options(s: &Scenario, i: usize) -> CaptureOptions {
     CaptureOptions {
         time_ms_sql: schema::TIME_SQL.to_owned(),
         selection: s.selections[i].clone(),
+        conflicts: true,
         ..CaptureOptions::default()
     }
 }

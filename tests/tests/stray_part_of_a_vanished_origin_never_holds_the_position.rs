@@ -27,6 +27,7 @@ fn publish_stray_part(nats_url: &str) -> i64 {
                 hlc: Hlc::from_millis(1),
                 op: Op::Upsert,
                 values: vec![Value::Integer(-1), Value::Integer(99), Value::Integer(0), Value::Text("x".repeat(400))],
+                base: None,
             }],
         }],
         ..Batch::default()

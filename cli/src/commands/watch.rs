@@ -193,11 +193,13 @@ mod tests {
                             hlc: Hlc((5 << 16) | 1),
                             op: Op::Upsert,
                             values: vec![Value::Integer(1), Value::Text("O'Neil".into()), Value::Blob(vec![0xab])],
+                            base: None,
                         },
                         RowChange {
                             hlc: Hlc(6 << 16),
                             op: Op::Delete,
                             values: vec![Value::Integer(9), Value::Null, Value::Null],
+                            base: None,
                         },
                     ],
                 },

@@ -36,6 +36,8 @@ pub struct CaptureOptions {
     pub replicate_ddl: bool,
     /// Which tables replicate (`[replication]`).
     pub selection: TableSelection,
+    /// Keep the conflict journal (`[conflicts] enabled`).
+    pub conflicts: bool,
 }
 
 impl Default for CaptureOptions {
@@ -44,6 +46,7 @@ impl Default for CaptureOptions {
             time_ms_sql: WALL_CLOCK_MS.to_owned(),
             replicate_ddl: true,
             selection: TableSelection::default(),
+            conflicts: true,
         }
     }
 }
@@ -89,6 +92,17 @@ CREATE TABLE IF NOT EXISTS __marmot__schema(
   hlc INTEGER NOT NULL, node INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS __marmot__ddl_out(id INTEGER PRIMARY KEY, hlc INTEGER NOT NULL, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS __marmot__state(key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS __marmot__conflicts(
+  table_name TEXT NOT NULL, key TEXT NOT NULL, loser_hlc INTEGER NOT NULL, loser_node INTEGER NOT NULL,
+  loser_image TEXT, winner_hlc INTEGER NOT NULL, winner_node INTEGER NOT NULL,
+  tbl INTEGER NOT NULL, pk BLOB NOT NULL, image BLOB);
+CREATE UNIQUE INDEX IF NOT EXISTS __marmot__conflicts_row
+  ON __marmot__conflicts(tbl, pk, loser_hlc, loser_node);
+CREATE INDEX IF NOT EXISTS __marmot__conflicts_at ON __marmot__conflicts(loser_hlc);
+CREATE TABLE IF NOT EXISTS __marmot__based(
+  tbl INTEGER NOT NULL, pk BLOB NOT NULL, hlc INTEGER NOT NULL, node INTEGER NOT NULL,
+  PRIMARY KEY (tbl, pk, hlc, node)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS __marmot__bases(hlc INTEGER PRIMARY KEY, base_hlc INTEGER, base_node INTEGER);
 INSERT OR IGNORE INTO __marmot__state(key, value) VALUES ('published_hlc', 0), ('folded_hlc', 0);
 CREATE VIEW IF NOT EXISTS __marmot__replication AS SELECT
   max(coalesce((SELECT max(hlc) FROM __marmot__log), 0), s.value) AS last_local_hlc,
@@ -131,6 +145,10 @@ pub(crate) fn install_in(tx: &Connection, node: NodeId, opts: &CaptureOptions, c
         .optional()
         .ctx(|| "reading the restore marker".into())?
         .is_some();
+    if restored {
+        // The saver's notes about its own unpublished changes mean nothing here.
+        tx.execute_batch("DELETE FROM __marmot__bases").ctx(|| "clearing the saver's change bases".into())?;
+    }
     let mut schema = Schema::read(tx)?;
     schema.select(&opts.selection);
     for skipped in &schema.skipped {

@@ -8,6 +8,7 @@
 use rusqlite::{Connection, OptionalExtension};
 use tracing::warn;
 
+use super::conflicts;
 use super::schema::{quote, Collation, TableInfo};
 use super::{get_state, set_state, set_state_max, store_position, version_of, Db};
 use crate::error::{Error, Result, SqlContext};
@@ -152,7 +153,24 @@ impl Db {
             }
             let key = info.key(&pk);
             let v = Version { hlc: row.hlc, node: batch.origin };
-            if version_of(conn, tid, &key)?.is_some_and(|(cur, _)| cur >= v) {
+            let held = version_of(conn, tid, &key)?;
+            if self.opts.conflicts {
+                let image = || {
+                    (row.op == Op::Upsert).then(|| {
+                        let mut values = vec![Value::Null; info.columns.len()];
+                        for (local, value) in remote.iter().zip(&row.values) {
+                            if let Some(i) = local {
+                                values[*i] = value.clone();
+                            }
+                        }
+                        values
+                    })
+                };
+                let write = conflicts::Write { version: v, base: row.base, image: &image };
+                let target = conflicts::RowRef { t: info, tbl: tid, key: &key, pk: &pk };
+                conflicts::on_write(conn, &target, held, &write)?;
+            }
+            if held.is_some_and(|(cur, _)| cur >= v) {
                 out.skipped += 1;
                 continue;
             }
@@ -193,6 +211,7 @@ impl Db {
     pub(crate) fn fold_local_limited(&self, conn: &Connection, limit: i64) -> Result<bool> {
         self.check_schema()?;
         let folded = get_state(conn, "folded_hlc")?;
+        let published = get_state(conn, "published_hlc")?;
         let mut stmt = conn
             .prepare_cached("SELECT * FROM __marmot__log WHERE hlc > ?1 ORDER BY hlc LIMIT ?2")
             .ctx(|| "reading the log to fold".into())?;
@@ -215,6 +234,9 @@ impl Db {
             }
             let key = info.key(&pk);
             let v = Version { hlc: Hlc(hlc), node: self.node };
+            if self.opts.conflicts && hlc > published {
+                conflicts::note_folded(conn, Hlc(hlc), version_of(conn, tbl, &key)?.map(|(prev, _)| prev))?;
+            }
             set_version(conn, tbl, &key, v, op == 1)?;
             remove_aside(conn, tbl, &key)?;
         }

@@ -15,6 +15,7 @@
 
 mod capture;
 mod commit_points;
+mod conflicts;
 mod ddl;
 mod guard;
 mod merge;
@@ -32,6 +33,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 pub use capture::{cleanup, install, table_id, CaptureOptions, WALL_CLOCK_MS};
 pub use commit_points::{CommitPoints, BATCH_ROWS_MAX, COMMIT_POINTS_MAX};
+pub use conflicts::{Conflict, ConflictFilter, CONFLICTS_STEP_ROWS};
 pub use merge::ApplyOutcome;
 pub use reader::SqliteChangeSource;
 pub use schema::{
@@ -482,6 +484,16 @@ fn set_state(conn: &Connection, key: &str, value: u64) -> Result<()> {
         .and_then(|mut s| s.execute((key, value as i64)))
         .map(|_| ())
         .ctx(|| format!("writing state {key}"))
+}
+
+fn add_state(conn: &Connection, key: &str, n: u64) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO __marmot__state(key, value) VALUES (?1, ?2) \
+         ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+    )
+    .and_then(|mut s| s.execute((key, n as i64)))
+    .map(|_| ())
+    .ctx(|| format!("counting {key}"))
 }
 
 fn set_state_max(conn: &Connection, key: &str, value: u64) -> Result<()> {

@@ -10,7 +10,7 @@ use rusqlite::{Connection, OptionalExtension};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::commit_points::{cut_point, CommitPoints};
-use super::{get_state, merge, set_state_max, version_of, Db, TableInfo};
+use super::{conflicts, get_state, merge, set_state_max, version_of, Db, TableInfo};
 use crate::error::{Result, SqlContext};
 use crate::model::{Batch, Hlc, Op, RowChange, TableChanges, Value, Version};
 use crate::source::{ChangeSource, Pending};
@@ -31,7 +31,13 @@ fn logged_key(row: &rusqlite::Row<'_>, info: &TableInfo) -> Result<Vec<Value>> {
 
 /// The image of a row the merge set aside (a unique value lost to a higher version) while
 /// its write, `mine`, waited to be published: the row still exists, out of the table.
-fn aside_image(conn: &Connection, t: &TableInfo, tbl: i64, key: &[u8], mine: Version) -> Result<Option<Vec<Value>>> {
+pub(crate) fn aside_image(
+    conn: &Connection,
+    t: &TableInfo,
+    tbl: i64,
+    key: &[u8],
+    mine: Version,
+) -> Result<Option<Vec<Value>>> {
     let row: Option<(i64, i64, Vec<u8>)> = conn
         .prepare_cached("SELECT hlc, node, image FROM __marmot__aside WHERE tbl = ?1 AND pk = ?2")
         .and_then(|mut s| s.query_row((tbl, key), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).optional())
@@ -48,6 +54,27 @@ fn aside_image(conn: &Connection, t: &TableInfo, tbl: i64, key: &[u8], mine: Ver
         }
     }
     Ok(Some(values))
+}
+
+/// A change to a row of `info` with key `pk`: an upsert of `image`, or a delete (`None`).
+fn row_change(
+    info: &TableInfo,
+    hlc: Hlc,
+    pk: Vec<Value>,
+    image: Option<Vec<Value>>,
+    base: Option<Version>,
+) -> RowChange {
+    let (op, values) = match image {
+        Some(values) => (Op::Upsert, values),
+        None => {
+            let mut values = vec![Value::Null; info.columns.len()];
+            for (&i, v) in info.pk.iter().zip(pk) {
+                values[i] = v;
+            }
+            (Op::Delete, values)
+        }
+    };
+    RowChange { hlc, op, values, base }
 }
 
 impl Db {
@@ -154,37 +181,54 @@ impl Db {
                 written.insert((tbl, info.key(&pk)), (hlc, pk));
             }
         }
-        let mut by_version: Vec<(RowId, (Hlc, Vec<Value>))> = written.into_iter().collect();
-        by_version.sort_by_key(|(_, (hlc, _))| *hlc);
-        let mut tables: BTreeMap<i64, TableChanges> = BTreeMap::new();
-        for ((tbl, key), (hlc, pk)) in by_version {
+        let conflicts = self.opts.conflicts;
+        let folded = get_state(&tx, "folded_hlc")?;
+        let mut out: Vec<(Hlc, i64, RowChange)> = Vec::with_capacity(written.len());
+        for ((tbl, key), (hlc, pk)) in written {
             let info = self.table_by_id(tbl).expect("read above");
             let mine = Version { hlc, node: self.node };
-            // A remote write applied since overwrote the row: that write carries it.
-            if version_of(&tx, tbl, &key)?.is_some_and(|(v, _)| (v.hlc, v.node) > (mine.hlc, mine.node)) {
+            let held = version_of(&tx, tbl, &key)?.map(|(v, _)| v);
+            // A remote write applied since overwrote the row: that write carries it (and
+            // the journal, below, this change).
+            if held.is_some_and(|v| v > mine) {
                 continue;
             }
             let image = match merge::read_image(&tx, info, &pk)? {
                 Some(image) => Some(image.into_iter().map(|(_, v)| v).collect()),
                 None => aside_image(&tx, info, tbl, &key, mine)?,
             };
-            let (op, values) = match image {
-                Some(values) => (Op::Upsert, values),
-                None => {
-                    let mut values = vec![Value::Null; info.columns.len()];
-                    for (&i, v) in info.pk.iter().zip(pk) {
-                        values[i] = v;
-                    }
-                    (Op::Delete, values)
-                }
+            let base = match conflicts {
+                true => self.base_of_pending(&tx, hlc, held, folded, published)?,
+                false => None,
             };
+            out.push((hlc, tbl, row_change(info, hlc, pk, image, base)));
+        }
+        if conflicts {
+            for (tbl, hlc, blob) in self.own_losses(&tx, published, through.0)? {
+                let Some(info) = self.table_by_id(tbl) else { continue };
+                let (image, pk) = match blob {
+                    Some(blob) => {
+                        let values = conflicts::decode_image(info, &blob)?;
+                        let pk = info.pk.iter().map(|&i| values[i].clone()).collect();
+                        (Some(values), pk)
+                    }
+                    None => (None, self.own_loss_key(&tx, tbl, hlc)?),
+                };
+                let base = self.base_of_pending(&tx, hlc, None, folded, published)?;
+                out.push((hlc, tbl, row_change(info, hlc, pk, image, base)));
+            }
+        }
+        out.sort_by_key(|(hlc, _, _)| *hlc);
+        let mut tables: BTreeMap<i64, TableChanges> = BTreeMap::new();
+        for (_, tbl, row) in out {
+            let info = self.table_by_id(tbl).expect("read above");
             let entry = tables.entry(tbl).or_insert_with(|| TableChanges {
                 table: info.name.clone(),
                 columns: info.columns.clone(),
                 pk: info.pk.clone(),
                 rows: Vec::new(),
             });
-            entry.rows.push(RowChange { hlc, op, values });
+            entry.rows.push(row);
         }
         tx.commit().ctx(|| "ending a read".into())?;
         if through.0 == published {
@@ -272,6 +316,8 @@ impl Db {
         let n = tx
             .execute("DELETE FROM __marmot__log WHERE hlc <= ?1", [bound])
             .ctx(|| "cleaning published changes".into())? as u64;
+        tx.execute("DELETE FROM __marmot__bases WHERE hlc <= ?1", [bound])
+            .ctx(|| "cleaning published changes' bases".into())?;
         tx.commit().ctx(|| "committing the cleaning".into())?;
         Ok((n, (n as i64) >= slice && (bound as u64) < published))
     }

@@ -258,16 +258,24 @@ fn a_local_row_set_aside_before_it_was_published_is_sent_as_written() {
 }
 
 #[test]
-fn a_row_a_newer_remote_write_overwrote_before_publishing_is_left_to_that_write() {
+fn a_row_a_newer_remote_write_overwrote_before_publishing_travels_as_a_loss() {
     let mut a = node(1, T);
     let mut b = node(2, T);
     a.exec("INSERT INTO t VALUES (1, 'mine', 1.0)");
     b.exec("INSERT INTO t VALUES (1, 'theirs', 2.0)");
     let from_b = b.acknowledge_all();
     a.apply(&from_b.batch);
-    let from_a = a.db.read_pending().unwrap().expect("the log still moves on");
-    assert!(from_a.batch.tables.is_empty(), "b's image is b's to send: {:?}", from_a.batch);
+    assert_eq!(a.dump("t"), b.dump("t"), "b's later write wins on a");
+    // a's write never left a, yet it is sent, with the image it had, so that every node
+    // journals its loss; it changes no table.
+    let from_a = a.db.read_pending().unwrap().expect("the lost write travels");
+    assert_eq!(rows_of(&from_a.batch, "t"), vec![(Op::Upsert, vec![int(1), text("mine"), real(1.0)])]);
+    b.apply(&from_a.batch);
     assert_eq!(a.dump("t"), b.dump("t"));
+    let journal = |n: &Node| n.db.conflicts(&Default::default()).unwrap();
+    assert_eq!(journal(&a).len(), 1);
+    assert_eq!(journal(&a)[0].loser_image.as_deref(), Some(r#"{"id":1,"name":"mine","score":1.0}"#));
+    assert_eq!(journal(&a), journal(&b), "both nodes journal a's write as lost");
 }
 
 /// Records the log's last version now, as the node's sampler does after a commit.

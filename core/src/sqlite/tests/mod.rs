@@ -124,11 +124,11 @@ fn real(f: f64) -> Value {
 const NULL: Value = Value::Null;
 
 fn upsert(hlc: u64, values: Vec<Value>) -> RowChange {
-    RowChange { hlc: Hlc(hlc), op: Op::Upsert, values }
+    RowChange { hlc: Hlc(hlc), op: Op::Upsert, values, base: None }
 }
 
 fn delete(hlc: u64, values: Vec<Value>) -> RowChange {
-    RowChange { hlc: Hlc(hlc), op: Op::Delete, values }
+    RowChange { hlc: Hlc(hlc), op: Op::Delete, values, base: None }
 }
 
 /// A hand-built batch of one table.

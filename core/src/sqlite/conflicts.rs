@@ -1,0 +1,390 @@
+//! The conflict journal: writes that last-writer-wins overwrote without their data having
+//! been seen by whoever overwrote them.
+//!
+//! Every replicated change carries its *base*: the version its row held on its origin
+//! before it. A change whose base is another write's version was made by someone who had
+//! that write, so that write's data was seen and replaced on purpose. A write is **lost**
+//! when it is not the row's winner (the greatest version) and no write has it as its
+//! base. That set depends only on the writes made, so every node records the same one
+//! whatever the arrival order; while writes are still in flight a node may record a loss
+//! that a later-arriving write turns out to have seen, and then removes it again
+//! (docs/conflicts.md).
+//!
+//! A node keeps what it needs to decide this for a row without the row's history:
+//! - the winner's version (`__marmot__versions`) and the other writes in the journal;
+//! - `__marmot__based`: versions some write had as its base when they were not the version
+//!   this node held as that write arrived (rare: only writes made concurrently, or
+//!   arriving out of order, leave one);
+//! - `__marmot__bases`: for local changes folded before they were published, the version
+//!   they replaced, so the reader can tell each published change its base.
+
+use rusqlite::{Connection, OptionalExtension};
+
+use super::schema::TableInfo;
+use super::{get_state, merge, Db};
+use crate::error::{Error, Result, SqlContext};
+use crate::model::{Hlc, NodeId, Value, Version};
+
+/// Most journal entries or base notes one collection step removes.
+pub const CONFLICTS_STEP_ROWS: i64 = 1000;
+
+/// A lost change of this node's own: table id, version, exact image (`None`: a delete).
+pub(crate) type OwnLoss = (i64, Hlc, Option<Vec<u8>>);
+
+/// One recorded loss.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Conflict {
+    /// The table, by name.
+    pub table: String,
+    /// The row's primary key, as JSON (an array, one value per key column).
+    pub key: String,
+    /// The losing write's version.
+    pub loser: Version,
+    /// The losing row image as JSON (`None`: the losing write deleted the row).
+    pub loser_image: Option<String>,
+    /// The version that held the row when this node recorded the loss.
+    pub winner: Version,
+}
+
+/// What [`Db::conflicts`] lists.
+#[derive(Clone, Debug, Default)]
+pub struct ConflictFilter {
+    /// Only this table.
+    pub table: Option<String>,
+    /// Only losing writes made at or after this many milliseconds since the epoch.
+    pub since_ms: Option<u64>,
+    /// At most this many, newest first (`None`: all).
+    pub limit: Option<u64>,
+}
+
+/// An incoming write to one row, as the journal sees it.
+pub(crate) struct Write<'a> {
+    pub version: Version,
+    pub base: Option<Version>,
+    /// The row image in the table's column order, `None` for a delete (made only when
+    /// the write is recorded as lost).
+    pub image: &'a dyn Fn() -> Option<Vec<Value>>,
+}
+
+/// A value as JSON: numbers and strings as themselves, a BLOB as `{"blob": "<hex>"}`, a
+/// REAL that JSON cannot hold (infinite) as `{"real": "inf"}` or `{"real": "-inf"}`.
+fn json_value(v: &Value) -> serde_json::Value {
+    use serde_json::Value as J;
+    match v {
+        Value::Null => J::Null,
+        Value::Integer(i) => J::from(*i),
+        Value::Real(r) => serde_json::Number::from_f64(*r).map(J::Number).unwrap_or_else(
+            || serde_json::json!({ "real": if *r > 0.0 { "inf" } else if *r < 0.0 { "-inf" } else { "nan" } }),
+        ),
+        Value::Text(t) => J::from(t.as_str()),
+        Value::Blob(b) => {
+            let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            serde_json::json!({ "blob": hex })
+        }
+    }
+}
+
+fn key_json(pk: &[Value]) -> String {
+    serde_json::Value::Array(pk.iter().map(json_value).collect()).to_string()
+}
+
+fn image_json(t: &TableInfo, values: &[Value]) -> String {
+    let map: serde_json::Map<String, serde_json::Value> =
+        t.columns.iter().zip(values).map(|(c, v)| (c.clone(), json_value(v))).collect();
+    serde_json::Value::Object(map).to_string()
+}
+
+fn image_cbor(t: &TableInfo, values: &[Value]) -> Vec<u8> {
+    let named: Vec<(&str, &Value)> = t.columns.iter().map(String::as_str).zip(values).collect();
+    let mut blob = Vec::new();
+    ciborium::into_writer(&named, &mut blob).expect("CBOR into a Vec");
+    blob
+}
+
+/// Records that `base` of row (`tbl`, `key`) was some write's base, and removes a loss
+/// recorded for it: that write's data was seen.
+fn note_based(conn: &Connection, tbl: i64, key: &[u8], base: Version) -> Result<()> {
+    conn.prepare_cached("INSERT OR IGNORE INTO __marmot__based(tbl, pk, hlc, node) VALUES (?1, ?2, ?3, ?4)")
+        .and_then(|mut s| s.execute((tbl, key, base.hlc.0 as i64, base.node.0 as i64)))
+        .ctx(|| "noting a base".into())?;
+    let removed = conn
+        .prepare_cached(
+            "DELETE FROM __marmot__conflicts WHERE tbl = ?1 AND pk = ?2 AND loser_hlc = ?3 AND loser_node = ?4",
+        )
+        .and_then(|mut s| s.execute((tbl, key, base.hlc.0 as i64, base.node.0 as i64)))
+        .ctx(|| "withdrawing a recorded loss".into())?;
+    if removed > 0 {
+        super::add_state(conn, "conflicts_withdrawn", removed as u64)?;
+    }
+    Ok(())
+}
+
+fn is_based(conn: &Connection, tbl: i64, key: &[u8], v: Version) -> Result<bool> {
+    conn.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM __marmot__based WHERE tbl = ?1 AND pk = ?2 AND hlc = ?3 AND node = ?4)",
+    )
+    .and_then(|mut s| s.query_row((tbl, key, v.hlc.0 as i64, v.node.0 as i64), |r| r.get(0)))
+    .ctx(|| "checking a base".into())
+}
+
+/// The row a write is to: its table, the table's id, its key bytes and key values.
+pub(crate) struct RowRef<'a> {
+    pub t: &'a TableInfo,
+    pub tbl: i64,
+    pub key: &'a [u8],
+    pub pk: &'a [Value],
+}
+
+/// Records the loss of `loser` (image `values`, `None` for a delete) to `winner`.
+fn record(
+    conn: &Connection,
+    row: &RowRef<'_>,
+    loser: Version,
+    values: Option<&[Value]>,
+    winner: Version,
+) -> Result<()> {
+    let t = row.t;
+    let n = conn
+        .prepare_cached(
+            "INSERT OR IGNORE INTO __marmot__conflicts(table_name, key, loser_hlc, loser_node, loser_image, \
+             winner_hlc, winner_node, tbl, pk, image) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )
+        .and_then(|mut s| {
+            s.execute(rusqlite::params![
+                t.name,
+                key_json(row.pk),
+                loser.hlc.0 as i64,
+                loser.node.0 as i64,
+                values.map(|v| image_json(t, v)),
+                winner.hlc.0 as i64,
+                winner.node.0 as i64,
+                row.tbl,
+                row.key,
+                values.map(|v| image_cbor(t, v)),
+            ])
+        })
+        .ctx(|| format!("recording a lost write to {:?}", t.name))?;
+    if n > 0 {
+        super::add_state(conn, &format!("conflicts:{}", t.name), 1)?;
+    }
+    Ok(())
+}
+
+/// The row's current image: in the table, or set aside by a unique conflict.
+fn held_image(conn: &Connection, row: &RowRef<'_>, held: Version) -> Result<Option<Vec<Value>>> {
+    if let Some(image) = merge::read_image(conn, row.t, row.pk)? {
+        return Ok(Some(image.into_iter().map(|(_, v)| v).collect()));
+    }
+    super::reader::aside_image(conn, row.t, row.tbl, row.key, held)
+}
+
+/// Journals what `incoming`, a write to `row`, shows about the writes this node knows of
+/// that row. `held` is the row's version here and whether it is a tombstone. Runs before
+/// the merge writes anything, in its transaction.
+pub(crate) fn on_write(
+    conn: &Connection,
+    row: &RowRef<'_>,
+    held: Option<(Version, bool)>,
+    incoming: &Write<'_>,
+) -> Result<()> {
+    let v = incoming.version;
+    if held.is_some_and(|(h, _)| h == v) {
+        return Ok(());
+    }
+    if let Some(b) = incoming.base.filter(|&b| held.map(|(h, _)| h) != Some(b)) {
+        note_based(conn, row.tbl, row.key, b)?;
+    }
+    match held {
+        // The incoming write loses, unless some write was made on top of it.
+        Some((h, _)) if h > v => match is_based(conn, row.tbl, row.key, v)? {
+            true => {}
+            false => record(conn, row, v, (incoming.image)().as_deref(), h)?,
+        },
+        // The held write loses, unless the incoming one or another was made on top of it.
+        Some((h, deleted)) if incoming.base != Some(h) && !is_based(conn, row.tbl, row.key, h)? => {
+            let image = match deleted {
+                true => None,
+                false => held_image(conn, row, h)?,
+            };
+            record(conn, row, h, image.as_deref(), v)?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Records, for a local change at `hlc` folded before it was published, the version it
+/// replaced (`prev`), for the reader.
+pub(crate) fn note_folded(conn: &Connection, hlc: Hlc, prev: Option<Version>) -> Result<()> {
+    conn.prepare_cached("INSERT OR REPLACE INTO __marmot__bases(hlc, base_hlc, base_node) VALUES (?1, ?2, ?3)")
+        .and_then(|mut s| s.execute((hlc.0 as i64, prev.map(|p| p.hlc.0 as i64), prev.map(|p| p.node.0 as i64))))
+        .map(|_| ())
+        .ctx(|| "noting a folded change's base".into())
+}
+
+fn folded_base(conn: &Connection, hlc: Hlc) -> Result<Option<Option<Version>>> {
+    conn.prepare_cached("SELECT base_hlc, base_node FROM __marmot__bases WHERE hlc = ?1")
+        .and_then(|mut s| {
+            s.query_row([hlc.0 as i64], |r| {
+                let (h, n): (Option<i64>, Option<i64>) = (r.get(0)?, r.get(1)?);
+                Ok(h.zip(n).map(|(h, n)| Version { hlc: Hlc(h as u64), node: NodeId(n as u64) }))
+            })
+            .optional()
+        })
+        .ctx(|| "reading a folded change's base".into())
+}
+
+impl Db {
+    /// The base of this node's pending change at `hlc` to the row whose version here is
+    /// `held`: the version the row had before this node's run of unpublished changes to it
+    /// that ends at `hlc` (those travel as one change). `folded` and `published` are the
+    /// state's points, read in the caller's read transaction.
+    pub(crate) fn base_of_pending(
+        &self,
+        conn: &Connection,
+        hlc: Hlc,
+        held: Option<Version>,
+        folded: u64,
+        published: u64,
+    ) -> Result<Option<Version>> {
+        let mine = Version { hlc, node: self.node };
+        // Not folded yet: nothing was applied since it committed, so the row's version is
+        // the one before this node's unfolded changes to it.
+        let mut base = match hlc.0 > folded {
+            true => held,
+            false => match folded_base(conn, hlc)? {
+                Some(b) => b,
+                None => return Ok(held.filter(|h| *h < mine)),
+            },
+        };
+        // Walk back over this node's own unpublished changes: they travel as this one.
+        for _ in 0..1_000_000 {
+            match base {
+                Some(b) if b.node == self.node && b.hlc.0 > published => match folded_base(conn, b.hlc)? {
+                    Some(earlier) => base = earlier,
+                    None => break,
+                },
+                _ => break,
+            }
+        }
+        Ok(base)
+    }
+
+    /// This node's own changes in (`published`, `through`] that the journal holds as lost:
+    /// overwritten here by a concurrent write before they were published. They are
+    /// published all the same (with the image they had), so every node journals them.
+    pub(crate) fn own_losses(&self, conn: &Connection, published: u64, through: u64) -> Result<Vec<OwnLoss>> {
+        conn.prepare_cached(
+            "SELECT tbl, loser_hlc, image FROM __marmot__conflicts INDEXED BY __marmot__conflicts_at \
+             WHERE loser_hlc > ?1 AND loser_hlc <= ?2 AND loser_node = ?3 ORDER BY loser_hlc",
+        )
+        .and_then(|mut s| {
+            s.query_map((published as i64, through as i64, self.node.0 as i64), |r| {
+                Ok((r.get(0)?, Hlc(r.get::<_, i64>(1)? as u64), r.get(2)?))
+            })?
+            .collect()
+        })
+        .ctx(|| "reading this node's lost changes".into())
+    }
+
+    /// The key of this node's lost delete at `hlc` of a row of table `tbl`.
+    pub(crate) fn own_loss_key(&self, conn: &Connection, tbl: i64, hlc: Hlc) -> Result<Vec<Value>> {
+        let key: Vec<u8> = conn
+            .prepare_cached(
+                "SELECT pk FROM __marmot__conflicts INDEXED BY __marmot__conflicts_at \
+                 WHERE loser_hlc = ?1 AND loser_node = ?2 AND tbl = ?3",
+            )
+            .and_then(|mut s| s.query_row((hlc.0 as i64, self.node.0 as i64, tbl), |r| r.get(0)))
+            .ctx(|| "reading a lost change's key".into())?;
+        ciborium::from_reader(key.as_slice()).map_err(|e| Error::Corrupt(format!("a key in __marmot__conflicts: {e}")))
+    }
+
+    /// The journal, newest loss first.
+    pub fn conflicts(&self, filter: &ConflictFilter) -> Result<Vec<Conflict>> {
+        let since = filter.since_ms.map_or(0, |ms| Hlc::from_millis(ms).0 as i64);
+        let limit = filter.limit.map_or(-1, |n| n as i64);
+        self.conn
+            .prepare(
+                "SELECT table_name, key, loser_hlc, loser_node, loser_image, winner_hlc, winner_node \
+                 FROM __marmot__conflicts WHERE (?1 IS NULL OR table_name = ?1) AND loser_hlc >= ?2 \
+                 ORDER BY loser_hlc DESC, loser_node DESC, table_name, key LIMIT ?3",
+            )
+            .and_then(|mut s| {
+                s.query_map((filter.table.as_deref(), since, limit), |r| {
+                    Ok(Conflict {
+                        table: r.get(0)?,
+                        key: r.get(1)?,
+                        loser: Version {
+                            hlc: Hlc(r.get::<_, i64>(2)? as u64),
+                            node: NodeId(r.get::<_, i64>(3)? as u64),
+                        },
+                        loser_image: r.get(4)?,
+                        winner: Version {
+                            hlc: Hlc(r.get::<_, i64>(5)? as u64),
+                            node: NodeId(r.get::<_, i64>(6)? as u64),
+                        },
+                    })
+                })?
+                .collect()
+            })
+            .ctx(|| "reading the conflict journal".into())
+    }
+
+    /// Losses recorded so far per table (a counter: entries removed since still count).
+    pub fn conflicts_recorded(&self) -> Result<Vec<(String, u64)>> {
+        self.conn
+            .prepare("SELECT substr(key, 11), value FROM __marmot__state WHERE key LIKE 'conflicts:%' ORDER BY key")
+            .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?.collect())
+            .ctx(|| "reading the conflict counters".into())
+    }
+
+    /// Entries held in the journal now.
+    pub fn conflicts_held(&self) -> Result<u64> {
+        self.conn
+            .query_row("SELECT count(*) FROM __marmot__conflicts", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .ctx(|| "counting the conflict journal".into())
+    }
+
+    /// Removes at most [`CONFLICTS_STEP_ROWS`] journal entries whose losing write is older
+    /// than `before`, and as many base notes older than `horizon` (the tombstone horizon:
+    /// no write that old can still arrive). Returns how many were removed and whether more
+    /// are left.
+    pub fn collect_conflicts_step(&self, before: Hlc, horizon: Hlc) -> Result<(u64, bool)> {
+        let tx = self.immediate()?;
+        let journal = tx
+            .execute(
+                "DELETE FROM __marmot__conflicts WHERE rowid IN (SELECT rowid FROM __marmot__conflicts \
+                 INDEXED BY __marmot__conflicts_at WHERE loser_hlc < ?1 ORDER BY loser_hlc LIMIT ?2)",
+                (before.0 as i64, CONFLICTS_STEP_ROWS),
+            )
+            .ctx(|| "removing old journal entries".into())? as u64;
+        let notes = tx
+            .execute(
+                "DELETE FROM __marmot__based WHERE (tbl, pk, hlc, node) IN (SELECT tbl, pk, hlc, node \
+                 FROM __marmot__based WHERE hlc < ?1 LIMIT ?2)",
+                (horizon.0 as i64, CONFLICTS_STEP_ROWS),
+            )
+            .ctx(|| "removing old base notes".into())? as u64;
+        tx.commit().ctx(|| "committing the journal's collection".into())?;
+        let more = journal as i64 >= CONFLICTS_STEP_ROWS || notes as i64 >= CONFLICTS_STEP_ROWS;
+        Ok((journal + notes, more))
+    }
+
+    /// Entries the journal removed because a later-arriving write showed its data was seen.
+    pub fn conflicts_withdrawn(&self) -> Result<u64> {
+        get_state(&self.conn, "conflicts_withdrawn")
+    }
+}
+
+/// Decodes a journal entry's exact image into values in `t`'s column order.
+pub(crate) fn decode_image(t: &TableInfo, blob: &[u8]) -> Result<Vec<Value>> {
+    let named = merge::decode_aside_image(blob)?;
+    let mut values = vec![Value::Null; t.columns.len()];
+    for (column, value) in named {
+        if let Some(i) = t.column_index(&column) {
+            values[i] = value;
+        }
+    }
+    Ok(values)
+}
