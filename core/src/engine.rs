@@ -59,10 +59,16 @@ pub struct EngineConfig {
     /// milliseconds (0: kept for ever). Local changes left unpublished for longer are never
     /// published (the node restores a snapshot instead). The same on every node.
     pub tombstone_retention_ms: u64,
+    /// Conflict-journal entries are removed once their losing write is older than this, in
+    /// milliseconds (0: kept for ever).
+    pub conflicts_retention_ms: u64,
 }
 
 /// Default of [`EngineConfig::tombstone_retention_ms`]: seven days.
 pub const TOMBSTONE_RETENTION_MS_DEFAULT: u64 = 7 * 24 * 3600 * 1000;
+
+/// Default of [`EngineConfig::conflicts_retention_ms`]: seven days.
+pub const CONFLICTS_RETENTION_MS_DEFAULT: u64 = 7 * 24 * 3600 * 1000;
 
 /// Longest time between two looks for tombstones to collect.
 pub const COLLECT_EVERY_MS_MAX: u64 = 60_000;
@@ -90,6 +96,7 @@ impl Default for EngineConfig {
             publish_ahead_entries_max: u64::MAX,
             replicate_ddl: true,
             tombstone_retention_ms: TOMBSTONE_RETENTION_MS_DEFAULT,
+            conflicts_retention_ms: CONFLICTS_RETENTION_MS_DEFAULT,
         }
     }
 }
@@ -182,6 +189,8 @@ pub struct Engine<S: ChangeSource> {
     parked_schema: Option<bool>,
     /// When (wall ms) tombstones were last looked for.
     collected_at_ms: u64,
+    /// When [`Engine::collect_conflicts`] last looked (wall-clock ms).
+    conflicts_collected_at_ms: u64,
     /// Whether expired changes were set aside and a restore is due (`None`: not read yet).
     restore_required: Option<bool>,
 }
@@ -229,6 +238,7 @@ impl<S: ChangeSource> Engine<S> {
             peer_schemas: BTreeMap::new(),
             parked_schema: None,
             collected_at_ms: 0,
+            conflicts_collected_at_ms: 0,
             restore_required: None,
         }
     }
@@ -535,7 +545,7 @@ impl<S: ChangeSource> Engine<S> {
             }
             Assembled::Batch(batch) => {
                 let crash = self.faults.crash_after_rows.take();
-                match self.db.apply_batch(shard, safe, &batch, crash) {
+                match self.db.apply_entry(shard, safe, position, &batch, crash) {
                     Ok(out) => {
                         if batch.origin != self.db.node() {
                             self.stats.batches_applied += 1;
@@ -734,6 +744,40 @@ impl<S: ChangeSource> Engine<S> {
             self.retry_parked()?;
         }
         more |= self.collect_tombstones().await?;
+        more |= self.collect_conflicts()?;
+        Ok(more)
+    }
+
+    /// Removes one slice of conflict-journal entries older than their retention, and of
+    /// base notes below the tombstone horizon (no write that old can arrive any more).
+    /// Looks at most every eighth of the retention (and every minute). Returns whether
+    /// more are left.
+    fn collect_conflicts(&mut self) -> Result<bool> {
+        let retention = self.config.conflicts_retention_ms;
+        let (_, horizon) = self.db.tombstones_collected()?;
+        if retention == 0 && horizon.0 == 0 {
+            return Ok(false);
+        }
+        let now = self.db.wall_ms()?;
+        let every = match retention {
+            0 => COLLECT_EVERY_MS_MAX,
+            r => (r / 8).clamp(1, COLLECT_EVERY_MS_MAX),
+        };
+        if now < self.conflicts_collected_at_ms + every {
+            return Ok(false);
+        }
+        self.conflicts_collected_at_ms = now;
+        let before = match retention {
+            0 => Hlc(0),
+            r => Hlc::from_millis(now.saturating_sub(r)),
+        };
+        let (n, more) = self.db.collect_conflicts_step(before, horizon)?;
+        if n > 0 {
+            debug!(removed = n, "removed old conflict-journal entries and base notes");
+        }
+        if more {
+            self.conflicts_collected_at_ms = 0;
+        }
         Ok(more)
     }
 

@@ -14,27 +14,33 @@ use crate::world::{Failure, World};
 /// The versions of every row change stored in the logs in a complete batch.
 #[derive(Default)]
 pub struct StoredWrites {
-    /// Per shard: the last position looked at, and the reassembler of multi-part batches.
-    scanned: BTreeMap<u32, (Position, Reassembler)>,
+    /// Per shard: the log's epoch, the last position looked at, and the reassembler of
+    /// multi-part batches.
+    scanned: BTreeMap<u32, (u64, Position, Reassembler)>,
     versions: BTreeSet<(NodeId, Hlc)>,
+    /// Every row change published, for the conflict journal's oracle.
+    pub(crate) published: crate::journal::Published,
 }
 
 impl World {
     /// Notes the row changes of complete batches stored since the last look.
     pub(crate) fn scan_log(&mut self) {
-        if self.scenario.tombstone_retention_ms == 0 {
-            return;
-        }
         for s in 0..self.scenario.shards {
             let shard = Shard(s);
-            let (at, reassembler) =
-                self.stored.scanned.entry(s).or_insert_with(|| (Position(0), Reassembler::new(u64::MAX)));
+            let epoch = self.log.epoch(shard);
+            let (seen_epoch, at, reassembler) =
+                self.stored.scanned.entry(s).or_insert_with(|| (epoch, Position(0), Reassembler::new(u64::MAX)));
+            if *seen_epoch != epoch {
+                // The logs were recreated: positions start again.
+                (*seen_epoch, *at, *reassembler) = (epoch, Position(0), Reassembler::new(u64::MAX));
+            }
             for (position, payload) in self.log.stored_after(shard, *at) {
                 *at = position;
                 if let Assembled::Batch(batch) = reassembler.feed(position, &payload) {
                     for t in &batch.tables {
                         self.stored.versions.extend(t.rows.iter().map(|r| (batch.origin, r.hlc)));
                     }
+                    self.stored.published.add(&batch);
                 }
             }
         }

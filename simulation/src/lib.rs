@@ -11,6 +11,7 @@
 //! the migration), [`workload`] (the SQL applications run; reading capture's log into the
 //! model), [`faults`] (transport fault mix, crash points, partitions, truncation, healing),
 //! [`oracle`] (atomicity, convergence, dumps) with [`model`] (the last-writer-wins model),
+//! [`journal`] (the conflict journal's oracle),
 //! [`scenario`] (the proptest strategies), [`counters`] (what a run exercised) and
 //! [`world`] (the nodes and the loop driving them).
 #![warn(missing_docs)]
@@ -18,6 +19,7 @@
 pub mod counters;
 pub mod expiry;
 pub mod faults;
+pub mod journal;
 pub mod model;
 pub mod oracle;
 pub mod scenario;

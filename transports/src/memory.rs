@@ -196,11 +196,12 @@ impl MemoryLog {
     pub fn stored_after(&self, shard: Shard, after: Position) -> Vec<(Position, Bytes)> {
         let st = self.lock();
         let log = &st.shards[shard.0 as usize];
+        let skip = (after.0 + 1).saturating_sub(log.first) as usize;
         log.entries
             .iter()
             .enumerate()
+            .skip(skip)
             .map(|(i, e)| (Position(log.first + i as u64), e.payload.clone()))
-            .filter(|(p, _)| *p > after)
             .collect()
     }
 }

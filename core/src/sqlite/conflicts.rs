@@ -144,6 +144,11 @@ fn record(
     winner: Version,
 ) -> Result<()> {
     let t = row.t;
+    // The loser's own spelling of the key (`'Bob'` and `'bob'` are one row under NOCASE).
+    let key: Vec<Value> = match values {
+        Some(v) => t.pk.iter().map(|&i| v[i].clone()).collect(),
+        None => row.pk.to_vec(),
+    };
     let n = conn
         .prepare_cached(
             "INSERT OR IGNORE INTO __marmot__conflicts(table_name, key, loser_hlc, loser_node, loser_image, \
@@ -152,7 +157,7 @@ fn record(
         .and_then(|mut s| {
             s.execute(rusqlite::params![
                 t.name,
-                key_json(row.pk),
+                key_json(&key),
                 loser.hlc.0 as i64,
                 loser.node.0 as i64,
                 values.map(|v| image_json(t, v)),
@@ -195,6 +200,9 @@ pub(crate) fn on_write(
         note_based(conn, row.tbl, row.key, b)?;
     }
     match held {
+        // A node's later write to a row is made on top of its earlier one (versions only
+        // grow), whatever base it names: it had lost the version if it names an older one.
+        Some((h, _)) if h.node == v.node => {}
         // The incoming write loses, unless some write was made on top of it.
         Some((h, _)) if h > v => match is_based(conn, row.tbl, row.key, v)? {
             true => {}

@@ -57,13 +57,29 @@ impl Db {
         batch: &Batch,
         crash_after_rows: Option<u64>,
     ) -> Result<ApplyOutcome> {
-        self.on_current_schema(|db| db.apply_batch_once(shard, position, batch, crash_after_rows))
+        self.on_current_schema(|db| db.apply_batch_once(shard, position, None, batch, crash_after_rows))
+    }
+
+    /// [`apply_batch`](Self::apply_batch) for a batch read from the stream: `entry` is the
+    /// position of the entry that completed it (`position` the one safe to store). An entry
+    /// at or below one already handled is a redelivery: applying it again changes nothing,
+    /// and the conflict journal must not take its writes for new ones.
+    pub fn apply_entry(
+        &mut self,
+        shard: Shard,
+        position: Position,
+        entry: Position,
+        batch: &Batch,
+        crash_after_rows: Option<u64>,
+    ) -> Result<ApplyOutcome> {
+        self.on_current_schema(|db| db.apply_batch_once(shard, position, Some(entry), batch, crash_after_rows))
     }
 
     fn apply_batch_once(
         &mut self,
         shard: Shard,
         position: Position,
+        entry: Option<Position>,
         batch: &Batch,
         crash_after_rows: Option<u64>,
     ) -> Result<ApplyOutcome> {
@@ -74,9 +90,18 @@ impl Db {
             .ctx(|| "marking apply".into())?;
         self.fold_local(&tx)?;
         let mut out = ApplyOutcome::default();
+        let read_key = format!("read_through.{}", shard.0);
+        let journal = match entry {
+            Some(e) => {
+                let fresh = e.0 > get_state(&tx, &read_key)?;
+                set_state_max(&tx, &read_key, e.0)?;
+                self.opts.conflicts && fresh
+            }
+            None => self.opts.conflicts,
+        };
         if batch.origin != self.node || position <= self.own_replay_through(shard)? {
             for tc in &batch.tables {
-                self.apply_table(&tx, batch, tc, &mut out, crash_after_rows)?;
+                self.apply_table(&tx, batch, tc, journal, &mut out, crash_after_rows)?;
             }
             if out.excluded > 0 {
                 tx.execute(
@@ -108,6 +133,7 @@ impl Db {
         conn: &Connection,
         batch: &Batch,
         tc: &TableChanges,
+        journal: bool,
         out: &mut ApplyOutcome,
         crash_after_rows: Option<u64>,
     ) -> Result<()> {
@@ -141,6 +167,13 @@ impl Db {
         }
         let map: Vec<usize> = remote.iter().flatten().copied().collect();
         let upsert = upsert_sql(info, &map);
+        // The saver's own changes that the restored snapshot already held (its stored
+        // positions may be short of their entries): their arrival is nothing new for the
+        // journal.
+        let known_own = match get_state(conn, "snapshot_node")? == batch.origin.0 {
+            true => get_state(conn, "snapshot_folded_hlc")?,
+            false => 0,
+        };
         let mut aside_any = has_aside(conn, tid)?;
         for row in &tc.rows {
             if crash_after_rows.is_some_and(|n| out.applied + out.skipped >= n) {
@@ -154,7 +187,7 @@ impl Db {
             let key = info.key(&pk);
             let v = Version { hlc: row.hlc, node: batch.origin };
             let held = version_of(conn, tid, &key)?;
-            if self.opts.conflicts {
+            if journal && row.hlc.0 > known_own {
                 let image = || {
                     (row.op == Op::Upsert).then(|| {
                         let mut values = vec![Value::Null; info.columns.len()];

@@ -132,7 +132,7 @@ impl Db {
             return Err(Error::SchemaChanged);
         }
         self.fold_copy(copy)?;
-        let (positions, epochs) = strip_capture(copy)?;
+        let (positions, epochs) = strip_capture(copy, self.node)?;
         let db_bytes = std::fs::metadata(copy).map_err(io("sizing the copy"))?.len();
         let file = File::create(out).map_err(io(format!("creating {}", out.display())))?;
         let mut writer = HashingWriter { inner: BufWriter::new(file), hasher: Default::default(), bytes: 0 };
@@ -329,7 +329,7 @@ fn unpublished_through(conn: &Connection) -> Result<Option<Hlc>> {
 /// Per shard: the stream positions a copy has applied, and their logs' epochs.
 type CopyPositions = (Vec<(Shard, Position)>, Vec<(Shard, u64)>);
 
-fn strip_capture(copy: &Path) -> Result<CopyPositions> {
+fn strip_capture(copy: &Path, saver: crate::model::NodeId) -> Result<CopyPositions> {
     let conn = Connection::open(copy).ctx(|| "opening the copy".into())?;
     // The capture triggers stay: a node restoring the copy captures what its application
     // commits between the copy and re-installing capture.
@@ -340,10 +340,15 @@ fn strip_capture(copy: &Path) -> Result<CopyPositions> {
          DELETE FROM __marmot__log; \
          CREATE TABLE IF NOT EXISTS __marmot__ddl_out(id INTEGER PRIMARY KEY, hlc INTEGER NOT NULL, body BLOB NOT NULL); \
          DELETE FROM __marmot__ddl_out; \
+         INSERT OR REPLACE INTO __marmot__state(key, value) SELECT 'snapshot_folded_hlc', value \
+           FROM __marmot__state WHERE key = 'folded_hlc'; \
          UPDATE __marmot__state SET value = 0 WHERE key IN ('published_hlc', 'folded_hlc'); \
          INSERT OR REPLACE INTO __marmot__state(key, value) VALUES ('capture_stripped', 1);",
     )
     .ctx(|| "stripping the copy".into())?;
+    // Which of the saver's own changes the copy knows: a node restoring its own snapshot
+    // replays them from its stream, and the conflict journal must not take them for new.
+    super::set_state(&conn, "snapshot_node", saver.0)?;
     // Parked batches stay: they are remote changes the copy's positions have passed but its
     // tables do not hold yet; a node restored from it applies them once its schema fits.
     let positions = conn

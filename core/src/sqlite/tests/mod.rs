@@ -5,6 +5,7 @@
 //! [`Db`] on the same file, as the side-car holds it.
 
 mod capture;
+mod conflicts;
 mod ddl;
 mod foreign_writers;
 mod identifiers;
