@@ -71,6 +71,8 @@ pub struct Config {
     pub snapshot: SnapshotConfig,
     /// `[replication]`: which tables replicate. Not a v1 section.
     pub replication: ReplicationConfig,
+    /// `[conflicts]`: the conflict journal. Not a v1 section.
+    pub conflicts: ConflictsConfig,
     /// `[replication_log]`.
     pub replication_log: ReplicationLogConfig,
     /// `[nats]`.
@@ -98,6 +100,7 @@ impl Default for Config {
             tombstone_retention_ms: marmot_core::engine::TOMBSTONE_RETENTION_MS_DEFAULT,
             snapshot: SnapshotConfig::default(),
             replication: ReplicationConfig::default(),
+            conflicts: ConflictsConfig::default(),
             replication_log: ReplicationLogConfig::default(),
             nats: NatsConfig::default(),
             logging: LoggingConfig::default(),
@@ -112,7 +115,7 @@ impl Config {
         marmot_core::sqlite::CaptureOptions {
             replicate_ddl: self.replicate_ddl,
             selection: self.replication.selection(),
-            conflicts: true,
+            conflicts: self.conflicts.enabled,
             ..Default::default()
         }
     }
@@ -328,6 +331,24 @@ impl ReplicationConfig {
     /// The selection capture and the merge follow.
     pub fn selection(&self) -> marmot_core::sqlite::TableSelection {
         marmot_core::sqlite::TableSelection { include: self.include.clone(), exclude: self.exclude.clone() }
+    }
+}
+
+/// `[conflicts]`: the journal of writes that last-writer-wins overwrote without their data
+/// having been seen (docs/conflicts.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConflictsConfig {
+    /// Keep the journal.
+    pub enabled: bool,
+    /// Remove entries whose losing write is older than this, in milliseconds (0: keep).
+    #[serde(rename = "retention")]
+    pub retention_ms: u64,
+}
+
+impl Default for ConflictsConfig {
+    fn default() -> Self {
+        ConflictsConfig { enabled: true, retention_ms: marmot_core::engine::CONFLICTS_RETENTION_MS_DEFAULT }
     }
 }
 

@@ -144,6 +144,42 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the writes last-writer-wins overwrote without their data having been seen
+    /// (the conflict journal), newest first: table, key, the losing version and image, and
+    /// the version that overwrote it.
+    Conflicts {
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Only this table.
+        #[arg(long, value_name = "TABLE")]
+        table: Option<String>,
+        /// Only losing writes made within this long before now (`90s`, `15m`, `2h`, `7d`).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        since: Option<Duration>,
+        /// At most this many entries.
+        #[arg(long, value_name = "N", default_value = "100")]
+        limit: u64,
+    },
+}
+
+/// Parses a duration: a number with an optional unit `s`, `m`, `h` or `d` (seconds when
+/// none), fractions allowed.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (number, unit) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => (&t[..i], &t[i..]),
+        None => (t, "s"),
+    };
+    let scale = match unit {
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
+    };
+    let n: f64 = number.trim().parse().map_err(|_| format!("{s:?} is not a duration like 90s, 15m, 2h or 7d"))?;
+    Duration::try_from_secs_f64(n * scale).map_err(|_| format!("{s:?} is not a non-negative duration"))
 }
 
 /// Parses a non-negative number of seconds, fractions allowed.
@@ -229,6 +265,16 @@ mod tests {
 
     fn parse(args: &[&str]) -> Flags {
         Flags::try_from_args(args.iter().copied()).expect("parses")
+    }
+
+    #[test]
+    fn durations_take_a_unit() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
+        assert!(parse_duration("7w").unwrap_err().contains("unit"));
+        assert!(parse_duration("-1s").is_err());
     }
 
     #[test]

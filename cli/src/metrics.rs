@@ -130,6 +130,8 @@ struct State {
     parked_batches: u64,
     aside_rows: u64,
     null_key_rows: u64,
+    conflicts: Vec<(String, u64)>,
+    conflicts_held: u64,
     clock_ahead_ms: u64,
     positions: BTreeMap<u32, u64>,
     schema_fingerprint: u64,
@@ -277,6 +279,8 @@ impl Metrics {
                     s.parked_batches = sample.parked;
                     s.aside_rows = sample.aside;
                     s.null_key_rows = sample.null_keys;
+                    s.conflicts = sample.conflicts;
+                    s.conflicts_held = sample.conflicts_held;
                     s.clock_ahead_ms = sample.clock_ahead_ms;
                     s.positions = sample.positions;
                     s.schema_pending = sample.schema_pending;
@@ -428,6 +432,20 @@ impl Metrics {
             "Entries of the schema log applied here (this node's own included).",
             st.schema_changes_applied,
         );
+        let full = out.header(
+            "conflicts_total",
+            "counter",
+            "Writes recorded in the conflict journal as lost (overwritten by a write whose origin had not seen them), per table.",
+        );
+        for (table, n) in &s.conflicts {
+            out.sample(&full, &[("table", table)], *n as f64);
+        }
+        out.scalar(
+            "conflicts_held",
+            "gauge",
+            "Entries in the conflict journal (__marmot__conflicts) now.",
+            s.conflicts_held,
+        );
         out.scalar(
             "tombstones_collected_total",
             "counter",
@@ -515,6 +533,8 @@ struct DbSample {
     parked: u64,
     aside: u64,
     null_keys: u64,
+    conflicts: Vec<(String, u64)>,
+    conflicts_held: u64,
     clock_ahead_ms: u64,
     positions: BTreeMap<u32, u64>,
     schema_pending: u64,
@@ -536,6 +556,8 @@ fn sample_db(engine: &Engine<SqliteChangeSource>) -> marmot_core::Result<DbSampl
         parked: db.parked_count()?,
         aside: count("SELECT count(*) FROM __marmot__aside", &[])?,
         null_keys: db.null_key_rows()?.iter().map(|(_, n)| n).sum(),
+        conflicts: db.conflicts_recorded()?,
+        conflicts_held: db.conflicts_held()?,
         clock_ahead_ms: db.clock_ahead_ms()?,
         positions: db.positions()?.into_iter().map(|(s, p)| (s.0, p.0)).collect(),
         schema_pending: db.schema_changes_queued()?,

@@ -655,6 +655,7 @@ fn open_engine(
         replicate_ddl: config.replicate_ddl,
         clock_skew_ms_max: config.max_clock_skew_ms,
         tombstone_retention_ms: config.tombstone_retention_ms,
+        conflicts_retention_ms: config.conflicts.retention_ms,
         // A quarter of what one shard's stream keeps: an incomplete batch is parked well
         // before the stream drops the entries its hold would force a restart to re-read.
         stray_after_entries: quarter.clamp(8, marmot_core::wire::STRAY_AFTER_ENTRIES_DEFAULT),

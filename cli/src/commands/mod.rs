@@ -1,5 +1,5 @@
-//! The subcommands that inspect a node instead of running it: `status`, `watch`, `wait`
-//! and `verify`. They read the node's database read-only (never installing capture, never
+//! The subcommands that inspect a node instead of running it: `status`, `watch`, `wait`,
+//! `verify` and `conflicts`. They read the node's database read-only (never installing capture, never
 //! writing) and reach NATS with the node's own `[nats]` settings: `nats.urls`, or, for a
 //! node that runs the embedded server, the client address written in that server's
 //! generated configuration (`<db dir>/nats/marmot-node-<id>.conf`).
@@ -7,6 +7,7 @@
 //! Connecting goes through [`NatsTransport`], so credentials and TLS work exactly as for
 //! the node; like a starting node it creates the shard streams when they are missing.
 
+pub mod conflicts;
 pub mod status;
 pub mod verify;
 pub mod wait;
@@ -31,6 +32,9 @@ pub fn run(command: &Command, config: &Config) -> ExitCode {
             runtime().and_then(|rt| rt.block_on(watch::run(config, table, *json, *from_now)))
         }
         Command::Wait { timeout } => wait::run(config, *timeout),
+        Command::Conflicts { json, table, since, limit } => {
+            conflicts::run(config, *json, table.as_deref(), *since, *limit)
+        }
         Command::Verify { timeout, json } => {
             return match runtime().and_then(|rt| rt.block_on(verify::run(config, *timeout, *json))) {
                 Ok(code) => ExitCode::from(code),

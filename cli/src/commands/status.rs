@@ -63,6 +63,8 @@ pub struct Status {
     pub tombstones: u64,
     /// Tombstones removed after `tombstone_retention` so far.
     pub tombstones_collected: u64,
+    /// Entries in the conflict journal (`marmot conflicts` lists them).
+    pub conflicts: u64,
     /// Tombstones versioned before this time (ms since the epoch) were removed (0: none).
     pub tombstone_horizon_ms: u64,
     /// The last `marmot verify` this node heard of: 0 identical, 1 the nodes differed,
@@ -202,6 +204,7 @@ pub fn read_database(config: &Config) -> Result<Status, String> {
         version_rows: 0,
         tombstones: 0,
         tombstones_collected: 0,
+        conflicts: 0,
         tombstone_horizon_ms: 0,
         verify_result: None,
         verify_at_ms: 0,
@@ -299,6 +302,8 @@ fn read_bookkeeping(conn: &Connection, status: &mut Status) -> Result<std::colle
         "SELECT coalesce((SELECT value FROM __marmot__state WHERE key = 'tombstones_collected'), 0)",
         "__marmot__state",
     )?;
+    // Absent until a Marmot that keeps the journal has started on this database.
+    status.conflicts = count("SELECT count(*) FROM __marmot__conflicts", "__marmot__conflicts").unwrap_or(0);
     status.tombstone_horizon_ms = marmot_core::Hlc(count(
         "SELECT coalesce((SELECT value FROM __marmot__state WHERE key = 'tombstone_horizon'), 0)",
         "__marmot__state",
@@ -459,6 +464,9 @@ pub fn render(s: &Status) -> String {
             h => format!("; older than {} s ago removed", now_ms().saturating_sub(h) / 1000),
         };
         let _ = writeln!(o, "tombstones: {} held, {} collected{horizon}", s.tombstones, s.tombstones_collected);
+    }
+    if s.conflicts > 0 {
+        let _ = writeln!(o, "conflicts: {} writes lost to concurrent ones (marmot conflicts lists them)", s.conflicts);
     }
     if let Some(code) = s.verify_result {
         let what = match code {
