@@ -24,7 +24,7 @@ pub const COMMIT_POINTS_MAX: usize = 4096;
 
 /// Rows a batch of local changes holds before it is cut at a commit point (when one is
 /// known and no row of the batch is written again after it).
-pub const BATCH_ROWS_MAX: usize = 10_000;
+pub const BATCH_ROWS_MAX: usize = 5_000;
 
 /// Commit points in increasing order, shared by a sampler and the reader.
 #[derive(Debug, Default)]
