@@ -545,7 +545,7 @@ impl<S: ChangeSource> Engine<S> {
             }
             Assembled::Batch(batch) => {
                 let crash = self.faults.crash_after_rows.take();
-                match self.db.apply_entry(shard, safe, position, &batch, crash) {
+                match self.db.apply_entry(shard, safe, &batch, crash) {
                     Ok(out) => {
                         if batch.origin != self.db.node() {
                             self.stats.batches_applied += 1;

@@ -89,6 +89,8 @@ impl World {
         }
         self.set_time()?;
         if let Some(engine) = self.nodes[i].engine.take() {
+            // The node's next write to a row it held names no base (its versions are gone).
+            self.stored.published.note_cleanup(engine.db().node(), clock);
             self.retired.push(engine.stats().clone());
         }
         marmot_core::sqlite::cleanup(&self.nodes[i].app).map_err(|e| Failure(format!("node {i}: cleanup: {e}")))?;

@@ -149,6 +149,14 @@ pub(crate) fn install_in(tx: &Connection, node: NodeId, opts: &CaptureOptions, c
         // The saver's notes about its own unpublished changes mean nothing here.
         tx.execute_batch("DELETE FROM __marmot__bases").ctx(|| "clearing the saver's change bases".into())?;
     }
+    if first_install || restored {
+        // This node's own changes up to here are not (all) in this database: the conflict
+        // journal judges them like remote ones when the stream brings them back; the ones
+        // after it were made on this database's rows.
+        let now = clock_now(tx, &opts.time_ms_sql)?;
+        tx.execute("INSERT OR REPLACE INTO __marmot__state(key, value) VALUES ('lineage_hlc', ?1)", [now.0 as i64])
+            .ctx(|| "recording where this database's own changes start".into())?;
+    }
     let mut schema = Schema::read(tx)?;
     schema.select(&opts.selection);
     for skipped in &schema.skipped {

@@ -202,7 +202,7 @@ pub(crate) fn on_write(
     match held {
         // A node's later write to a row is made on top of its earlier one (versions only
         // grow), whatever base it names: it had lost the version if it names an older one.
-        Some((h, _)) if h.node == v.node => {}
+        Some((h, _)) if h.node == v.node && h < v => {}
         // The incoming write loses, unless some write was made on top of it.
         Some((h, _)) if h > v => match is_based(conn, row.tbl, row.key, v)? {
             true => {}

@@ -57,29 +57,32 @@ impl Db {
         batch: &Batch,
         crash_after_rows: Option<u64>,
     ) -> Result<ApplyOutcome> {
-        self.on_current_schema(|db| db.apply_batch_once(shard, position, None, batch, crash_after_rows))
+        self.on_current_schema(|db| db.apply_batch_once(shard, position, false, batch, crash_after_rows))
     }
 
-    /// [`apply_batch`](Self::apply_batch) for a batch read from the stream: `entry` is the
-    /// position of the entry that completed it (`position` the one safe to store). An entry
-    /// at or below one already handled is a redelivery: applying it again changes nothing,
-    /// and the conflict journal must not take its writes for new ones.
+    /// [`apply_batch`](Self::apply_batch) for a batch read from the stream. The stream may
+    /// deliver a batch again (a reconnect, a restart, a log created again and republished
+    /// to, a restore from a copy that held it): applying it again changes nothing, and the
+    /// conflict journal must not judge its writes again. An origin publishes its changes to
+    /// a shard in increasing version order, so each node keeps, per origin and shard, the
+    /// greatest version it has applied (`seen.<origin>.<shard>`; a restored copy brings
+    /// its saver's), and the journal judges only writes above it. A batch applied through
+    /// [`apply_batch`](Self::apply_batch) (a parked one, retried) is judged whole.
     pub fn apply_entry(
         &mut self,
         shard: Shard,
         position: Position,
-        entry: Position,
         batch: &Batch,
         crash_after_rows: Option<u64>,
     ) -> Result<ApplyOutcome> {
-        self.on_current_schema(|db| db.apply_batch_once(shard, position, Some(entry), batch, crash_after_rows))
+        self.on_current_schema(|db| db.apply_batch_once(shard, position, true, batch, crash_after_rows))
     }
 
     fn apply_batch_once(
         &mut self,
         shard: Shard,
         position: Position,
-        entry: Option<Position>,
+        from_stream: bool,
         batch: &Batch,
         crash_after_rows: Option<u64>,
     ) -> Result<ApplyOutcome> {
@@ -90,18 +93,15 @@ impl Db {
             .ctx(|| "marking apply".into())?;
         self.fold_local(&tx)?;
         let mut out = ApplyOutcome::default();
-        let read_key = format!("read_through.{}", shard.0);
-        let journal = match entry {
-            Some(e) => {
-                let fresh = e.0 > get_state(&tx, &read_key)?;
-                set_state_max(&tx, &read_key, e.0)?;
-                self.opts.conflicts && fresh
-            }
-            None => self.opts.conflicts,
+        let seen_key = format!("seen.{}.{}", batch.origin.0, shard.0);
+        let journal_above = match (self.opts.conflicts, from_stream) {
+            (false, _) => None,
+            (true, true) => Some(get_state(&tx, &seen_key)?),
+            (true, false) => Some(0),
         };
         if batch.origin != self.node || position <= self.own_replay_through(shard)? {
             for tc in &batch.tables {
-                self.apply_table(&tx, batch, tc, journal, &mut out, crash_after_rows)?;
+                self.apply_table(&tx, batch, tc, journal_above, &mut out, crash_after_rows)?;
             }
             if out.excluded > 0 {
                 tx.execute(
@@ -114,6 +114,7 @@ impl Db {
             if let Some(max) = batch.max_hlc() {
                 tx.execute("UPDATE __marmot__clock SET hlc = max(hlc, ?1) WHERE id = 0", [max.0 as i64])
                     .ctx(|| "raising the clock".into())?;
+                set_state_max(&tx, &seen_key, max.0)?;
                 if batch.origin != self.node {
                     out.remote_ahead_ms = max.millis().saturating_sub(self.wall_ms()?);
                     set_state(&tx, "remote_ahead_ms", out.remote_ahead_ms)?;
@@ -133,7 +134,7 @@ impl Db {
         conn: &Connection,
         batch: &Batch,
         tc: &TableChanges,
-        journal: bool,
+        journal_above: Option<u64>,
         out: &mut ApplyOutcome,
         crash_after_rows: Option<u64>,
     ) -> Result<()> {
@@ -170,9 +171,17 @@ impl Db {
         // The saver's own changes that the restored snapshot already held (its stored
         // positions may be short of their entries): their arrival is nothing new for the
         // journal.
-        let known_own = match get_state(conn, "snapshot_node")? == batch.origin.0 {
-            true => get_state(conn, "snapshot_folded_hlc")?,
-            false => 0,
+        let journal_above = match journal_above {
+            Some(above) if get_state(conn, "snapshot_node")? == batch.origin.0 => {
+                Some(above.max(get_state(conn, "snapshot_folded_hlc")?))
+            }
+            other => other,
+        };
+        // This node's own changes made on this database (after its first install or its
+        // last restore) are nothing new to it; older ones come back like remote ones.
+        let journal_upto = match batch.origin == self.node {
+            true => get_state(conn, "lineage_hlc")?,
+            false => u64::MAX,
         };
         let mut aside_any = has_aside(conn, tid)?;
         for row in &tc.rows {
@@ -187,7 +196,7 @@ impl Db {
             let key = info.key(&pk);
             let v = Version { hlc: row.hlc, node: batch.origin };
             let held = version_of(conn, tid, &key)?;
-            if journal && row.hlc.0 > known_own {
+            if journal_above.is_some_and(|above| row.hlc.0 > above && row.hlc.0 <= journal_upto) {
                 let image = || {
                     (row.op == Op::Upsert).then(|| {
                         let mut values = vec![Value::Null; info.columns.len()];

@@ -343,7 +343,6 @@ impl Db {
         tx.execute("UPDATE __marmot__positions SET position = 0 WHERE shard = ?1", [shard.0])
             .ctx(|| format!("resetting the position of shard {shard}"))?;
         set_state(&tx, &format!("epoch.{}", shard.0), epoch)?;
-        set_state(&tx, &format!("read_through.{}", shard.0), 0)?;
         tx.commit().ctx(|| "committing a shard restart".into())
     }
 
