@@ -80,6 +80,22 @@ pub fn require_tools() {
     }
 }
 
+/// Runs `marmot -config <config> <command> <args>` as an operator would (without
+/// `RUST_LOG`) and returns its exit code and what it printed (standard output, then
+/// standard error).
+pub fn marmot_command(config: &Path, command: &str, args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(marmot_bin())
+        .arg("-config")
+        .arg(config)
+        .arg(command)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap_or_else(|e| panic!("running marmot {command}: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
 /// Polls `condition` every [`POLL_INTERVAL`] until it holds; panics naming `what` after
 /// `timeout`.
 pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {

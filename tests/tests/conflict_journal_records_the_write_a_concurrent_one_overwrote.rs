@@ -6,11 +6,10 @@
 //! `marmot conflicts` (text and JSON, `--table`), plain SQL and `status` show it.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use marmot_tests::{
-    create_db, marmot_bin, query_i64, require_tools, sqlite3, wait_contents, wait_until, NatsServer, Node, NodeConfig,
-    TestDir, DEADLINE,
+    create_db, marmot_command, query_i64, require_tools, sqlite3, wait_contents, wait_until, NatsServer, Node,
+    NodeConfig, TestDir, DEADLINE,
 };
 
 const SCHEMA: &str = "PRAGMA journal_mode = WAL; CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);";
@@ -24,18 +23,9 @@ fn t_holds(rows: &[(i64, &str)]) -> String {
     out
 }
 
-/// `marmot -config <config> conflicts <args>`: (exit code, stdout).
+/// `marmot -config <config> conflicts <args>`: (exit code, output).
 fn conflicts(config: &Path, args: &[&str]) -> (i32, String) {
-    let out = Command::new(marmot_bin())
-        .arg("-config")
-        .arg(config)
-        .arg("conflicts")
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run marmot conflicts");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), text)
+    marmot_command(config, "conflicts", args)
 }
 
 #[test]
@@ -109,14 +99,7 @@ fn conflict_journal_records_the_write_a_concurrent_one_overwrote() {
         query_i64(&dbs[0], "SELECT count(*) FROM __marmot__conflicts WHERE table_name = 't' AND key = '[1]'"),
         1
     );
-    let status = Command::new(marmot_bin())
-        .arg("-config")
-        .arg(&configs[0])
-        .args(["status", "--timeout", "5"])
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("status");
-    let status = String::from_utf8_lossy(&status.stdout);
+    let (_, status) = marmot_command(&configs[0], "status", &["--timeout", "5"]);
     assert!(status.contains("conflicts: 1 writes lost"), "{status}");
     for node in &mut nodes {
         node.assert_running();

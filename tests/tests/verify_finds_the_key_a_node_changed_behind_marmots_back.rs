@@ -7,29 +7,18 @@
 mod snapshot_common;
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use marmot_tests::{
-    create_db, marmot_bin, require_tools, wait_converged, NatsServer, Node, NodeConfig, TestDir, DEADLINE,
+    create_db, marmot_command, require_tools, wait_converged, NatsServer, Node, NodeConfig, TestDir, DEADLINE,
 };
 use snapshot_common::{run_marmot, write_pairs, SCHEMA};
 
-/// Runs `marmot verify` for the node configured in `config`: (exit code, stdout).
+/// Runs `marmot verify` for the node configured in `config`: (exit code, output).
 fn verify(config: &std::path::Path, args: &[&str]) -> (i32, String) {
-    let out = Command::new(marmot_bin())
-        .arg("-config")
-        .arg(config)
-        .arg("verify")
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run marmot verify");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    (out.status.code().unwrap_or(-1), format!("{stdout}{stderr}"))
+    marmot_command(config, "verify", args)
 }
 
 #[test]
@@ -109,16 +98,7 @@ fn verify_finds_the_key_a_node_changed_behind_marmots_back() {
     let (_, text) = verify(&configs[1], &["--timeout", "30"]);
     assert!(text.contains("the nodes differ in t") && text.contains("key (777777)"), "{text}");
     // Every node hears the result and keeps it for `status`.
-    let status = |config: &std::path::Path| {
-        let out = Command::new(marmot_bin())
-            .arg("-config")
-            .arg(config)
-            .args(["status", "--timeout", "5"])
-            .env_remove("RUST_LOG")
-            .output()
-            .expect("status");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let status = |config: &std::path::Path| marmot_command(config, "status", &["--timeout", "5"]).1;
     marmot_tests::wait_until("status shows the last verify", DEADLINE, || {
         configs.iter().all(|c| status(c).contains("last verify: the nodes DIFFER"))
     });

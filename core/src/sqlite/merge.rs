@@ -94,14 +94,29 @@ impl Db {
         self.fold_local(&tx)?;
         let mut out = ApplyOutcome::default();
         let seen_key = format!("seen.{}.{}", batch.origin.0, shard.0);
-        let journal_above = match (self.opts.conflicts, from_stream) {
-            (false, _) => None,
-            (true, true) => Some(get_state(&tx, &seen_key)?),
-            (true, false) => Some(0),
+        // The versions of this batch the conflict journal judges: (above, through].
+        let judged = match self.opts.conflicts {
+            false => None,
+            true => {
+                let mut above = if from_stream { get_state(&tx, &seen_key)? } else { 0 };
+                // The saver's own changes that a restored snapshot already held (its stored
+                // positions may be short of their entries) are nothing new either.
+                if get_state(&tx, "snapshot_node")? == batch.origin.0 {
+                    above = above.max(get_state(&tx, "snapshot_folded_hlc")?);
+                }
+                // This node's own changes made on this database (after its first install
+                // or its last restore) are nothing new to it; older ones come back like
+                // remote ones.
+                let through = match batch.origin == self.node {
+                    true => get_state(&tx, "lineage_hlc")?,
+                    false => u64::MAX,
+                };
+                Some((above, through))
+            }
         };
         if batch.origin != self.node || position <= self.own_replay_through(shard)? {
             for tc in &batch.tables {
-                self.apply_table(&tx, batch, tc, journal_above, &mut out, crash_after_rows)?;
+                self.apply_table(&tx, batch, tc, judged, &mut out, crash_after_rows)?;
             }
             if out.excluded > 0 {
                 tx.execute(
@@ -134,7 +149,7 @@ impl Db {
         conn: &Connection,
         batch: &Batch,
         tc: &TableChanges,
-        journal_above: Option<u64>,
+        judged: Option<(u64, u64)>,
         out: &mut ApplyOutcome,
         crash_after_rows: Option<u64>,
     ) -> Result<()> {
@@ -168,21 +183,6 @@ impl Db {
         }
         let map: Vec<usize> = remote.iter().flatten().copied().collect();
         let upsert = upsert_sql(info, &map);
-        // The saver's own changes that the restored snapshot already held (its stored
-        // positions may be short of their entries): their arrival is nothing new for the
-        // journal.
-        let journal_above = match journal_above {
-            Some(above) if get_state(conn, "snapshot_node")? == batch.origin.0 => {
-                Some(above.max(get_state(conn, "snapshot_folded_hlc")?))
-            }
-            other => other,
-        };
-        // This node's own changes made on this database (after its first install or its
-        // last restore) are nothing new to it; older ones come back like remote ones.
-        let journal_upto = match batch.origin == self.node {
-            true => get_state(conn, "lineage_hlc")?,
-            false => u64::MAX,
-        };
         let mut aside_any = has_aside(conn, tid)?;
         for row in &tc.rows {
             if crash_after_rows.is_some_and(|n| out.applied + out.skipped >= n) {
@@ -196,7 +196,7 @@ impl Db {
             let key = info.key(&pk);
             let v = Version { hlc: row.hlc, node: batch.origin };
             let held = version_of(conn, tid, &key)?;
-            if journal_above.is_some_and(|above| row.hlc.0 > above && row.hlc.0 <= journal_upto) {
+            if judged.is_some_and(|(above, through)| row.hlc.0 > above && row.hlc.0 <= through) {
                 let image = || {
                     (row.op == Op::Upsert).then(|| {
                         let mut values = vec![Value::Null; info.columns.len()];
