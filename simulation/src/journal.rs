@@ -33,12 +33,20 @@ const CHECKED: &[&str] =
 /// A row: table, canonical key.
 type Row = (String, Vec<ValueKey>);
 
-/// Every row change published: per row, each version and its base.
+/// The bases a change was published with: one, or more when its origin published it again
+/// after losing its published point (a crash before the point was stored) and this time
+/// sent its earlier changes to the row as one with it, naming an older base.
+type Bases = BTreeSet<Option<Version>>;
+
+/// Every row change published: per row, each version and its bases.
 #[derive(Default)]
 pub struct Published {
-    rows: BTreeMap<Row, BTreeMap<Version, Option<Version>>>,
+    rows: BTreeMap<Row, BTreeMap<Version, Bases>>,
     /// Per node, the clocks at which it was cleaned up (`-cleanup`).
     cleanups: BTreeMap<NodeId, Vec<Hlc>>,
+    /// Changes published again with a base that is not an earlier one of the same chain:
+    /// (row, version, its bases).
+    inconsistent: Vec<(Row, Version, Bases)>,
 }
 
 impl Published {
@@ -57,7 +65,15 @@ impl Published {
                     continue; // a NULL key is not replicated
                 }
                 let v = Version { hlc: r.hlc, node: batch.origin };
-                self.rows.entry((t.table.clone(), key)).or_default().insert(v, r.base);
+                let row = (t.table.clone(), key);
+                let bases = self.rows.entry(row.clone()).or_default().entry(v).or_default();
+                bases.insert(r.base);
+                // Published again, the change may name an older base only when the newest
+                // one is its origin's own earlier change (sent as one with it this time).
+                let newest = bases.iter().next_back().copied().flatten();
+                if bases.len() > 1 && newest.is_none_or(|b| b.node != v.node) {
+                    self.inconsistent.push((row, v, bases.clone()));
+                }
             }
         }
     }
@@ -71,8 +87,10 @@ impl Published {
     ///
     /// Likewise a write with no base made after its origin was cleaned up, to a row written
     /// before the cleanup: the node held the row's data but no longer its version.
-    fn forgotten(&self, writes: &BTreeMap<Version, Option<Version>>) -> bool {
-        writes.iter().any(|(v, base)| {
+    fn forgotten(&self, writes: &BTreeMap<Version, Bases>) -> bool {
+        writes.iter().any(|(v, bases)| {
+            // The newest base: the one its first publication named.
+            let base = bases.iter().next_back().copied().flatten();
             let cleaned = self.cleanups.get(&v.node).into_iter().flatten().any(|c| *c < v.hlc);
             writes.keys().any(|w| {
                 (w.node == v.node && w < v && base.is_none_or(|b| b < *w)) || (cleaned && base.is_none() && w < v)
@@ -90,7 +108,7 @@ impl Published {
         let mut out = BTreeSet::new();
         for ((table, key), writes) in self.rows.iter().filter(|(_, w)| !self.forgotten(w)) {
             let winner = writes.keys().next_back().copied();
-            let bases: BTreeSet<Version> = writes.values().flatten().copied().collect();
+            let bases: BTreeSet<Version> = writes.values().flatten().flatten().copied().collect();
             for v in writes.keys() {
                 if Some(*v) != winner && !bases.contains(v) {
                     out.insert((table.clone(), key.clone(), *v));
@@ -144,6 +162,12 @@ pub fn journal_of(
 /// Every node's journal equals the expected set of lost writes (on the tables it
 /// replicates). Returns how many writes were lost.
 pub fn check(published: &Published, nodes: &[(&marmot_core::sqlite::Db, &TableSelection)]) -> Result<u64, Failure> {
+    if let Some((row, v, bases)) = published.inconsistent.first() {
+        return Err(Failure(format!(
+            "{v:?} of {row:?} was published more than once, with bases {bases:?} (of {} such changes)",
+            published.inconsistent.len()
+        )));
+    }
     let expected = published.expected();
     for (i, (db, selection)) in nodes.iter().enumerate() {
         let want: BTreeSet<_> = expected.iter().filter(|(t, _, _)| selection.selects(t)).cloned().collect();

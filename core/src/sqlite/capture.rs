@@ -156,6 +156,9 @@ pub(crate) fn install_in(tx: &Connection, node: NodeId, opts: &CaptureOptions, c
         let now = clock_now(tx, &opts.time_ms_sql)?;
         tx.execute("INSERT OR REPLACE INTO __marmot__state(key, value) VALUES ('lineage_hlc', ?1)", [now.0 as i64])
             .ctx(|| "recording where this database's own changes start".into())?;
+        // The next change is versioned above it, even within the same millisecond.
+        tx.execute("UPDATE __marmot__clock SET hlc = max(hlc, ?1) WHERE id = 0", [now.0 as i64])
+            .ctx(|| "raising the clock to where this database's own changes start".into())?;
     }
     let mut schema = Schema::read(tx)?;
     schema.select(&opts.selection);

@@ -99,11 +99,9 @@ impl Db {
             false => None,
             true => {
                 let mut above = if from_stream { get_state(&tx, &seen_key)? } else { 0 };
-                // The saver's own changes that a restored snapshot already held (its stored
+                // A saver's own changes that a restored snapshot already held (its stored
                 // positions may be short of their entries) are nothing new either.
-                if get_state(&tx, "snapshot_node")? == batch.origin.0 {
-                    above = above.max(get_state(&tx, "snapshot_folded_hlc")?);
-                }
+                above = above.max(get_state(&tx, &format!("known.{}", batch.origin.0))?);
                 // This node's own changes made on this database (after its first install
                 // or its last restore) are nothing new to it; older ones come back like
                 // remote ones.

@@ -346,9 +346,11 @@ fn strip_capture(copy: &Path, saver: crate::model::NodeId) -> Result<CopyPositio
          INSERT OR REPLACE INTO __marmot__state(key, value) VALUES ('capture_stripped', 1);",
     )
     .ctx(|| "stripping the copy".into())?;
-    // Which of the saver's own changes the copy knows: a node restoring its own snapshot
-    // replays them from its stream, and the conflict journal must not take them for new.
-    super::set_state(&conn, "snapshot_node", saver.0)?;
+    // Which of the saver's own changes the copy knows: they come back from the stream (a
+    // node restoring its own snapshot replays them, another node reads them after the
+    // copy's positions), and the conflict journal must not take them for new. The mark
+    // stays in the database, so a copy of a copy still knows them.
+    super::set_state_max(&conn, &format!("known.{}", saver.0), get_state(&conn, "snapshot_folded_hlc")?)?;
     // Parked batches stay: they are remote changes the copy's positions have passed but its
     // tables do not hold yet; a node restored from it applies them once its schema fits.
     let positions = conn

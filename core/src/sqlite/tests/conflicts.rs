@@ -152,3 +152,45 @@ fn a_node_replaying_its_own_changes_judges_only_those_from_before_its_database()
     assert_eq!(journal(&a), vec![]);
     assert_eq!(journal(&b), vec![]);
 }
+
+#[test]
+fn a_change_published_in_an_earlier_batch_is_the_base_of_the_next_change_to_its_row() {
+    // Two updates of a row, neither folded yet, published in two batches (the publisher
+    // reads on from where it got to before the first is acknowledged): the second was made
+    // on top of the first, which travelled on its own.
+    let mut a = node(1, T);
+    a.exec("INSERT INTO t VALUES (1, 'a', 1.0)");
+    let insert = a.acknowledge_all();
+    a.exec("UPDATE t SET name = 'b' WHERE id = 1");
+    let first = a.db.read_pending_after(insert.through, &[], usize::MAX).unwrap().expect("first update");
+    a.exec("UPDATE t SET name = 'c' WHERE id = 1");
+    let second = a.db.read_pending_after(first.through, &[], usize::MAX).unwrap().expect("second update");
+    let row = |p: &Pending| p.batch.tables[0].rows[0].clone();
+    let (b, c) = (row(&first), row(&second));
+    assert_eq!(b.base, Some(v(row(&insert).hlc.0, 1)), "the first update replaced the insert");
+    assert_eq!(c.base, Some(v(b.hlc.0, 1)), "the second update replaced the first");
+    // Any node that gets all three journals nothing.
+    let mut n = node(2, T);
+    for p in [&insert, &first, &second] {
+        n.apply(&p.batch);
+    }
+    assert_eq!(journal(&n), vec![]);
+}
+
+#[test]
+fn a_change_made_in_the_millisecond_of_the_install_is_made_on_this_database() {
+    // The clock does not move between the install and the first write (a frozen clock):
+    // the write is still versioned after the point where this database's own changes
+    // start, so its replay is not judged as a change from before the database.
+    let frozen = CaptureOptions { time_ms_sql: "1700000000000".into(), ..CaptureOptions::default() };
+    let mut a = node_with(1, T, frozen);
+    a.exec("INSERT INTO t VALUES (1, 'a', 1.0)");
+    let first = a.acknowledge_all().batch;
+    let mut b = node(2, T);
+    b.apply(&first);
+    b.exec("DELETE FROM t WHERE id = 1");
+    a.apply(&b.acknowledge_all().batch);
+    a.db.set_own_replay_through(Shard(0), Position(5)).unwrap();
+    a.db.apply_entry(Shard(0), Position(1), &first, None).unwrap();
+    assert_eq!(journal(&a), vec![]);
+}
