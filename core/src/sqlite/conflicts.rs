@@ -201,8 +201,9 @@ pub(crate) fn on_write(
     }
     match held {
         // A node's later write to a row is made on top of its earlier one (versions only
-        // grow), whatever base it names: it had lost the version if it names an older one.
-        Some((h, _)) if h.node == v.node && h < v => {}
+        // grow) unless it names a newer base (another node's write replaced the earlier one
+        // there first): with no base or an older one, it had lost its version of the row.
+        Some((h, _)) if h.node == v.node && h < v && incoming.base.is_none_or(|b| b <= h) => {}
         // The incoming write loses, unless some write was made on top of it.
         Some((h, _)) if h > v => match is_based(conn, row.tbl, row.key, v)? {
             true => {}
@@ -219,6 +220,52 @@ pub(crate) fn on_write(
         _ => {}
     }
     Ok(())
+}
+
+/// The versions of `origin`'s changes a database holds because a restored copy held them
+/// (not because it applied them from the stream): ranges (after, through], kept in the
+/// state as `known.<origin>.<after>` = `through`, so a copy of a copy still knows them.
+pub(crate) fn known(conn: &Connection, origin: NodeId) -> Result<Vec<(u64, u64)>> {
+    let (from, to) = (format!("known.{}.", origin.0), format!("known.{}/", origin.0));
+    conn.prepare_cached("SELECT key, value FROM __marmot__state WHERE key >= ?1 AND key < ?2")
+        .and_then(|mut s| {
+            s.query_map((&from, &to), |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?.collect()
+        })
+        .ctx(|| "reading the changes restored copies held".into())
+        .map(|rows: Vec<(String, u64)>| {
+            rows.into_iter().filter_map(|(k, through)| Some((k[from.len()..].parse().ok()?, through))).collect()
+        })
+}
+
+/// Records that the database on `conn` (a copy about to be restored) holds `origin`'s
+/// changes in (`after`, `through`]: those its saver made on it. Overlapping ranges merge.
+pub(crate) fn note_known(conn: &Connection, origin: NodeId, after: u64, through: u64) -> Result<()> {
+    if through <= after {
+        return Ok(());
+    }
+    let (mut lo, mut hi) = (after, through);
+    for (a, t) in known(conn, origin)? {
+        if a <= hi && lo <= t {
+            (lo, hi) = (lo.min(a), hi.max(t));
+            conn.execute("DELETE FROM __marmot__state WHERE key = ?1", [format!("known.{}.{a}", origin.0)])
+                .ctx(|| "merging the changes restored copies held".into())?;
+        }
+    }
+    super::set_state(conn, &format!("known.{}.{lo}", origin.0), hi)
+}
+
+/// Which writes of a batch the journal judges: those above the origin's mark and at or
+/// below `through`, outside the ranges a restored copy held.
+pub(crate) struct Judged {
+    pub above: u64,
+    pub through: u64,
+    pub known: Vec<(u64, u64)>,
+}
+
+impl Judged {
+    pub(crate) fn judges(&self, hlc: Hlc) -> bool {
+        hlc.0 > self.above && hlc.0 <= self.through && !self.known.iter().any(|&(a, t)| a < hlc.0 && hlc.0 <= t)
+    }
 }
 
 /// Records, for a local change at `hlc` folded before it was published, the version it
@@ -285,6 +332,10 @@ impl Db {
     /// overwritten here by a concurrent write before they were published. They are
     /// published all the same (with the image they had), so every node journals them.
     pub(crate) fn own_losses(&self, conn: &Connection, published: u64, through: u64) -> Result<Vec<OwnLoss>> {
+        // Only changes made on this database: older ones were published before its state
+        // was removed (`-cleanup`) or before it was restored over (the log that says so
+        // went with it).
+        let published = published.max(get_state(conn, "lineage_hlc")?);
         conn.prepare_cached(
             "SELECT tbl, loser_hlc, image FROM __marmot__conflicts INDEXED BY __marmot__conflicts_at \
              WHERE loser_hlc > ?1 AND loser_hlc <= ?2 AND loser_node = ?3 ORDER BY loser_hlc",

@@ -97,24 +97,23 @@ impl Db {
         // The versions of this batch the conflict journal judges: (above, through].
         let judged = match self.opts.conflicts {
             false => None,
-            true => {
-                let mut above = if from_stream { get_state(&tx, &seen_key)? } else { 0 };
-                // A saver's own changes that a restored snapshot already held (its stored
-                // positions may be short of their entries) are nothing new either.
-                above = above.max(get_state(&tx, &format!("known.{}", batch.origin.0))?);
+            true => Some(conflicts::Judged {
+                above: if from_stream { get_state(&tx, &seen_key)? } else { 0 },
                 // This node's own changes made on this database (after its first install
                 // or its last restore) are nothing new to it; older ones come back like
                 // remote ones.
-                let through = match batch.origin == self.node {
+                through: match batch.origin == self.node {
                     true => get_state(&tx, "lineage_hlc")?,
                     false => u64::MAX,
-                };
-                Some((above, through))
-            }
+                },
+                // Changes a restored copy held (its stored positions may be short of
+                // their entries) are nothing new either.
+                known: conflicts::known(&tx, batch.origin)?,
+            }),
         };
         if batch.origin != self.node || position <= self.own_replay_through(shard)? {
             for tc in &batch.tables {
-                self.apply_table(&tx, batch, tc, judged, &mut out, crash_after_rows)?;
+                self.apply_table(&tx, batch, tc, judged.as_ref(), &mut out, crash_after_rows)?;
             }
             if out.excluded > 0 {
                 tx.execute(
@@ -147,7 +146,7 @@ impl Db {
         conn: &Connection,
         batch: &Batch,
         tc: &TableChanges,
-        judged: Option<(u64, u64)>,
+        judged: Option<&conflicts::Judged>,
         out: &mut ApplyOutcome,
         crash_after_rows: Option<u64>,
     ) -> Result<()> {
@@ -194,7 +193,7 @@ impl Db {
             let key = info.key(&pk);
             let v = Version { hlc: row.hlc, node: batch.origin };
             let held = version_of(conn, tid, &key)?;
-            if judged.is_some_and(|(above, through)| row.hlc.0 > above && row.hlc.0 <= through) {
+            if judged.is_some_and(|j| j.judges(row.hlc)) {
                 let image = || {
                     (row.op == Op::Upsert).then(|| {
                         let mut values = vec![Value::Null; info.columns.len()];

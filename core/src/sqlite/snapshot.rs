@@ -331,6 +331,12 @@ type CopyPositions = (Vec<(Shard, Position)>, Vec<(Shard, u64)>);
 
 fn strip_capture(copy: &Path, saver: crate::model::NodeId) -> Result<CopyPositions> {
     let conn = Connection::open(copy).ctx(|| "opening the copy".into())?;
+    // Which of the saver's own changes the copy holds: those it made on this database (after
+    // its install or its last restore, up to the last it folded). They come back from the
+    // stream (a node restoring its own snapshot replays them, another node reads them after
+    // the copy's positions), and the conflict journal must not take them for new.
+    let (lineage, folded) = (get_state(&conn, "lineage_hlc")?, get_state(&conn, "folded_hlc")?);
+    super::conflicts::note_known(&conn, saver, lineage, folded)?;
     // The capture triggers stay: a node restoring the copy captures what its application
     // commits between the copy and re-installing capture.
     conn.execute_batch(
@@ -340,17 +346,10 @@ fn strip_capture(copy: &Path, saver: crate::model::NodeId) -> Result<CopyPositio
          DELETE FROM __marmot__log; \
          CREATE TABLE IF NOT EXISTS __marmot__ddl_out(id INTEGER PRIMARY KEY, hlc INTEGER NOT NULL, body BLOB NOT NULL); \
          DELETE FROM __marmot__ddl_out; \
-         INSERT OR REPLACE INTO __marmot__state(key, value) SELECT 'snapshot_folded_hlc', value \
-           FROM __marmot__state WHERE key = 'folded_hlc'; \
          UPDATE __marmot__state SET value = 0 WHERE key IN ('published_hlc', 'folded_hlc'); \
          INSERT OR REPLACE INTO __marmot__state(key, value) VALUES ('capture_stripped', 1);",
     )
     .ctx(|| "stripping the copy".into())?;
-    // Which of the saver's own changes the copy knows: they come back from the stream (a
-    // node restoring its own snapshot replays them, another node reads them after the
-    // copy's positions), and the conflict journal must not take them for new. The mark
-    // stays in the database, so a copy of a copy still knows them.
-    super::set_state_max(&conn, &format!("known.{}", saver.0), get_state(&conn, "snapshot_folded_hlc")?)?;
     // Parked batches stay: they are remote changes the copy's positions have passed but its
     // tables do not hold yet; a node restored from it applies them once its schema fits.
     let positions = conn

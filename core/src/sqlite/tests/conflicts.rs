@@ -194,3 +194,42 @@ fn a_change_made_in_the_millisecond_of_the_install_is_made_on_this_database() {
     a.db.apply_entry(Shard(0), Position(1), &first, None).unwrap();
     assert_eq!(journal(&a), vec![]);
 }
+
+#[test]
+fn a_nodes_earlier_write_overwritten_by_a_concurrent_one_it_then_built_on_is_lost() {
+    // Node 1 writes the row; node 2 writes it without seeing that (and wins on version);
+    // node 1 receives node 2's and writes again on top of it. Node 1's first write was
+    // replaced on node 1 itself by a write that never saw it: lost, in every order.
+    let writes = [write(1, 10, "one", None), write(2, 12, "two", None), write(1, 14, "again", Some(v(12, 2)))];
+    for order in orders(writes.len()) {
+        let mut n = node(9, T);
+        for &i in &order {
+            n.apply(&writes[i]);
+        }
+        assert_eq!(n.dump("t"), vec![vec![int(1), text("again"), NULL]], "order {order:?}");
+        let lost: Vec<Version> = journal(&n).into_iter().map(|c| c.loser).collect();
+        assert_eq!(lost, vec![v(10, 1)], "order {order:?}");
+    }
+}
+
+#[test]
+fn a_node_restored_from_a_copy_does_not_publish_its_old_losses_again() {
+    // Node 1's write lost to node 2's on node 3, which journals it; node 1 then restores
+    // node 3's copy. The journal entry of its own change is not a change to publish: it
+    // was published long ago (with its base, which this database no longer knows).
+    let mut a = node(1, T);
+    a.exec("INSERT INTO t VALUES (1, 'one', NULL)");
+    let one = a.acknowledge_all().batch;
+    let mut c = node(3, T);
+    c.apply(&one);
+    c.apply(&write(2, one.max_hlc().unwrap().0 + 1, "two", None));
+    assert_eq!(journal(&c).iter().map(|j| j.loser.node).collect::<Vec<_>>(), vec![NodeId(1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = c.db.save_snapshot(dir.path(), &dir.path().join("snap.zst")).unwrap();
+    a.db.restore_snapshot(&file.path, &file.checksum, &mut |_, _| {}).unwrap();
+    assert_eq!(journal(&a).len(), 1, "the copy's journal came along");
+    a.exec("INSERT INTO t VALUES (2, 'after the restore', NULL)");
+    let rows: Vec<Vec<Value>> =
+        a.pending().batch.tables.iter().flat_map(|t| t.rows.iter().map(|r| r.values.clone())).collect();
+    assert_eq!(rows, vec![vec![int(2), text("after the restore"), NULL]], "only the change made since");
+}
