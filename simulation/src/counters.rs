@@ -192,11 +192,7 @@ counters! {
 /// a node whose subscription reports `Truncated` needs a snapshot restore, which the
 /// simulation does not model yet. The memory transport's own tests and the transport
 /// conformance suite cover the path.
-///
-/// `conflicts_journaled`: the conflict journal's oracle runs only with
-/// `MARMOT_SIM_JOURNAL=1` until the journal is exact after restores and `-cleanup` (see
-/// `journal::ENABLE`).
-pub const NOT_YET_REACHABLE: &[&str] = &["conflicts_journaled"];
+pub const NOT_YET_REACHABLE: &[&str] = &[];
 
 impl fmt::Display for Counters {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
