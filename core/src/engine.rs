@@ -893,7 +893,7 @@ impl<S: ChangeSource> Engine<S> {
             if batch.schema.is_some() {
                 continue;
             }
-            match self.db.apply_batch(Shard(0), Position(0), &batch, None) {
+            match self.db.apply_parked(id, &batch) {
                 Ok(_) => {
                     self.db.unpark(id)?;
                     applied += 1;

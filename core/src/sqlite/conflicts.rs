@@ -292,24 +292,22 @@ fn folded_base(conn: &Connection, hlc: Hlc) -> Result<Option<Option<Version>>> {
 impl Db {
     /// The base of this node's pending change at `hlc` to the row whose version here is
     /// `held`: the version the row had before this node's run of unpublished changes to it
-    /// that ends at `hlc` (those travel as one change). `published_unfolded` is this node's
-    /// newest change to the row that is published but not folded yet, if any. `folded` and
-    /// `published` are the state's points, read in the caller's read transaction.
+    /// that ends at `hlc` (those travel as one change). `folded` and `published` are the
+    /// state's points, read in the caller's read transaction (the reader folds up to the
+    /// published point first, so every change published is in the row's version).
     pub(crate) fn base_of_pending(
         &self,
         conn: &Connection,
         hlc: Hlc,
         held: Option<Version>,
-        published_unfolded: Option<Hlc>,
         folded: u64,
         published: u64,
     ) -> Result<Option<Version>> {
         let mine = Version { hlc, node: self.node };
         // Not folded yet: nothing was applied since it committed, so the row's version is
-        // the one before this node's unfolded changes to it, and the newest of those that
-        // travelled in an earlier batch is the one it replaced.
+        // the one before this node's unfolded changes to it.
         let mut base = match hlc.0 > folded {
-            true => published_unfolded.map(|h| Version { hlc: h, node: self.node }).or(held),
+            true => held,
             false => match folded_base(conn, hlc)? {
                 Some(b) => b,
                 None => return Ok(held.filter(|h| *h < mine)),

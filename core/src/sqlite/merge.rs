@@ -57,7 +57,7 @@ impl Db {
         batch: &Batch,
         crash_after_rows: Option<u64>,
     ) -> Result<ApplyOutcome> {
-        self.on_current_schema(|db| db.apply_batch_once(shard, position, false, batch, crash_after_rows))
+        self.on_current_schema(|db| db.apply_batch_once(shard, position, Some(0), batch, crash_after_rows))
     }
 
     /// [`apply_batch`](Self::apply_batch) for a batch read from the stream. The stream may
@@ -75,14 +75,23 @@ impl Db {
         batch: &Batch,
         crash_after_rows: Option<u64>,
     ) -> Result<ApplyOutcome> {
-        self.on_current_schema(|db| db.apply_batch_once(shard, position, true, batch, crash_after_rows))
+        self.on_current_schema(|db| db.apply_batch_once(shard, position, None, batch, crash_after_rows))
+    }
+
+    /// Applies the parked batch `id` (decoded: `batch`), which now fits the schema. Its
+    /// writes up to what had been applied from its origin when it was parked were judged
+    /// then (the stream had delivered them before, in another entry); the rest are judged
+    /// now.
+    pub fn apply_parked(&mut self, id: i64, batch: &Batch) -> Result<ApplyOutcome> {
+        let (shard, above) = self.parked_mark(id)?;
+        self.on_current_schema(|db| db.apply_batch_once(shard, Position(0), Some(above), batch, None))
     }
 
     fn apply_batch_once(
         &mut self,
         shard: Shard,
         position: Position,
-        from_stream: bool,
+        judged_above: Option<u64>,
         batch: &Batch,
         crash_after_rows: Option<u64>,
     ) -> Result<ApplyOutcome> {
@@ -98,7 +107,10 @@ impl Db {
         let judged = match self.opts.conflicts {
             false => None,
             true => Some(conflicts::Judged {
-                above: if from_stream { get_state(&tx, &seen_key)? } else { 0 },
+                above: match judged_above {
+                    Some(above) => above,
+                    None => get_state(&tx, &seen_key)?,
+                },
                 // This node's own changes made on this database (after its first install
                 // or its last restore) are nothing new to it; older ones come back like
                 // remote ones.

@@ -360,6 +360,12 @@ impl Db {
             (shard.0, position.0 as i64, error.to_string(), bytes),
         )
         .ctx(|| "parking a batch".into())?;
+        // What had been applied from the batch's origin on this shard: the journal judged
+        // those writes already, should the batch carry them again.
+        if let Ok(batch) = crate::wire::decode_single(bytes) {
+            let seen = get_state(&tx, &format!("seen.{}.{}", batch.origin.0, shard.0))?;
+            set_state(&tx, &format!("parked_seen.{}", tx.last_insert_rowid()), seen)?;
+        }
         store_position(&tx, shard, position)?;
         tx.commit().ctx(|| "committing a parked batch".into())
     }
@@ -394,9 +400,21 @@ impl Db {
     /// Removes a parked batch (after it was applied on retry).
     pub fn unpark(&self, id: i64) -> Result<()> {
         self.conn
-            .execute("DELETE FROM __marmot__parked WHERE id = ?1", [id])
-            .map(|_| ())
+            .execute_batch(&format!(
+                "DELETE FROM __marmot__parked WHERE id = {id}; DELETE FROM __marmot__state WHERE key = 'parked_seen.{id}';"
+            ))
             .ctx(|| "removing a parked batch".into())
+    }
+
+    /// The shard a parked batch came from and what had been applied from its origin there
+    /// when it was parked (0 when not recorded).
+    pub(crate) fn parked_mark(&self, id: i64) -> Result<(Shard, u64)> {
+        let shard: Option<u32> = self
+            .conn
+            .query_row("SELECT shard FROM __marmot__parked WHERE id = ?1", [id], |r| r.get(0))
+            .optional()
+            .ctx(|| "reading a parked batch".into())?;
+        Ok((Shard(shard.unwrap_or(0)), get_state(&self.conn, &format!("parked_seen.{id}"))?))
     }
 
     /// The clock: at least every version produced or applied here.

@@ -148,7 +148,29 @@ impl Db {
         Ok(cut_point(cache.entries.len(), last, &below, &mut spans, points, rows_max))
     }
 
+    /// Folds this node's changes up to the published point (`after` or the stored one),
+    /// in steps of [`merge::CLEAN_STEP_ROWS`]: a pending change's base is then its row's
+    /// version, even when the row's previous change went out in an earlier batch. Folding
+    /// is work the node does anyway; this only does it before the read.
+    fn fold_published(&self, after: Hlc) -> Result<()> {
+        let behind = |conn: &Connection| -> Result<bool> {
+            Ok(get_state(conn, "folded_hlc")? < get_state(conn, "published_hlc")?.max(after.0))
+        };
+        while behind(&self.conn)? {
+            let tx = self.immediate()?;
+            let more = behind(&tx)? && self.fold_local_limited(&tx, merge::CLEAN_STEP_ROWS)?;
+            tx.commit().ctx(|| "committing a fold".into())?;
+            if !more {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn read_pending_once(&mut self, after: Hlc, points: &[Hlc], rows_max: usize) -> Result<Option<Pending>> {
+        if self.opts.conflicts {
+            self.fold_published(after)?;
+        }
         let tx = self.conn.unchecked_transaction().ctx(|| "beginning a read".into())?;
         // The first read pins the snapshot: its schema must be the one capture knows, or
         // rows of a table created a moment ago would be skipped and passed over.
@@ -183,21 +205,6 @@ impl Db {
         }
         let conflicts = self.opts.conflicts;
         let folded = get_state(&tx, "folded_hlc")?;
-        // Changes published (in an earlier batch) but not folded yet: the newest per row is
-        // the base of the row's next change, which the row's version does not show yet.
-        let mut published_unfolded: BTreeMap<RowId, Hlc> = BTreeMap::new();
-        if conflicts && folded < published {
-            let mut stmt = tx
-                .prepare_cached("SELECT * FROM __marmot__log WHERE hlc > ?1 AND hlc <= ?2 ORDER BY hlc")
-                .ctx(|| "reading the log".into())?;
-            let mut rows = stmt.query((folded as i64, published as i64)).ctx(|| "reading the log".into())?;
-            while let Some(row) = rows.next().ctx(|| "reading the log".into())? {
-                let hlc = Hlc(row.get::<_, i64>(0).ctx(|| "reading hlc".into())? as u64);
-                let tbl: i64 = row.get(1).ctx(|| "reading tbl".into())?;
-                let Some(info) = self.table_by_id(tbl) else { continue };
-                published_unfolded.insert((tbl, info.key(&logged_key(row, info)?)), hlc);
-            }
-        }
         let mut out: Vec<(Hlc, i64, RowChange)> = Vec::with_capacity(written.len());
         for ((tbl, key), (hlc, pk)) in written {
             let info = self.table_by_id(tbl).expect("read above");
@@ -213,13 +220,7 @@ impl Db {
                 None => aside_image(&tx, info, tbl, &key, mine)?,
             };
             let base = match conflicts {
-                true => {
-                    let earlier = match published_unfolded.is_empty() {
-                        true => None,
-                        false => published_unfolded.get(&(tbl, key.clone())).copied(),
-                    };
-                    self.base_of_pending(&tx, hlc, held, earlier, folded, published)?
-                }
+                true => self.base_of_pending(&tx, hlc, held, folded, published)?,
                 false => None,
             };
             out.push((hlc, tbl, row_change(info, hlc, pk, image, base)));
@@ -235,7 +236,7 @@ impl Db {
                     }
                     None => (None, self.own_loss_key(&tx, tbl, hlc)?),
                 };
-                let base = self.base_of_pending(&tx, hlc, None, None, folded, published)?;
+                let base = self.base_of_pending(&tx, hlc, None, folded, published)?;
                 out.push((hlc, tbl, row_change(info, hlc, pk, image, base)));
             }
         }

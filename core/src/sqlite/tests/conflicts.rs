@@ -233,3 +233,28 @@ fn a_node_restored_from_a_copy_does_not_publish_its_old_losses_again() {
         a.pending().batch.tables.iter().flat_map(|t| t.rows.iter().map(|r| r.values.clone())).collect();
     assert_eq!(rows, vec![vec![int(2), text("after the restore"), NULL]], "only the change made since");
 }
+
+#[test]
+fn a_copy_of_a_copy_still_knows_the_first_savers_changes() {
+    // Node 2 restores node 1's copy, which holds node 1's write; node 2 updates the row on
+    // top of it; node 3 restores node 2's copy. Node 1's write then arrives from the stream:
+    // node 3's copy held it already (and saw it replaced), so it is nothing new.
+    let mut a = node(1, T);
+    a.exec("INSERT INTO t VALUES (1, 'one', NULL)");
+    let one = a.acknowledge_all().batch;
+    let dir = tempfile::tempdir().unwrap();
+    let snap = |n: &Node, name: &str| n.db.save_snapshot(dir.path(), &dir.path().join(name)).unwrap();
+    let mut b = node(2, T);
+    let file = snap(&a, "a.zst");
+    b.db.restore_snapshot(&file.path, &file.checksum, &mut |_, _| {}).unwrap();
+    b.exec("UPDATE t SET name = 'two' WHERE id = 1");
+    let two = b.acknowledge_all().batch;
+    assert_eq!(two.tables[0].rows[0].base, Some(v(one.max_hlc().unwrap().0, 1)));
+    let mut c = node(3, T);
+    let file = snap(&b, "b.zst");
+    c.db.restore_snapshot(&file.path, &file.checksum, &mut |_, _| {}).unwrap();
+    c.db.apply_entry(Shard(0), Position(1), &one, None).unwrap();
+    c.db.apply_entry(Shard(0), Position(2), &two, None).unwrap();
+    assert_eq!(journal(&c), vec![]);
+    assert_eq!(c.dump("t"), vec![vec![int(1), text("two"), NULL]]);
+}
