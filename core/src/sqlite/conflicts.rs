@@ -226,32 +226,105 @@ pub(crate) fn on_write(
 /// (not because it applied them from the stream): ranges (after, through], kept in the
 /// state as `known.<origin>.<after>` = `through`, so a copy of a copy still knows them.
 pub(crate) fn known(conn: &Connection, origin: NodeId) -> Result<Vec<(u64, u64)>> {
-    let (from, to) = (format!("known.{}.", origin.0), format!("known.{}/", origin.0));
+    ranges(conn, &format!("known.{}", origin.0))
+}
+
+/// Records that the database on `conn` (a copy about to be restored) holds `origin`'s
+/// changes in (`after`, `through`]: those its saver made on it.
+pub(crate) fn note_known(conn: &Connection, origin: NodeId, after: u64, through: u64) -> Result<()> {
+    note_range(conn, &format!("known.{}", origin.0), after, through)
+}
+
+/// Ranges of versions (after, through] kept in the state as `<name>.<after>` = `through`.
+fn ranges(conn: &Connection, name: &str) -> Result<Vec<(u64, u64)>> {
+    let (from, to) = (format!("{name}."), format!("{name}/"));
     conn.prepare_cached("SELECT key, value FROM __marmot__state WHERE key >= ?1 AND key < ?2")
         .and_then(|mut s| {
             s.query_map((&from, &to), |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?.collect()
         })
-        .ctx(|| "reading the changes restored copies held".into())
+        .ctx(|| format!("reading the ranges {name}"))
         .map(|rows: Vec<(String, u64)>| {
             rows.into_iter().filter_map(|(k, through)| Some((k[from.len()..].parse().ok()?, through))).collect()
         })
 }
 
-/// Records that the database on `conn` (a copy about to be restored) holds `origin`'s
-/// changes in (`after`, `through`]: those its saver made on it. Overlapping ranges merge.
-pub(crate) fn note_known(conn: &Connection, origin: NodeId, after: u64, through: u64) -> Result<()> {
+/// Adds (`after`, `through`] to the ranges `name`; overlapping or adjacent ones merge.
+fn note_range(conn: &Connection, name: &str, after: u64, through: u64) -> Result<()> {
     if through <= after {
         return Ok(());
     }
     let (mut lo, mut hi) = (after, through);
-    for (a, t) in known(conn, origin)? {
+    for (a, t) in ranges(conn, name)? {
         if a <= hi && lo <= t {
             (lo, hi) = (lo.min(a), hi.max(t));
-            conn.execute("DELETE FROM __marmot__state WHERE key = ?1", [format!("known.{}.{a}", origin.0)])
-                .ctx(|| "merging the changes restored copies held".into())?;
+            conn.execute("DELETE FROM __marmot__state WHERE key = ?1", [format!("{name}.{a}")])
+                .ctx(|| format!("merging the ranges {name}"))?;
         }
     }
-    super::set_state(conn, &format!("known.{}.{lo}", origin.0), hi)
+    super::set_state(conn, &format!("{name}.{lo}"), hi)
+}
+
+/// Records what the journal needs of a batch parked (as `id`) from `origin` on `shard`
+/// whose writes span versions [`lo`, `hi`]: `seen`, what had been applied from that
+/// origin there (those writes were judged before, should the batch carry them again).
+/// Later entries from the origin may carry its writes too (the same changes published
+/// again); [`note_judged`] adds what they judged.
+pub(crate) fn note_parked(
+    conn: &Connection,
+    id: i64,
+    origin: NodeId,
+    shard: u32,
+    span: (u64, u64),
+    seen: u64,
+) -> Result<()> {
+    super::set_state(conn, &format!("parked_seen.{id}"), seen)?;
+    super::set_state(conn, &format!("parked.{}.{shard}.{id}", origin.0), span.0)?;
+    super::set_state(conn, &format!("parked_hi.{id}"), span.1)
+}
+
+/// Records that `origin`'s writes on `shard` in (`after`, `through`] were judged (an
+/// origin's entry to a shard holds all its changes there between its first and last
+/// version), for each parked batch from there (but `except`) whose writes that range
+/// meets: retried, it judges only the others.
+pub(crate) fn note_judged(
+    conn: &Connection,
+    origin: NodeId,
+    shard: u32,
+    (after, through): (u64, u64),
+    except: Option<i64>,
+) -> Result<()> {
+    if through <= after {
+        return Ok(());
+    }
+    for (id, lo) in ranges(conn, &format!("parked.{}.{shard}", origin.0))? {
+        let id = id as i64;
+        if Some(id) != except && lo <= through && after < super::get_state(conn, &format!("parked_hi.{id}"))? {
+            note_range(conn, &format!("parked_judged.{id}"), after, through)?;
+        }
+    }
+    Ok(())
+}
+
+/// What the journal judged of parked batch `id`'s writes before it is retried: all up to
+/// its mark, and the ranges later entries judged.
+pub(crate) fn parked_judged(conn: &Connection, id: i64) -> Result<(u64, Vec<(u64, u64)>)> {
+    Ok((super::get_state(conn, &format!("parked_seen.{id}"))?, ranges(conn, &format!("parked_judged.{id}"))?))
+}
+
+/// Forgets what the journal kept of parked batch `id`.
+pub(crate) fn forget_parked(conn: &Connection, id: i64) -> Result<()> {
+    conn.execute(
+        "DELETE FROM __marmot__state WHERE key IN (?1, ?2) OR key GLOB ?3 OR (key >= ?4 AND key < ?5)",
+        (
+            format!("parked_seen.{id}"),
+            format!("parked_hi.{id}"),
+            format!("parked.*.*.{id}"),
+            format!("parked_judged.{id}."),
+            format!("parked_judged.{id}/"),
+        ),
+    )
+    .ctx(|| "forgetting a parked batch".into())?;
+    Ok(())
 }
 
 /// Which writes of a batch the journal judges: those above the origin's mark and at or

@@ -45,6 +45,18 @@ const RECONCILE_ROUNDS_MAX: usize = 100_000;
 /// A row image: local column index and value.
 pub(crate) type Image = Vec<(usize, Value)>;
 
+/// Which writes of a batch the conflict journal judges.
+#[derive(Clone, Copy)]
+enum Judging {
+    /// All of them.
+    Whole,
+    /// Those above the greatest version applied from its origin on its shard (a batch read
+    /// from the stream).
+    Entry,
+    /// Those of parked batch `id` not judged before it was parked or since.
+    Parked(i64),
+}
+
 impl Db {
     /// Applies `batch`, read from `shard` at `position`, in one transaction that also
     /// stores `position`. A batch of this node's own changes only moves the position.
@@ -57,7 +69,7 @@ impl Db {
         batch: &Batch,
         crash_after_rows: Option<u64>,
     ) -> Result<ApplyOutcome> {
-        self.on_current_schema(|db| db.apply_batch_once(shard, position, Some(0), batch, crash_after_rows))
+        self.on_current_schema(|db| db.apply_batch_once(shard, position, Judging::Whole, batch, crash_after_rows))
     }
 
     /// [`apply_batch`](Self::apply_batch) for a batch read from the stream. The stream may
@@ -75,7 +87,7 @@ impl Db {
         batch: &Batch,
         crash_after_rows: Option<u64>,
     ) -> Result<ApplyOutcome> {
-        self.on_current_schema(|db| db.apply_batch_once(shard, position, None, batch, crash_after_rows))
+        self.on_current_schema(|db| db.apply_batch_once(shard, position, Judging::Entry, batch, crash_after_rows))
     }
 
     /// Applies the parked batch `id` (decoded: `batch`), which now fits the schema. Its
@@ -83,15 +95,15 @@ impl Db {
     /// then (the stream had delivered them before, in another entry); the rest are judged
     /// now.
     pub fn apply_parked(&mut self, id: i64, batch: &Batch) -> Result<ApplyOutcome> {
-        let (shard, above) = self.parked_mark(id)?;
-        self.on_current_schema(|db| db.apply_batch_once(shard, Position(0), Some(above), batch, None))
+        let shard = self.parked_shard(id)?;
+        self.on_current_schema(|db| db.apply_batch_once(shard, Position(0), Judging::Parked(id), batch, None))
     }
 
     fn apply_batch_once(
         &mut self,
         shard: Shard,
         position: Position,
-        judged_above: Option<u64>,
+        judging: Judging,
         batch: &Batch,
         crash_after_rows: Option<u64>,
     ) -> Result<ApplyOutcome> {
@@ -106,22 +118,27 @@ impl Db {
         // The versions of this batch the conflict journal judges: (above, through].
         let judged = match self.opts.conflicts {
             false => None,
-            true => Some(conflicts::Judged {
-                above: match judged_above {
-                    Some(above) => above,
-                    None => get_state(&tx, &seen_key)?,
-                },
-                // This node's own changes made on this database (after its first install
-                // or its last restore) are nothing new to it; older ones come back like
-                // remote ones.
-                through: match batch.origin == self.node {
-                    true => get_state(&tx, "lineage_hlc")?,
-                    false => u64::MAX,
-                },
-                // Changes a restored copy held (its stored positions may be short of
-                // their entries) are nothing new either.
-                known: conflicts::known(&tx, batch.origin)?,
-            }),
+            true => {
+                let (above, judged_before) = match judging {
+                    Judging::Whole => (0, Vec::new()),
+                    Judging::Entry => (get_state(&tx, &seen_key)?, Vec::new()),
+                    Judging::Parked(id) => conflicts::parked_judged(&tx, id)?,
+                };
+                Some(conflicts::Judged {
+                    above,
+                    // This node's own changes made on this database (after its first
+                    // install or its last restore) are nothing new to it; older ones come
+                    // back like remote ones.
+                    through: match batch.origin == self.node {
+                        true => get_state(&tx, "lineage_hlc")?,
+                        false => u64::MAX,
+                    },
+                    // Changes a restored copy held (its stored positions may be short of
+                    // their entries) are nothing new either, nor those of a parked batch
+                    // that later entries carried.
+                    known: [conflicts::known(&tx, batch.origin)?, judged_before].concat(),
+                })
+            }
         };
         if batch.origin != self.node || position <= self.own_replay_through(shard)? {
             for tc in &batch.tables {
@@ -139,6 +156,13 @@ impl Db {
                 tx.execute("UPDATE __marmot__clock SET hlc = max(hlc, ?1) WHERE id = 0", [max.0 as i64])
                     .ctx(|| "raising the clock".into())?;
                 set_state_max(&tx, &seen_key, max.0)?;
+                if let (Some(j), Some(min)) = (&judged, batch.min_hlc()) {
+                    let except = match judging {
+                        Judging::Parked(id) => Some(id),
+                        _ => None,
+                    };
+                    conflicts::note_judged(&tx, batch.origin, shard.0, (j.above.max(min.0 - 1), max.0), except)?;
+                }
                 if batch.origin != self.node {
                     out.remote_ahead_ms = max.millis().saturating_sub(self.wall_ms()?);
                     set_state(&tx, "remote_ahead_ms", out.remote_ahead_ms)?;

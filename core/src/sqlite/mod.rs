@@ -360,11 +360,12 @@ impl Db {
             (shard.0, position.0 as i64, error.to_string(), bytes),
         )
         .ctx(|| "parking a batch".into())?;
-        // What had been applied from the batch's origin on this shard: the journal judged
-        // those writes already, should the batch carry them again.
         if let Ok(batch) = crate::wire::decode_single(bytes) {
-            let seen = get_state(&tx, &format!("seen.{}.{}", batch.origin.0, shard.0))?;
-            set_state(&tx, &format!("parked_seen.{}", tx.last_insert_rowid()), seen)?;
+            let hlcs = batch.tables.iter().flat_map(|t| t.rows.iter().map(|r| r.hlc.0));
+            if let (Some(lo), Some(hi)) = (hlcs.clone().min(), hlcs.max()) {
+                let seen = get_state(&tx, &format!("seen.{}.{}", batch.origin.0, shard.0))?;
+                conflicts::note_parked(&tx, tx.last_insert_rowid(), batch.origin, shard.0, (lo, hi), seen)?;
+            }
         }
         store_position(&tx, shard, position)?;
         tx.commit().ctx(|| "committing a parked batch".into())
@@ -399,22 +400,20 @@ impl Db {
 
     /// Removes a parked batch (after it was applied on retry).
     pub fn unpark(&self, id: i64) -> Result<()> {
-        self.conn
-            .execute_batch(&format!(
-                "DELETE FROM __marmot__parked WHERE id = {id}; DELETE FROM __marmot__state WHERE key = 'parked_seen.{id}';"
-            ))
-            .ctx(|| "removing a parked batch".into())
+        let tx = self.immediate()?;
+        tx.execute("DELETE FROM __marmot__parked WHERE id = ?1", [id]).ctx(|| "removing a parked batch".into())?;
+        conflicts::forget_parked(&tx, id)?;
+        tx.commit().ctx(|| "removing a parked batch".into())
     }
 
-    /// The shard a parked batch came from and what had been applied from its origin there
-    /// when it was parked (0 when not recorded).
-    pub(crate) fn parked_mark(&self, id: i64) -> Result<(Shard, u64)> {
+    /// The shard a parked batch came from.
+    pub(crate) fn parked_shard(&self, id: i64) -> Result<Shard> {
         let shard: Option<u32> = self
             .conn
             .query_row("SELECT shard FROM __marmot__parked WHERE id = ?1", [id], |r| r.get(0))
             .optional()
             .ctx(|| "reading a parked batch".into())?;
-        Ok((Shard(shard.unwrap_or(0)), get_state(&self.conn, &format!("parked_seen.{id}"))?))
+        Ok(Shard(shard.unwrap_or(0)))
     }
 
     /// The clock: at least every version produced or applied here.

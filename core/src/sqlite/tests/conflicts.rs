@@ -258,3 +258,41 @@ fn a_copy_of_a_copy_still_knows_the_first_savers_changes() {
     assert_eq!(journal(&c), vec![]);
     assert_eq!(c.dump("t"), vec![vec![int(1), text("two"), NULL]]);
 }
+
+#[test]
+fn a_parked_entry_retried_judges_only_the_writes_no_other_entry_carried() {
+    let mut n = node(9, T);
+    let park = |n: &Node, b: &Batch, position: u64| {
+        let error = crate::error::Error::SchemaMismatch { table: "t".into(), detail: "not yet".into() };
+        let bytes = &crate::wire::encode_batch(b, Default::default())[0].payload;
+        n.db.park(Shard(0), Position(position), &error, bytes).unwrap();
+    };
+    let retry = |n: &mut Node, b: &Batch| {
+        let id = n.db.parked().unwrap()[0].0;
+        n.db.apply_parked(id, b).unwrap();
+        n.db.unpark(id).unwrap();
+    };
+    // Node 1's entry is parked here; node 1 publishes the same change again (it crashed
+    // before the first was acknowledged) and that entry applies; this node updates the
+    // row on top of it. The parked entry, retried, carries nothing new.
+    let one = write(1, 10, "one", None);
+    park(&n, &one, 1);
+    n.db.apply_entry(Shard(0), Position(2), &one, None).unwrap();
+    n.exec("UPDATE t SET name = 'nine' WHERE id = 1");
+    retry(&mut n, &one);
+    assert_eq!(journal(&n), vec![]);
+    let nine = n.acknowledge_all().batch;
+    assert_eq!(nine.tables[0].rows[0].base, Some(v(10, 1)));
+    // Node 2's concurrent write is parked; node 2's next entry (another row) applies.
+    // Retried, the parked one is judged: it is new here, and lost.
+    let two = write(2, 11, "two", None);
+    park(&n, &two, 3);
+    let later = batch(2, "t", &T_COLS, &[0], vec![upsert(30, vec![int(2), text("x"), NULL])]);
+    n.db.apply_entry(Shard(0), Position(4), &later, None).unwrap();
+    retry(&mut n, &two);
+    assert_eq!(journal(&n).iter().map(|c| c.loser).collect::<Vec<_>>(), vec![v(11, 2)]);
+    assert_eq!(n.db.parked_count().unwrap(), 0);
+    let keys: i64 =
+        n.app.query_row("SELECT count(*) FROM __marmot__state WHERE key LIKE 'parked%'", [], |r| r.get(0)).unwrap();
+    assert_eq!(keys, 0, "nothing kept of batches no longer parked");
+}
