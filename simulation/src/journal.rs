@@ -3,11 +3,11 @@
 //! node received them in): per row, every write that is not the row's winner (the greatest
 //! version) and that no write has as its base.
 //!
-//! Runs that collect tombstones (`tombstone_retention`) are not checked: a node whose
-//! unpublished changes outlived the retention sets them aside and never publishes them, so
-//! a later change of its may name as its base a change no other node ever saw, and the
-//! writes before it look lost everywhere but on that node (over seeds 0..300 with those runs
-//! checked too, 5 fail this way). Base notes are also collected with the tombstones.
+//! Runs that collect tombstones are checked too. A node whose unpublished changes outlived
+//! the retention sets them aside and never publishes them: the change that later carries
+//! such a row (a write on top of it, or the row logged again when the changes are kept)
+//! names the base the changes set aside had, and the journal forgets their losses, so the
+//! definition over published changes still holds.
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -207,10 +207,7 @@ impl World {
         oracle::check_schemas(&self.migrations_run, self.nodes.iter().map(|n| &n.app))?;
         let nodes = self.nodes.iter().zip(&self.scenario.selections);
         oracle::check_convergence(&self.writes, nodes.map(|(n, selection)| (&n.app, selection)))?;
-        // Not in runs that collect tombstones: see the `journal` module.
-        if self.scenario.tombstone_retention_ms == 0 {
-            self.check_journals()?;
-        }
+        self.check_journals()?;
         if self.scenario.tombstone_retention_ms > 0 {
             self.collect_when_quiet()?;
             let nodes = self.nodes.iter().zip(&self.scenario.selections);

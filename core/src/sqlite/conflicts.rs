@@ -333,12 +333,48 @@ pub(crate) struct Judged {
     pub above: u64,
     pub through: u64,
     pub known: Vec<(u64, u64)>,
+    /// This node's changes set aside ([`set_aside`]).
+    pub aside: Vec<(u64, u64)>,
 }
 
 impl Judged {
     pub(crate) fn judges(&self, hlc: Hlc) -> bool {
-        hlc.0 > self.above && hlc.0 <= self.through && !self.known.iter().any(|&(a, t)| a < hlc.0 && hlc.0 <= t)
+        hlc.0 > self.above && hlc.0 <= self.through && !within(&self.known, hlc.0)
     }
+}
+
+/// Versions of this node's changes set aside because they outlived the tombstone
+/// retention unpublished: ranges (after, through], kept in the state as
+/// `aside.<after>` = `through` until a restore. They are never published themselves; a
+/// later change to their row (or the row logged again when they are kept) carries them, so
+/// its base is the one they had.
+pub(crate) fn set_aside(conn: &Connection) -> Result<Vec<(u64, u64)>> {
+    ranges(conn, "aside")
+}
+
+/// Records that this node's changes in (`after`, `through`] are set aside.
+pub(crate) fn note_set_aside(conn: &Connection, after: u64, through: u64) -> Result<()> {
+    note_range(conn, "aside", after, through)
+}
+
+/// Removes the journal's entries of this node's (`node`) changes in (`after`, `through`],
+/// set aside: they are never published, so no other node journals them.
+pub(crate) fn forget_own(conn: &Connection, node: NodeId, after: u64, through: u64) -> Result<()> {
+    let removed = conn
+        .execute(
+            "DELETE FROM __marmot__conflicts WHERE loser_node = ?1 AND loser_hlc > ?2 AND loser_hlc <= ?3",
+            (node.0 as i64, after as i64, through as i64),
+        )
+        .ctx(|| "forgetting the losses of changes set aside".into())?;
+    if removed > 0 {
+        super::add_state(conn, "conflicts_withdrawn", removed as u64)?;
+    }
+    Ok(())
+}
+
+/// Whether `hlc` is in one of `ranges` (after, through].
+pub(crate) fn within(ranges: &[(u64, u64)], hlc: u64) -> bool {
+    ranges.iter().any(|&(a, t)| a < hlc && hlc <= t)
 }
 
 /// Records, for a local change at `hlc` folded before it was published, the version it
@@ -387,12 +423,22 @@ impl Db {
             },
         };
         // Walk back over this node's own unpublished changes: they travel as this one.
+        let mut aside = None;
         for _ in 0..1_000_000 {
             match base {
-                Some(b) if b.node == self.node && b.hlc.0 > published => match folded_base(conn, b.hlc)? {
-                    Some(earlier) => base = earlier,
-                    None => break,
-                },
+                Some(b) if b.node == self.node => {
+                    let travels = b.hlc.0 > published || {
+                        let ranges = match &aside {
+                            Some(ranges) => ranges,
+                            None => aside.insert(set_aside(conn)?),
+                        };
+                        within(ranges, b.hlc.0)
+                    };
+                    match travels.then(|| folded_base(conn, b.hlc)).transpose()?.flatten() {
+                        Some(earlier) => base = earlier,
+                        None => break,
+                    }
+                }
                 _ => break,
             }
         }

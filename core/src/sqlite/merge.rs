@@ -137,6 +137,7 @@ impl Db {
                     // their entries) are nothing new either, nor those of a parked batch
                     // that later entries carried.
                     known: [conflicts::known(&tx, batch.origin)?, judged_before].concat(),
+                    aside: conflicts::set_aside(&tx)?,
                 })
             }
         };
@@ -229,7 +230,7 @@ impl Db {
             let key = info.key(&pk);
             let v = Version { hlc: row.hlc, node: batch.origin };
             let held = version_of(conn, tid, &key)?;
-            if judged.is_some_and(|j| j.judges(row.hlc)) {
+            if let Some(judged) = judged.filter(|j| j.judges(row.hlc)) {
                 let image = || {
                     (row.op == Op::Upsert).then(|| {
                         let mut values = vec![Value::Null; info.columns.len()];
@@ -243,7 +244,9 @@ impl Db {
                 };
                 let write = conflicts::Write { version: v, base: row.base, image: &image };
                 let target = conflicts::RowRef { t: info, tbl: tid, key: &key, pk: &pk };
-                conflicts::on_write(conn, &target, held, &write)?;
+                // This node's changes set aside are never published: not lost writes.
+                let mine_set_aside = |h: Version| h.node == self.node && conflicts::within(&judged.aside, h.hlc.0);
+                conflicts::on_write(conn, &target, held.filter(|&(h, _)| !mine_set_aside(h)), &write)?;
             }
             if held.is_some_and(|(cur, _)| cur >= v) {
                 out.skipped += 1;
@@ -287,6 +290,10 @@ impl Db {
         self.check_schema()?;
         let folded = get_state(conn, "folded_hlc")?;
         let published = get_state(conn, "published_hlc")?;
+        let aside = match self.opts.conflicts {
+            true => conflicts::set_aside(conn)?,
+            false => Vec::new(),
+        };
         let mut stmt = conn
             .prepare_cached("SELECT * FROM __marmot__log WHERE hlc > ?1 ORDER BY hlc LIMIT ?2")
             .ctx(|| "reading the log to fold".into())?;
@@ -309,7 +316,7 @@ impl Db {
             }
             let key = info.key(&pk);
             let v = Version { hlc: Hlc(hlc), node: self.node };
-            if self.opts.conflicts && hlc > published {
+            if self.opts.conflicts && (hlc > published || conflicts::within(&aside, hlc)) {
                 conflicts::note_folded(conn, Hlc(hlc), version_of(conn, tbl, &key)?.map(|(prev, _)| prev))?;
             }
             set_version(conn, tbl, &key, v, op == 1)?;

@@ -42,6 +42,8 @@ impl Db {
             set_state(&tx, "set_aside_after", published)?;
         }
         set_state_max(&tx, "set_aside_through", clock)?;
+        super::conflicts::note_set_aside(&tx, published, clock)?;
+        super::conflicts::forget_own(&tx, self.node, published, clock)?;
         set_state_max(&tx, "published_hlc", clock)?;
         set_state(&tx, "restore_required", 1)?;
         tx.commit().ctx(|| "setting aside expired changes".into())?;

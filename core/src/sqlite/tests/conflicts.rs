@@ -296,3 +296,50 @@ fn a_parked_entry_retried_judges_only_the_writes_no_other_entry_carried() {
         n.app.query_row("SELECT count(*) FROM __marmot__state WHERE key LIKE 'parked%'", [], |r| r.get(0)).unwrap();
     assert_eq!(keys, 0, "nothing kept of batches no longer parked");
 }
+
+#[test]
+fn a_row_set_aside_and_kept_names_the_base_its_changes_were_made_on() {
+    // Node 1's row reaches node 2. Node 1 updates it twice, each time cut off long enough
+    // that the change outlives the retention: set aside, then kept (logged again). What
+    // node 1 finally publishes carries the changes set aside, so its base is the version
+    // node 2 holds: not a loss.
+    let mut a = node(1, T);
+    let mut b = node(2, T);
+    a.exec("INSERT INTO t VALUES (1, 'one', NULL)");
+    let one = a.acknowledge_all().batch;
+    b.apply(&one);
+    a.exec("UPDATE t SET name = 'two' WHERE id = 1");
+    a.db.clean_published().unwrap();
+    a.db.set_aside_pending().unwrap();
+    a.db.keep_set_aside().unwrap();
+    // Folded, then set aside again before it was published.
+    a.db.clean_published().unwrap();
+    a.db.set_aside_pending().unwrap();
+    a.db.clean_published().unwrap();
+    assert_eq!(a.db.keep_set_aside().unwrap(), Some(1));
+    let kept = a.acknowledge_all().batch;
+    assert_eq!(kept.tables[0].rows[0].base, Some(v(one.max_hlc().unwrap().0, 1)));
+    b.apply(&kept);
+    assert_eq!(journal(&b), vec![]);
+    assert_eq!(b.dump("t"), vec![vec![int(1), text("two"), NULL]]);
+}
+
+#[test]
+fn changes_set_aside_are_not_journaled_as_lost() {
+    // Node 1's unpublished change is overwritten by node 2's concurrent one (journaled: it
+    // would be published all the same), then set aside: it never will be, so no other node
+    // can journal it. A change set aside that a remote write overwrites later is not either.
+    let mut a = node(1, T);
+    a.exec("INSERT INTO t VALUES (1, 'mine', NULL)");
+    a.apply(&write(2, u64::MAX / 4, "theirs", None));
+    assert_eq!(journal(&a).len(), 1, "an unpublished change lost is journaled");
+    a.db.set_aside_pending().unwrap();
+    assert_eq!(journal(&a), vec![]);
+    a.exec("INSERT INTO t VALUES (2, 'mine', NULL)");
+    a.db.clean_published().unwrap();
+    a.db.set_aside_pending().unwrap();
+    let theirs = batch(2, "t", &T_COLS, &[0], vec![upsert(u64::MAX / 4 + 1, vec![int(2), text("theirs"), NULL])]);
+    a.apply(&theirs);
+    assert_eq!(journal(&a), vec![]);
+    assert_eq!(a.dump("t"), vec![vec![int(1), text("theirs"), NULL], vec![int(2), text("theirs"), NULL]]);
+}
