@@ -66,6 +66,7 @@ impl World {
         block_on(engine.flush()).map_err(fail)?;
         let published = engine.db().published_hlc().map_err(fail)?;
         engine.set_aside_pending().map_err(fail)?;
+        self.stored.published.note_set_aside(node, published, &self.stored.versions);
         let before = self.writes.len();
         let stored = &self.stored.versions;
         self.writes.retain(|w| {
