@@ -147,11 +147,8 @@ pub(crate) fn install_in(tx: &Connection, node: NodeId, opts: &CaptureOptions, c
         .is_some();
     if restored {
         // The saver's notes about its own unpublished changes mean nothing here.
-        tx.execute_batch(
-            "DELETE FROM __marmot__bases; \
-             DELETE FROM __marmot__state WHERE key >= 'aside.' AND key < 'aside/';",
-        )
-        .ctx(|| "clearing the saver's change bases".into())?;
+        tx.execute_batch("DELETE FROM __marmot__bases").ctx(|| "clearing the saver's change bases".into())?;
+        super::conflicts::forget_set_aside(tx)?;
     }
     if first_install || restored {
         // This node's own changes up to here are not (all) in this database: the conflict

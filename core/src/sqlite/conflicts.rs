@@ -357,6 +357,32 @@ pub(crate) fn note_set_aside(conn: &Connection, after: u64, through: u64) -> Res
     note_range(conn, "aside", after, through)
 }
 
+/// Forgets the changes set aside: after a restore, the saver's mean nothing here.
+pub(crate) fn forget_set_aside(conn: &Connection) -> Result<()> {
+    conn.execute("DELETE FROM __marmot__state WHERE key >= ?1 AND key < ?2", ("aside.", "aside/"))
+        .ctx(|| "forgetting the changes set aside".into())?;
+    Ok(())
+}
+
+/// Removes the base notes of this node's changes at or below `bound` (published and
+/// cleaned), but those of changes set aside: a later change to their row carries them.
+pub(crate) fn clean_bases(conn: &Connection, bound: i64) -> Result<()> {
+    let mut kept = set_aside(conn)?;
+    kept.sort_unstable();
+    let mut stmt = conn
+        .prepare_cached("DELETE FROM __marmot__bases WHERE hlc > ?1 AND hlc <= ?2")
+        .ctx(|| "cleaning published changes' bases".into())?;
+    let mut from = i64::MIN;
+    for (after, through) in kept {
+        stmt.execute((from, (after as i64).min(bound))).ctx(|| "cleaning published changes' bases".into())?;
+        from = from.max(through as i64);
+    }
+    if from < bound {
+        stmt.execute((from, bound)).ctx(|| "cleaning published changes' bases".into())?;
+    }
+    Ok(())
+}
+
 /// Removes the journal's entries of this node's (`node`) changes in (`after`, `through`],
 /// set aside: they are never published, so no other node journals them.
 pub(crate) fn forget_own(conn: &Connection, node: NodeId, after: u64, through: u64) -> Result<()> {

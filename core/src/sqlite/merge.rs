@@ -290,10 +290,9 @@ impl Db {
         self.check_schema()?;
         let folded = get_state(conn, "folded_hlc")?;
         let published = get_state(conn, "published_hlc")?;
-        let aside = match self.opts.conflicts {
-            true => conflicts::set_aside(conn)?,
-            false => Vec::new(),
-        };
+        // Read at the first change folded at or below the published point (a merge mostly
+        // folds none).
+        let mut aside = None;
         let mut stmt = conn
             .prepare_cached("SELECT * FROM __marmot__log WHERE hlc > ?1 ORDER BY hlc LIMIT ?2")
             .ctx(|| "reading the log to fold".into())?;
@@ -316,7 +315,15 @@ impl Db {
             }
             let key = info.key(&pk);
             let v = Version { hlc: Hlc(hlc), node: self.node };
-            if self.opts.conflicts && (hlc > published || conflicts::within(&aside, hlc)) {
+            let noted = self.opts.conflicts
+                && (hlc > published || {
+                    let ranges = match &aside {
+                        Some(ranges) => ranges,
+                        None => aside.insert(conflicts::set_aside(conn)?),
+                    };
+                    conflicts::within(ranges, hlc)
+                });
+            if noted {
                 conflicts::note_folded(conn, Hlc(hlc), version_of(conn, tbl, &key)?.map(|(prev, _)| prev))?;
             }
             set_version(conn, tbl, &key, v, op == 1)?;

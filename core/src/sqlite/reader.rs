@@ -338,13 +338,7 @@ impl Db {
         let n = tx
             .execute("DELETE FROM __marmot__log WHERE hlc <= ?1", [bound])
             .ctx(|| "cleaning published changes".into())? as u64;
-        // The bases of changes set aside stay: a later change to their row carries them.
-        tx.execute(
-            "DELETE FROM __marmot__bases WHERE hlc <= ?1 AND NOT EXISTS (SELECT 1 FROM __marmot__state \
-             WHERE key >= 'aside.' AND key < 'aside/' AND CAST(substr(key, 7) AS INTEGER) < hlc AND value >= hlc)",
-            [bound],
-        )
-        .ctx(|| "cleaning published changes' bases".into())?;
+        conflicts::clean_bases(&tx, bound)?;
         tx.commit().ctx(|| "committing the cleaning".into())?;
         Ok((n, (n as i64) >= slice && (bound as u64) < published))
     }
