@@ -48,3 +48,66 @@ fn every_fault_and_feature_fires_over_200_seeds() {
         assert_eq!(n, 0, "{name} fired: remove it from NOT_YET_REACHABLE\ncounters:\n{total}");
     }
 }
+
+/// Scenarios proptest found and shrank, kept so that they run on every build.
+mod found {
+    use marmot_core::sqlite::TableSelection;
+    use marmot_core::Value;
+    use marmot_sim::scenario::{Action, FaultMix, Scenario, WriteOp};
+
+    fn check(s: Scenario, seed: u64) {
+        if let Err((failure, trace)) = marmot_sim::run_scenario(s, seed) {
+            let events: Vec<&String> = trace.iter().rev().collect();
+            panic!("{}\nevents (newest first): {:#?}", failure.0, events);
+        }
+    }
+
+    /// CI at stop 24. Node 1's write (id 3) is parked on node 2 (its entry came after the
+    /// migration); node 1's next entry moves the origin's mark past it; node 1 crashes and
+    /// publishes both again, and that entry applies without judging the write (below the
+    /// mark); node 1 then moves the row on top of it. The parked entry, retried, judged the
+    /// write again and journaled it as lost on node 2 only.
+    #[test]
+    fn a_parked_write_carried_again_by_a_later_entry_is_judged_once() {
+        use Action::*;
+        let upsert =
+            WriteOp::UpsertItem { id: 3, name: String::new(), qty: 0, price: 0.0, data: vec![], val: Value::Null };
+        let s = Scenario {
+            nodes: 3,
+            shards: 3,
+            skew_ms: vec![0; 5],
+            faults: FaultMix {
+                delay_ticks_max: 2,
+                redeliver_probability: 0.1893074258025781,
+                publish_fail_probability: 0.0,
+                publish_lost_ack_probability: 0.12385765389904906,
+                part_bytes_max: 1048576,
+                compress: false,
+                stray_after_entries: 1000,
+            },
+            actions: vec![
+                RecreateStreams,
+                Write { node: 4, ops: vec![upsert] },
+                Group { node: 1, size: 4 },
+                Restore { node: 2 },
+                Migrate { node: 4 },
+                Publish { node: 1 },
+                Receive { node: 0, shard: 0 },
+                Receive { node: 0, shard: 0 },
+                Publish { node: 4 },
+                Publish { node: 2 },
+                Crash { node: 4 },
+                Group { node: 0, size: 2 },
+                Tick,
+                Publish { node: 1 },
+                Tick,
+                Write { node: 1, ops: vec![WriteOp::MoveItem { from: 3, to: 1 }] },
+                Receive { node: 2, shard: 1 },
+            ],
+            selections: vec![TableSelection::default(); 3],
+            tombstone_retention_ms: 0,
+            batch_rows_max: vec![usize::MAX, 1, usize::MAX, usize::MAX, usize::MAX],
+        };
+        check(s, 9280742174405537867);
+    }
+}

@@ -311,6 +311,50 @@ pub(crate) fn parked_judged(conn: &Connection, id: i64) -> Result<(u64, Vec<(u64
     Ok((super::get_state(conn, &format!("parked_seen.{id}"))?, ranges(conn, &format!("parked_judged.{id}"))?))
 }
 
+/// Versions of `origin`'s writes on `shard` that parked batches (but `except`) hold and
+/// nothing judged yet. The entries applied after a batch was parked moved the origin's
+/// mark past them, so an entry (or another parked batch) that carries them again judges
+/// them by these ranges, not by the mark.
+pub(crate) fn unjudged_parked(
+    conn: &Connection,
+    origin: NodeId,
+    shard: u32,
+    except: Option<i64>,
+) -> Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    for (id, lo) in ranges(conn, &format!("parked.{}.{shard}", origin.0))? {
+        let id = id as i64;
+        if Some(id) == except {
+            continue;
+        }
+        let (seen, judged) = parked_judged(conn, id)?;
+        let hi = super::get_state(conn, &format!("parked_hi.{id}"))?;
+        out.extend(without((lo.saturating_sub(1).max(seen), hi), judged));
+    }
+    Ok(out)
+}
+
+/// The range (after, through] less `ranges`.
+fn without((after, through): (u64, u64), mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut out = Vec::new();
+    let mut from = after;
+    for (a, t) in ranges {
+        if a > from {
+            out.push((from, a.min(through)));
+        }
+        from = from.max(t);
+        if from >= through {
+            break;
+        }
+    }
+    if from < through {
+        out.push((from, through));
+    }
+    out.retain(|&(a, t)| a < t);
+    out
+}
+
 /// Forgets what the journal kept of parked batch `id`.
 pub(crate) fn forget_parked(conn: &Connection, id: i64) -> Result<()> {
     conn.execute(
@@ -327,10 +371,12 @@ pub(crate) fn forget_parked(conn: &Connection, id: i64) -> Result<()> {
     Ok(())
 }
 
-/// Which writes of a batch the journal judges: those above the origin's mark and at or
-/// below `through`, outside the ranges a restored copy held.
+/// Which writes of a batch the journal judges: those above the origin's mark, or in the
+/// ranges parked batches hold unjudged, and at or below `through`, outside the ranges a
+/// restored copy held.
 pub(crate) struct Judged {
     pub above: u64,
+    pub unjudged: Vec<(u64, u64)>,
     pub through: u64,
     pub known: Vec<(u64, u64)>,
     /// This node's changes set aside ([`set_aside`]).
@@ -339,7 +385,7 @@ pub(crate) struct Judged {
 
 impl Judged {
     pub(crate) fn judges(&self, hlc: Hlc) -> bool {
-        hlc.0 > self.above && hlc.0 <= self.through && !within(&self.known, hlc.0)
+        (hlc.0 > self.above || within(&self.unjudged, hlc.0)) && hlc.0 <= self.through && !within(&self.known, hlc.0)
     }
 }
 
@@ -592,4 +638,19 @@ pub(crate) fn decode_image(t: &TableInfo, blob: &[u8]) -> Result<Vec<Value>> {
         }
     }
     Ok(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without;
+
+    #[test]
+    fn a_range_less_others_keeps_what_none_covers() {
+        assert_eq!(without((0, 10), vec![]), vec![(0, 10)]);
+        assert_eq!(without((0, 10), vec![(6, 8), (2, 3)]), vec![(0, 2), (3, 6), (8, 10)]);
+        assert_eq!(without((4, 10), vec![(0, 5), (9, 12)]), vec![(5, 9)]);
+        assert_eq!(without((4, 10), vec![(0, 12)]), vec![]);
+        assert_eq!(without((4, 10), vec![(10, 12), (0, 1)]), vec![(4, 10)]);
+        assert_eq!(without((5, 5), vec![]), vec![]);
+    }
 }

@@ -115,6 +115,10 @@ impl Db {
         self.fold_local(&tx)?;
         let mut out = ApplyOutcome::default();
         let seen_key = format!("seen.{}.{}", batch.origin.0, shard.0);
+        let except = match judging {
+            Judging::Parked(id) => Some(id),
+            _ => None,
+        };
         // The versions of this batch the conflict journal judges: (above, through].
         let judged = match self.opts.conflicts {
             false => None,
@@ -126,6 +130,7 @@ impl Db {
                 };
                 Some(conflicts::Judged {
                     above,
+                    unjudged: conflicts::unjudged_parked(&tx, batch.origin, shard.0, except)?,
                     // This node's own changes made on this database (after its first
                     // install or its last restore) are nothing new to it; older ones come
                     // back like remote ones.
@@ -157,12 +162,10 @@ impl Db {
                 tx.execute("UPDATE __marmot__clock SET hlc = max(hlc, ?1) WHERE id = 0", [max.0 as i64])
                     .ctx(|| "raising the clock".into())?;
                 set_state_max(&tx, &seen_key, max.0)?;
-                if let (Some(j), Some(min)) = (&judged, batch.min_hlc()) {
-                    let except = match judging {
-                        Judging::Parked(id) => Some(id),
-                        _ => None,
-                    };
-                    conflicts::note_judged(&tx, batch.origin, shard.0, (j.above.max(min.0 - 1), max.0), except)?;
+                // Every write of the origin's from this batch's first to its last is judged
+                // now: those below the mark were before, those parked unjudged here.
+                if let (Some(_), Some(min)) = (&judged, batch.min_hlc()) {
+                    conflicts::note_judged(&tx, batch.origin, shard.0, (min.0 - 1, max.0), except)?;
                 }
                 if batch.origin != self.node {
                     out.remote_ahead_ms = max.millis().saturating_sub(self.wall_ms()?);

@@ -298,6 +298,31 @@ fn a_parked_entry_retried_judges_only_the_writes_no_other_entry_carried() {
 }
 
 #[test]
+fn a_later_entry_carrying_a_parked_write_judges_it() {
+    // Node 2's write holds the row. Node 1's write on top of nothing (concurrent) is parked
+    // here; node 1's next entry (another row) applies and moves the origin's mark past it;
+    // node 1 publishes both again (it crashed before acknowledging) and that entry applies:
+    // it is the first to judge node 1's write, which wins, so node 2's is lost. Node 1 then
+    // writes on top of its own; the parked entry, retried, carries nothing new.
+    let mut n = node(9, T);
+    n.apply(&write(2, 8, "two", None));
+    let one = write(1, 10, "one", None);
+    let error = crate::error::Error::SchemaMismatch { table: "t".into(), detail: "not yet".into() };
+    n.db.park(Shard(0), Position(1), &error, &crate::wire::encode_batch(&one, Default::default())[0].payload).unwrap();
+    let other = upsert(15, vec![int(2), text("x"), NULL]);
+    n.db.apply_entry(Shard(0), Position(2), &batch(1, "t", &T_COLS, &[0], vec![other.clone()]), None).unwrap();
+    let again = batch(1, "t", &T_COLS, &[0], vec![one.tables[0].rows[0].clone(), other]);
+    n.db.apply_entry(Shard(0), Position(3), &again, None).unwrap();
+    assert_eq!(journal(&n).iter().map(|c| c.loser).collect::<Vec<_>>(), vec![v(8, 2)]);
+    n.db.apply_entry(Shard(0), Position(4), &write(1, 20, "later", Some(v(10, 1))), None).unwrap();
+    let id = n.db.parked().unwrap()[0].0;
+    n.db.apply_parked(id, &one).unwrap();
+    n.db.unpark(id).unwrap();
+    assert_eq!(journal(&n).iter().map(|c| c.loser).collect::<Vec<_>>(), vec![v(8, 2)]);
+    assert_eq!(n.dump("t"), vec![vec![int(1), text("later"), NULL], vec![int(2), text("x"), NULL]]);
+}
+
+#[test]
 fn a_row_set_aside_and_kept_names_the_base_its_changes_were_made_on() {
     // Node 1's row reaches node 2. Node 1 updates it twice, each time cut off long enough
     // that the change outlives the retention: set aside, then kept (logged again). What
