@@ -285,6 +285,29 @@ fn changes_set_aside_are_not_published_and_kept_ones_are_logged_again_with_new_v
 }
 
 #[test]
+fn this_nodes_deletes_keep_their_tombstones_until_published_or_kept() {
+    let mut n = node(1, T);
+    n.exec("INSERT INTO t VALUES (1, 'a', NULL), (2, 'b', NULL), (3, 'c', NULL)");
+    n.exec("DELETE FROM t WHERE id = 3");
+    n.acknowledge_all();
+    n.exec("DELETE FROM t WHERE id = 1");
+    n.db.fold_in_slices().unwrap();
+    let far = Hlc::from_millis(n.db.clock().unwrap().millis() + 86_400_000);
+    // Published: collected. Not yet published: kept.
+    assert_eq!(n.db.collect_tombstones_step(far).unwrap(), (1, false));
+    assert_eq!(n.db.tombstones_held().unwrap(), 1);
+    // Set aside: kept, so the operator can still keep the delete.
+    n.db.set_aside_pending().unwrap();
+    n.exec("DELETE FROM t WHERE id = 2");
+    n.acknowledge_all();
+    n.db.fold_in_slices().unwrap();
+    assert_eq!(n.db.collect_tombstones_step(far).unwrap(), (0, false));
+    assert_eq!(n.db.keep_set_aside().unwrap(), Some(1));
+    let rows: Vec<_> = n.pending().batch.tables[0].rows.iter().map(|r| (r.values[0].clone(), r.op)).collect();
+    assert_eq!(rows, vec![(int(1), Op::Delete)]);
+}
+
+#[test]
 fn a_snapshot_holding_unpublished_changes_says_through_which() {
     let mut n = node(1, T);
     n.exec("INSERT INTO t VALUES (1, 'a', NULL)");
