@@ -258,7 +258,17 @@ impl World {
             let fail = |e: Error| Failure(format!("node {i}: {e}"));
             let held = db.tombstones_held().map_err(fail)?;
             if held > 0 && db.parked().map_err(fail)?.is_empty() {
-                return Err(Failure(format!("node {i}: {held} tombstones left after the retention passed")));
+                let app = &self.nodes[i].app;
+                let versions: Vec<(i64, i64)> = app
+                    .prepare("SELECT hlc, node FROM __marmot__versions WHERE deleted = 1")
+                    .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+                    .map_err(|e| Failure(format!("node {i}: reading tombstones: {e}")))?;
+                let published = db.published_hlc().map_err(fail)?;
+                return Err(Failure(format!(
+                    "node {i}: {held} tombstones left after the retention passed: (hlc, node) {versions:?}, \
+                     published through {published}, restore required: {}",
+                    db.restore_required().map_err(fail)?
+                )));
             }
         }
         self.trace.push("tombstones collected after the retention passed".into());

@@ -125,21 +125,24 @@ impl Db {
     /// Removes at most [`COLLECT_STEP_ROWS`] tombstones versioned below `horizon`, in one
     /// transaction. Returns how many were removed and whether more are left.
     ///
-    /// This node's own deletes not yet published, or set aside, keep their tombstones: the
-    /// delete is still to be published, or logged again should the operator keep what was
-    /// set aside ([`keep_set_aside`](Self::keep_set_aside) reads it from its tombstone).
+    /// This node's own deletes not yet published (still in the log), or set aside, keep
+    /// their tombstones: the delete is still to be published, or logged again should the
+    /// operator keep what was set aside ([`keep_set_aside`](Self::keep_set_aside) reads it
+    /// from its tombstone).
     pub fn collect_tombstones_step(&self, horizon: Hlc) -> Result<(u64, bool)> {
         let tx = self.immediate()?;
-        let own_from = match self.restore_required()? {
-            true => get_state(&tx, "set_aside_after")?,
-            false => get_state(&tx, "published_hlc")?,
+        let aside_after = match self.restore_required()? {
+            true => get_state(&tx, "set_aside_after")? as i64,
+            false => i64::MAX,
         };
         let n = tx
             .execute(
                 "DELETE FROM __marmot__versions WHERE (tbl, pk) IN ( \
-                 SELECT tbl, pk FROM __marmot__versions INDEXED BY __marmot__tombstones \
-                 WHERE deleted = 1 AND hlc < ?1 AND NOT (node = ?3 AND hlc > ?4) ORDER BY hlc LIMIT ?2)",
-                (horizon.0 as i64, COLLECT_STEP_ROWS, self.node.0 as i64, own_from as i64),
+                 SELECT tbl, pk FROM __marmot__versions AS v INDEXED BY __marmot__tombstones \
+                 WHERE deleted = 1 AND hlc < ?1 AND NOT (node = ?3 AND (hlc > ?4 \
+                   OR EXISTS (SELECT 1 FROM __marmot__log AS l WHERE l.hlc = v.hlc))) \
+                 ORDER BY hlc LIMIT ?2)",
+                (horizon.0 as i64, COLLECT_STEP_ROWS, self.node.0 as i64, aside_after),
             )
             .ctx(|| "collecting tombstones".into())? as u64;
         if n > 0 {
