@@ -55,6 +55,19 @@ mod found {
     use marmot_core::Value;
     use marmot_sim::scenario::{Action, FaultMix, Scenario, WriteOp};
 
+    /// The faults of a found scenario: delivery delays, redeliveries, lost acknowledgements.
+    fn faults(delay_ticks_max: u64, redeliver_probability: f64, publish_lost_ack_probability: f64) -> FaultMix {
+        FaultMix {
+            delay_ticks_max,
+            redeliver_probability,
+            publish_fail_probability: 0.0,
+            publish_lost_ack_probability,
+            part_bytes_max: 1048576,
+            compress: false,
+            stray_after_entries: 1000,
+        }
+    }
+
     fn check(s: Scenario, seed: u64) {
         if let Err((failure, trace)) = marmot_sim::run_scenario(s, seed) {
             let events: Vec<&String> = trace.iter().rev().collect();
@@ -76,15 +89,7 @@ mod found {
             nodes: 3,
             shards: 3,
             skew_ms: vec![0; 5],
-            faults: FaultMix {
-                delay_ticks_max: 2,
-                redeliver_probability: 0.1893074258025781,
-                publish_fail_probability: 0.0,
-                publish_lost_ack_probability: 0.12385765389904906,
-                part_bytes_max: 1048576,
-                compress: false,
-                stray_after_entries: 1000,
-            },
+            faults: faults(2, 0.1893074258025781, 0.12385765389904906),
             actions: vec![
                 RecreateStreams,
                 Write { node: 4, ops: vec![upsert] },
@@ -125,15 +130,7 @@ mod found {
             nodes: 2,
             shards: 1,
             skew_ms: vec![0; 5],
-            faults: FaultMix {
-                delay_ticks_max: 0,
-                redeliver_probability: 0.0,
-                publish_fail_probability: 0.0,
-                publish_lost_ack_probability: 0.17008162945298044,
-                part_bytes_max: 1048576,
-                compress: false,
-                stray_after_entries: 1000,
-            },
+            faults: faults(0, 0.0, 0.17008162945298044),
             actions: vec![
                 Write { node: 0, ops: vec![WriteOp::UpsertName { k: "bob".into(), v: Value::Null }] },
                 Write { node: 0, ops: vec![item()] },
@@ -170,15 +167,7 @@ mod found {
             nodes: 3,
             shards: 1,
             skew_ms: vec![0; 5],
-            faults: FaultMix {
-                delay_ticks_max: 0,
-                redeliver_probability: 0.0,
-                publish_fail_probability: 0.0,
-                publish_lost_ack_probability: 0.0,
-                part_bytes_max: 1048576,
-                compress: false,
-                stray_after_entries: 1000,
-            },
+            faults: faults(0, 0.0, 0.0),
             actions: vec![
                 Migrate { node: 4 },
                 Migrate { node: 4 },
