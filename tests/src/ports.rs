@@ -2,7 +2,8 @@
 
 use std::collections::BTreeSet;
 use std::net::TcpListener;
-use std::sync::Mutex;
+use std::ops::Range;
+use std::sync::{Mutex, OnceLock};
 
 static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
 
@@ -22,23 +23,56 @@ fn claim(ports: &[u16]) -> bool {
     true
 }
 
-/// Ports handed out here come from this range, below Linux's ephemeral range
-/// (32768–60999): the kernel never gives these to `bind(:0)` or outgoing connections, so
-/// a port chosen here cannot be taken by, say, an embedded nats-server's random client or
-/// monitoring port between the moment it is chosen and the moment it is used.
-const PORT_RANGE: std::ops::Range<u16> = 20_000..31_000;
+/// Ports handed out here come from this range when it lies outside the kernel's ephemeral
+/// range (Linux's default is 32768–60999): the kernel never gives those to `bind(:0)` or to
+/// outgoing connections, so a port chosen here cannot be taken by, say, an embedded
+/// nats-server's random client port or a route's outgoing socket between the moment it is
+/// chosen and the moment it is used.
+const PORT_RANGE: Range<u16> = 20_000..31_000;
+
+/// The fewest ports a range outside the ephemeral one must hold to be used instead.
+const MIN_SPAN: u16 = 4_000;
+
+/// [`PORT_RANGE`], or where the machine's ephemeral range covers it, the ports below or
+/// above that range (whichever is larger); the default when there is no room outside.
+fn port_range() -> Range<u16> {
+    static RANGE: OnceLock<Range<u16>> = OnceLock::new();
+    RANGE
+        .get_or_init(|| {
+            let Some((low, high)) =
+                std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok().and_then(|text| {
+                    let mut parts = text.split_whitespace().map(|p| p.parse::<u16>().ok());
+                    Some((parts.next()??, parts.next()??))
+                })
+            else {
+                return PORT_RANGE;
+            };
+            if PORT_RANGE.end <= low || PORT_RANGE.start > high {
+                return PORT_RANGE;
+            }
+            let below = 10_000.min(low)..low;
+            let above = high.saturating_add(1)..u16::MAX;
+            [below, above]
+                .into_iter()
+                .filter(|r| r.len() >= MIN_SPAN as usize)
+                .max_by_key(|r| r.len())
+                .unwrap_or(PORT_RANGE)
+        })
+        .clone()
+}
 
 /// A port that was free a moment ago and that this process has not handed out before.
 pub fn free_port() -> u16 {
-    let span = (PORT_RANGE.end - PORT_RANGE.start) as u32;
+    let range = port_range();
+    let span = (range.end - range.start) as u32;
     let start = (std::process::id().wrapping_mul(7919)) % span;
     for i in 0..span {
-        let port = PORT_RANGE.start + ((start + i) % span) as u16;
+        let port = range.start + ((start + i) % span) as u16;
         if bindable(port) && claim(&[port]) {
             return port;
         }
     }
-    panic!("no free port in {PORT_RANGE:?}");
+    panic!("no free port in {range:?}");
 }
 
 /// A cluster port for an embedded server: free, and so is `port + 1000`, where the

@@ -19,6 +19,9 @@ use crate::ports::free_port;
 /// How long a paused pump or an idle accept loop waits before looking again.
 const TICK: Duration = Duration::from_millis(10);
 
+/// How many free ports a proxy tries before it gives up.
+const PORT_ATTEMPTS: usize = 20;
+
 /// Which bytes flow.
 struct Link {
     /// From the side that connected to the proxy to the target.
@@ -48,8 +51,14 @@ pub struct Proxy {
 impl Proxy {
     /// Starts a proxy to `127.0.0.1:<target>`, its link whole.
     pub fn start(target: u16) -> Proxy {
-        let port = free_port();
-        let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind a proxy port");
+        // The port was free when chosen but may be taken before it is bound (on a machine
+        // whose ephemeral range covers ours, by any outgoing connection): take another.
+        let (port, listener) = (0..PORT_ATTEMPTS)
+            .find_map(|_| {
+                let port = free_port();
+                TcpListener::bind(("127.0.0.1", port)).ok().map(|listener| (port, listener))
+            })
+            .expect("bind a proxy port");
         listener.set_nonblocking(true).expect("a non-blocking listener");
         let link = Arc::new(Link {
             forward: AtomicBool::new(true),
