@@ -202,6 +202,27 @@ fn a_change_made_while_marmot_was_stopped_does_not_beat_one_made_elsewhere_meanw
 }
 
 #[test]
+fn a_change_found_at_start_after_cleanup_comes_after_the_nodes_earlier_changes() {
+    let at = |ms: u64| CaptureOptions { time_ms_sql: ms.to_string(), ..CaptureOptions::default() };
+    let mut a = node_with(1, BASE, at(1_000));
+    let mut b = node(2, BASE);
+    a.exec("CREATE TABLE scratch (id INTEGER PRIMARY KEY)");
+    let create = ship(&mut a, &mut b);
+    assert!(objects(&b.app).iter().any(|o| o.1 == "scratch"));
+    // `marmot -cleanup`, then Marmot starts again: the schema is recorded afresh. The
+    // application drops the table and Marmot crashes before noticing; it finds the drop
+    // when it starts.
+    crate::sqlite::cleanup(&a.app).unwrap();
+    a.db = Db::open(&a.path, NodeId(1), at(2_000)).unwrap();
+    a.exec("DROP TABLE scratch");
+    a.db = Db::open(&a.path, NodeId(1), at(3_000)).unwrap();
+    let (_, drop) = a.db.next_schema_change().unwrap().expect("the drop is queued");
+    assert!(drop.hlc > create[0].hlc, "{:?} !> {:?}: the drop was made after the create", drop.hlc, create[0].hlc);
+    b.db.apply_schema(Shard(0), Position(0), NodeId(1), &drop).unwrap();
+    assert!(!objects(&b.app).iter().any(|o| o.1 == "scratch"), "the drop reached b");
+}
+
+#[test]
 fn a_rebuild_that_tightens_a_constraint_waits_for_the_rows_its_transaction_fixed() {
     let mut a = node(1, "CREATE TABLE u (id INTEGER PRIMARY KEY, nick TEXT)");
     let mut b = node(2, "CREATE TABLE u (id INTEGER PRIMARY KEY, nick TEXT)");
