@@ -156,6 +156,18 @@ mod found {
         check(s, 0);
     }
 
+    /// `marmot-sim` seed 8783 (session 17): node 0's change to a `handles` row was set
+    /// aside; node 3's concurrent, older write to the row arrived and was not judged (the
+    /// change set aside was taken for no version); node 0 kept its changes, published on
+    /// top of the version before node 3's: every node but node 0 journaled node 3's write.
+    #[test]
+    fn a_write_older_than_a_change_set_aside_and_kept_is_lost_everywhere() {
+        if let Err((failure, trace)) = marmot_sim::run_seed(8783) {
+            let events: Vec<&String> = trace.iter().rev().take(30).collect();
+            panic!("{}\nevents (newest first): {:#?}", failure.0, events);
+        }
+    }
+
     /// A proptest run in session 16: node 1 runs two migrations, is cleaned up, runs two
     /// more (the last drops the table `scratch` the one before created) and crashes. The
     /// restart found the drop and versioned it after what it knew of `scratch`: version 0,

@@ -247,9 +247,19 @@ impl Db {
                 };
                 let write = conflicts::Write { version: v, base: row.base, image: &image };
                 let target = conflicts::RowRef { t: info, tbl: tid, key: &key, pk: &pk };
-                // This node's changes set aside are never published: not lost writes.
+                // This node's changes set aside are never published themselves, but one kept
+                // is published again as a newer change with the base it had: an older write
+                // loses to it; a newer one overwrites it here and the row's published
+                // history goes on from that base.
                 let mine_set_aside = |h: Version| h.node == self.node && conflicts::within(&judged.aside, h.hlc.0);
-                conflicts::on_write(conn, &target, held.filter(|&(h, _)| !mine_set_aside(h)), &write)?;
+                let judged_held = match held {
+                    Some((h, deleted)) if mine_set_aside(h) && h < v => {
+                        let published = super::get_state(conn, "published_hlc")?;
+                        self.base_of_pending(conn, h.hlc, None, u64::MAX, published)?.map(|b| (b, deleted))
+                    }
+                    other => other,
+                };
+                conflicts::on_write(conn, &target, judged_held, &write)?;
             }
             if held.is_some_and(|(cur, _)| cur >= v) {
                 out.skipped += 1;

@@ -3,6 +3,7 @@
 use super::*;
 use crate::model::Version;
 use crate::sqlite::Conflict;
+use std::collections::BTreeSet;
 
 fn v(hlc: u64, node: u64) -> Version {
     Version { hlc: Hlc(hlc), node: NodeId(node) }
@@ -367,4 +368,35 @@ fn changes_set_aside_are_not_journaled_as_lost() {
     a.apply(&theirs);
     assert_eq!(journal(&a), vec![]);
     assert_eq!(a.dump("t"), vec![vec![int(1), text("theirs"), NULL], vec![int(2), text("theirs"), NULL]]);
+}
+
+#[test]
+fn a_change_set_aside_is_judged_as_the_change_that_would_keep_it() {
+    // Node 1 changes rows 1 and 2, both node 3's, and the change is set aside. Kept, it is
+    // published again, newer, on top of node 3's versions. Node 2's concurrent write to row
+    // 1, older than node 1's change, loses to it. Node 2's concurrent write to row 2, newer,
+    // overwrites it here: node 3's version, which it was made on, is lost, as on every node
+    // that held it.
+    let mut a = node(1, T);
+    let threes = batch(
+        3,
+        "t",
+        &T_COLS,
+        &[0],
+        vec![
+            upsert(5 << 16, vec![int(1), text("three"), NULL]),
+            upsert((5 << 16) + 1, vec![int(2), text("three"), NULL]),
+        ],
+    );
+    a.apply(&threes);
+    a.exec("UPDATE t SET name = 'mine'");
+    a.db.clean_published().unwrap();
+    a.db.set_aside_pending().unwrap();
+    let older = v(6 << 16, 2);
+    a.apply(&write(2, older.hlc.0, "older", None));
+    let newer = batch(2, "t", &T_COLS, &[0], vec![upsert(u64::MAX / 4, vec![int(2), text("newer"), NULL])]);
+    a.apply(&newer);
+    let losers: BTreeSet<Version> = journal(&a).iter().map(|c| c.loser).collect();
+    assert_eq!(losers, BTreeSet::from([v((5 << 16) + 1, 3), older]));
+    assert_eq!(a.dump("t"), vec![vec![int(1), text("mine"), NULL], vec![int(2), text("newer"), NULL]]);
 }
