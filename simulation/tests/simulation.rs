@@ -68,6 +68,21 @@ mod found {
         }
     }
 
+    /// A found scenario: no clock skew, every node replicating every table, tombstones
+    /// kept, batches unbounded; a scenario overrides what it needs.
+    fn scenario(nodes: usize, shards: u32, faults: FaultMix, actions: Vec<Action>) -> Scenario {
+        Scenario {
+            nodes,
+            shards,
+            skew_ms: vec![0; 5],
+            faults,
+            actions,
+            selections: vec![TableSelection::default(); nodes],
+            tombstone_retention_ms: 0,
+            batch_rows_max: vec![usize::MAX; 5],
+        }
+    }
+
     fn check(s: Scenario, seed: u64) {
         if let Err((failure, trace)) = marmot_sim::run_scenario(s, seed) {
             let events: Vec<&String> = trace.iter().rev().collect();
@@ -85,33 +100,28 @@ mod found {
         use Action::*;
         let upsert =
             WriteOp::UpsertItem { id: 3, name: String::new(), qty: 0, price: 0.0, data: vec![], val: Value::Null };
+        let actions = vec![
+            RecreateStreams,
+            Write { node: 4, ops: vec![upsert] },
+            Group { node: 1, size: 4 },
+            Restore { node: 2 },
+            Migrate { node: 4 },
+            Publish { node: 1 },
+            Receive { node: 0, shard: 0 },
+            Receive { node: 0, shard: 0 },
+            Publish { node: 4 },
+            Publish { node: 2 },
+            Crash { node: 4 },
+            Group { node: 0, size: 2 },
+            Tick,
+            Publish { node: 1 },
+            Tick,
+            Write { node: 1, ops: vec![WriteOp::MoveItem { from: 3, to: 1 }] },
+            Receive { node: 2, shard: 1 },
+        ];
         let s = Scenario {
-            nodes: 3,
-            shards: 3,
-            skew_ms: vec![0; 5],
-            faults: faults(2, 0.1893074258025781, 0.12385765389904906),
-            actions: vec![
-                RecreateStreams,
-                Write { node: 4, ops: vec![upsert] },
-                Group { node: 1, size: 4 },
-                Restore { node: 2 },
-                Migrate { node: 4 },
-                Publish { node: 1 },
-                Receive { node: 0, shard: 0 },
-                Receive { node: 0, shard: 0 },
-                Publish { node: 4 },
-                Publish { node: 2 },
-                Crash { node: 4 },
-                Group { node: 0, size: 2 },
-                Tick,
-                Publish { node: 1 },
-                Tick,
-                Write { node: 1, ops: vec![WriteOp::MoveItem { from: 3, to: 1 }] },
-                Receive { node: 2, shard: 1 },
-            ],
-            selections: vec![TableSelection::default(); 3],
-            tombstone_retention_ms: 0,
             batch_rows_max: vec![usize::MAX, 1, usize::MAX, usize::MAX, usize::MAX],
+            ..scenario(3, 3, faults(2, 0.1893074258025781, 0.12385765389904906), actions)
         };
         check(s, 9280742174405537867);
     }
@@ -126,32 +136,28 @@ mod found {
         use Action::*;
         let item =
             || WriteOp::UpsertItem { id: 1, name: String::new(), qty: 0, price: 0.0, data: vec![], val: Value::Null };
+        let actions = vec![
+            Write { node: 0, ops: vec![WriteOp::UpsertName { k: "bob".into(), v: Value::Null }] },
+            Write { node: 0, ops: vec![item()] },
+            Publish { node: 2 },
+            Write { node: 0, ops: vec![WriteOp::DeleteName { k: "bob".into() }] },
+            Write { node: 2, ops: vec![item()] },
+            Tick,
+            Tick,
+            Tick,
+            Tick,
+            Receive { node: 2, shard: 0 },
+            Tick,
+            Receive { node: 0, shard: 0 },
+            Write { node: 0, ops: vec![item()] },
+        ];
         let s = Scenario {
-            nodes: 2,
-            shards: 1,
-            skew_ms: vec![0; 5],
-            faults: faults(0, 0.0, 0.17008162945298044),
-            actions: vec![
-                Write { node: 0, ops: vec![WriteOp::UpsertName { k: "bob".into(), v: Value::Null }] },
-                Write { node: 0, ops: vec![item()] },
-                Publish { node: 2 },
-                Write { node: 0, ops: vec![WriteOp::DeleteName { k: "bob".into() }] },
-                Write { node: 2, ops: vec![item()] },
-                Tick,
-                Tick,
-                Tick,
-                Tick,
-                Receive { node: 2, shard: 0 },
-                Tick,
-                Receive { node: 0, shard: 0 },
-                Write { node: 0, ops: vec![item()] },
-            ],
             selections: vec![
                 TableSelection::default(),
                 TableSelection { include: vec![], exclude: vec!["items".into()] },
             ],
             tombstone_retention_ms: 1,
-            batch_rows_max: vec![usize::MAX; 5],
+            ..scenario(2, 1, faults(0, 0.0, 0.17008162945298044), actions)
         };
         check(s, 0);
     }
@@ -176,23 +182,14 @@ mod found {
     #[test]
     fn a_migration_just_before_a_crash_reaches_every_node() {
         use Action::*;
-        let s = Scenario {
-            nodes: 3,
-            shards: 1,
-            skew_ms: vec![0; 5],
-            faults: faults(0, 0.0, 0.0),
-            actions: vec![
-                Migrate { node: 4 },
-                Migrate { node: 4 },
-                Cleanup { node: 1 },
-                Migrate { node: 4 },
-                Migrate { node: 4 },
-                Crash { node: 4 },
-            ],
-            selections: vec![TableSelection::default(); 3],
-            tombstone_retention_ms: 0,
-            batch_rows_max: vec![usize::MAX; 5],
-        };
-        check(s, 0);
+        let actions = vec![
+            Migrate { node: 4 },
+            Migrate { node: 4 },
+            Cleanup { node: 1 },
+            Migrate { node: 4 },
+            Migrate { node: 4 },
+            Crash { node: 4 },
+        ];
+        check(scenario(3, 1, faults(0, 0.0, 0.0), actions), 0);
     }
 }

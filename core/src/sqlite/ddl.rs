@@ -165,16 +165,9 @@ pub(crate) fn notice(
             // first install after `-cleanup` have version 0, but the cluster holds them
             // at the versions this node gave them before, and a change made since must
             // come after those.
-            let lineage: i64 = conn
-                .query_row(
-                    "SELECT coalesce((SELECT value FROM __marmot__state WHERE key = 'lineage_hlc'), 0)",
-                    [],
-                    |r| r.get(0),
-                )
-                .ctx(|| "reading where this database's changes start".into())?;
             let known = recorded_versions(conn)?;
             let known = changes.iter().filter_map(|c| known.get(&c.name)).map(|v| v.hlc.0).max().unwrap_or(0);
-            known.max(lineage as u64)
+            known.max(super::get_state(conn, "lineage_hlc")?)
         } else {
             version.hlc.0
         };
